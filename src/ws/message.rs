@@ -1,0 +1,549 @@
+//! From client bytes to WebSocket messages: frame sequencing, reassembly of
+//! fragmented messages, the size limit, UTF-8 and the closing rules.
+//!
+//! A push decoder with no I/O: the caller hands it whatever bytes arrived and
+//! gets back how many it consumed and, at most, one message. A message that
+//! sits whole inside the input is unmasked in place and borrowed from it
+//! (zero copy); only a message that spans reads or frames is copied, into a
+//! buffer that exists just while that message is incomplete. Between
+//! messages the decoder holds nothing but a partial frame header.
+
+use super::frame::{apply_mask, parse_header, FrameHeader, HeaderError, Opcode, MAX_HEADER_LEN};
+use super::utf8::Utf8Validator;
+
+/// One complete message or control frame from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
+    /// `None` when the close frame had no payload.
+    Close(Option<CloseFrame<'a>>),
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct CloseFrame<'a> {
+    pub code: u16,
+    pub reason: &'a str,
+}
+
+/// Why the connection must be failed; each maps to one close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolError {
+    Header(HeaderError),
+    /// A continuation frame with no message to continue.
+    UnexpectedContinuation,
+    /// A new text or binary frame while a fragmented message is unfinished.
+    ExpectedContinuation,
+    /// The message would exceed the configured size limit.
+    MessageTooBig,
+    InvalidUtf8,
+    /// A close frame with a one-byte payload (a code needs two).
+    CloseTooShort,
+    InvalidCloseCode(u16),
+    InvalidCloseReason,
+}
+
+impl ProtocolError {
+    /// The close code (RFC 6455 section 7.4.1) to fail the connection with.
+    pub fn close_code(self) -> u16 {
+        match self {
+            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => 1007,
+            ProtocolError::MessageTooBig => 1009,
+            _ => 1002,
+        }
+    }
+
+    /// A short reason for the close frame and the log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProtocolError::Header(HeaderError::ReservedBits) => "reserved bits set",
+            ProtocolError::Header(HeaderError::ReservedOpcode(_)) => "reserved opcode",
+            ProtocolError::Header(HeaderError::Unmasked) => "client frame not masked",
+            ProtocolError::Header(HeaderError::FragmentedControl) => "fragmented control frame",
+            ProtocolError::Header(HeaderError::ControlTooLong) => "control frame too long",
+            ProtocolError::Header(HeaderError::LengthTopBit) => "invalid payload length",
+            ProtocolError::Header(HeaderError::NonMinimalLength) => "non-minimal payload length",
+            ProtocolError::UnexpectedContinuation => "continuation without a message",
+            ProtocolError::ExpectedContinuation => "expected a continuation frame",
+            ProtocolError::MessageTooBig => "message too big",
+            ProtocolError::InvalidUtf8 => "invalid UTF-8 in text message",
+            ProtocolError::CloseTooShort => "close payload of one byte",
+            ProtocolError::InvalidCloseCode(_) => "invalid close code",
+            ProtocolError::InvalidCloseReason => "invalid UTF-8 in close reason",
+        }
+    }
+}
+
+impl From<HeaderError> for ProtocolError {
+    fn from(e: HeaderError) -> Self {
+        ProtocolError::Header(e)
+    }
+}
+
+/// Close codes a peer may send (RFC 6455 section 7.4 and the IANA registry
+/// as Autobahn checks it): 1004-1006 and 1015 are reserved, 1012-2999 unassigned.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataKind {
+    Text,
+    Binary,
+}
+
+/// A message being reassembled across frames or reads.
+#[derive(Debug)]
+struct Assembly {
+    kind: DataKind,
+    bytes: Vec<u8>,
+    utf8: Utf8Validator,
+}
+
+/// The frame whose payload is being received.
+#[derive(Debug, Clone, Copy)]
+struct InFrame {
+    header: FrameHeader,
+    /// Payload bytes already received (keeps the mask in phase).
+    received: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Decoder {
+    /// Header bytes received so far, when a header spans reads.
+    header_bytes: [u8; MAX_HEADER_LEN],
+    header_len: u8,
+    frame: Option<InFrame>,
+    assembly: Option<Box<Assembly>>,
+    /// A control frame's payload that spans reads (at most 125 bytes).
+    control: Vec<u8>,
+    /// What the last message was lent from, to be dropped on the next call.
+    lent: Lent,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Lent {
+    #[default]
+    Nothing,
+    Control,
+    Assembly,
+}
+
+impl Decoder {
+    /// Decodes from `input` (unmasking it in place) until one message is
+    /// complete or the input is used up. Returns the bytes consumed and the
+    /// message, if any; call again with the rest of the input.
+    ///
+    /// `max_message` bounds a message's payload; it is checked when a frame
+    /// header arrives, before any of its payload is buffered.
+    pub fn decode<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+        max_message: usize,
+    ) -> Result<(usize, Option<Message<'a>>), ProtocolError> {
+        match std::mem::take(&mut self.lent) {
+            Lent::Nothing => {}
+            Lent::Control => self.control = Vec::new(),
+            Lent::Assembly => self.assembly = None,
+        }
+        let mut pos = 0;
+        let frame = loop {
+            if let Some(frame) = self.frame {
+                break frame;
+            }
+            match self.take_header(&input[pos..])? {
+                None => return Ok((input.len(), None)),
+                Some((header, used)) => {
+                    pos += used;
+                    self.start_frame(header, max_message)?;
+                }
+            }
+        };
+
+        let available = (input.len() - pos) as u64;
+        let header = frame.header;
+        let whole_in_input = frame.received == 0 && header.payload_len <= available;
+        let standalone = header.opcode.is_control() || (header.fin && self.assembly.is_none());
+        if whole_in_input && standalone {
+            // Fast path: the whole frame is here and is the whole message.
+            let end = pos + header.payload_len as usize;
+            self.frame = None;
+            let payload = &mut input[pos..end];
+            apply_mask(payload, header.mask, 0);
+            let message = match header.opcode {
+                Opcode::Text => Message::Text(
+                    std::str::from_utf8(payload).map_err(|_| ProtocolError::InvalidUtf8)?,
+                ),
+                Opcode::Binary => Message::Binary(payload),
+                opcode => control_message(opcode, payload)?,
+            };
+            return Ok((end, Some(message)));
+        }
+
+        // Slow path: take what is here of the payload and keep it.
+        let take = (header.payload_len - frame.received).min(available) as usize;
+        let piece = &mut input[pos..pos + take];
+        apply_mask(piece, header.mask, frame.received);
+        pos += take;
+        if header.opcode.is_control() {
+            self.control.extend_from_slice(piece);
+        } else {
+            let assembly = self.assembly.get_or_insert_with(|| {
+                Box::new(Assembly {
+                    kind: if header.opcode == Opcode::Binary {
+                        DataKind::Binary
+                    } else {
+                        DataKind::Text
+                    },
+                    bytes: Vec::new(),
+                    utf8: Utf8Validator::default(),
+                })
+            });
+            if assembly.kind == DataKind::Text {
+                assembly
+                    .utf8
+                    .feed(piece)
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+            }
+            assembly.bytes.extend_from_slice(piece);
+        }
+        let received = frame.received + take as u64;
+        if received < header.payload_len {
+            self.frame = Some(InFrame { header, received });
+            return Ok((pos, None));
+        }
+        self.frame = None;
+
+        if header.opcode.is_control() {
+            self.lent = Lent::Control;
+            return Ok((pos, Some(control_message(header.opcode, &self.control)?)));
+        }
+        if !header.fin {
+            return Ok((pos, None));
+        }
+        let Some(assembly) = self.assembly.as_mut() else {
+            return Ok((pos, None));
+        };
+        self.lent = Lent::Assembly;
+        let message = match assembly.kind {
+            DataKind::Text => {
+                assembly
+                    .utf8
+                    .finish()
+                    .map_err(|_| ProtocolError::InvalidUtf8)?;
+                Message::Text(
+                    std::str::from_utf8(&assembly.bytes).map_err(|_| ProtocolError::InvalidUtf8)?,
+                )
+            }
+            DataKind::Binary => Message::Binary(&assembly.bytes),
+        };
+        Ok((pos, Some(message)))
+    }
+
+    /// True while a message or frame is partly received: the connection holds
+    /// per-connection state that an idle one would not.
+    pub fn is_mid_message(&self) -> bool {
+        self.header_len > 0 || self.frame.is_some() || self.assembly.is_some()
+    }
+
+    /// Parses a header from buffered bytes plus `input`; buffers a partial one.
+    fn take_header(&mut self, input: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
+        let have = usize::from(self.header_len);
+        if have == 0 {
+            return match parse_header(input)? {
+                Some(parsed) => Ok(Some(parsed)),
+                None => {
+                    // A partial header is shorter than MAX_HEADER_LEN.
+                    self.header_bytes[..input.len()].copy_from_slice(input);
+                    self.header_len = input.len() as u8;
+                    Ok(None)
+                }
+            };
+        }
+        let take = (MAX_HEADER_LEN - have).min(input.len());
+        self.header_bytes[have..have + take].copy_from_slice(&input[..take]);
+        match parse_header(&self.header_bytes[..have + take])? {
+            Some((header, len)) => {
+                self.header_len = 0;
+                Ok(Some((header, len - have)))
+            }
+            None => {
+                self.header_len = (have + take) as u8;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Applies the sequencing and size rules to a new frame.
+    fn start_frame(&mut self, header: FrameHeader, max_message: usize) -> Result<(), ProtocolError> {
+        match header.opcode {
+            Opcode::Continuation if self.assembly.is_none() => {
+                return Err(ProtocolError::UnexpectedContinuation)
+            }
+            Opcode::Text | Opcode::Binary if self.assembly.is_some() => {
+                return Err(ProtocolError::ExpectedContinuation)
+            }
+            _ => {}
+        }
+        if !header.opcode.is_control() {
+            let so_far = self.assembly.as_ref().map_or(0, |a| a.bytes.len()) as u64;
+            if so_far.saturating_add(header.payload_len) > max_message as u64 {
+                return Err(ProtocolError::MessageTooBig);
+            }
+        }
+        self.frame = Some(InFrame {
+            header,
+            received: 0,
+        });
+        Ok(())
+    }
+}
+
+fn control_message(opcode: Opcode, payload: &[u8]) -> Result<Message<'_>, ProtocolError> {
+    Ok(match opcode {
+        Opcode::Ping => Message::Ping(payload),
+        Opcode::Pong => Message::Pong(payload),
+        _ => Message::Close(parse_close(payload)?),
+    })
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<CloseFrame<'_>>, ProtocolError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ProtocolError::CloseTooShort),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_close_code(code) {
+                return Err(ProtocolError::InvalidCloseCode(code));
+            }
+            let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidCloseReason)?;
+            Ok(Some(CloseFrame { code, reason }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 1 << 20;
+
+    /// A masked client frame, with the mask chosen from `seed`.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8], seed: u8) -> Vec<u8> {
+        let mask = [seed, seed.wrapping_mul(7) ^ 0x5a, 0xc3, seed.wrapping_add(91)];
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    #[derive(Debug, PartialEq, Eq, Clone)]
+    enum Owned {
+        Text(String),
+        Binary(Vec<u8>),
+        Ping(Vec<u8>),
+        Pong(Vec<u8>),
+        Close(Option<(u16, String)>),
+    }
+
+    fn own(m: Message<'_>) -> Owned {
+        match m {
+            Message::Text(t) => Owned::Text(t.to_owned()),
+            Message::Binary(b) => Owned::Binary(b.to_vec()),
+            Message::Ping(b) => Owned::Ping(b.to_vec()),
+            Message::Pong(b) => Owned::Pong(b.to_vec()),
+            Message::Close(c) => Owned::Close(c.map(|c| (c.code, c.reason.to_owned()))),
+        }
+    }
+
+    /// Feeds `bytes` in pieces cut at `cuts`, collecting messages until an error.
+    fn decode_pieces(bytes: &[u8], cuts: &[usize], limit: usize) -> (Vec<Owned>, Option<ProtocolError>) {
+        let mut decoder = Decoder::default();
+        let mut out = Vec::new();
+        let mut data = bytes.to_vec();
+        let mut bounds: Vec<usize> = cuts.to_vec();
+        bounds.push(data.len());
+        let mut start = 0;
+        for end in bounds {
+            let piece = &mut data[start..end];
+            let mut pos = 0;
+            while pos < piece.len() {
+                match decoder.decode(&mut piece[pos..], limit) {
+                    Ok((used, message)) => {
+                        pos += used;
+                        if let Some(m) = message {
+                            out.push(own(m));
+                        }
+                    }
+                    Err(e) => return (out, Some(e)),
+                }
+            }
+            start = end;
+        }
+        (out, None)
+    }
+
+    fn decode_all(bytes: &[u8]) -> (Vec<Owned>, Option<ProtocolError>) {
+        decode_pieces(bytes, &[], LIMIT)
+    }
+
+    fn conversation() -> (Vec<u8>, Vec<Owned>) {
+        let mut bytes = Vec::new();
+        bytes.extend(client_frame(true, 1, "héllo".as_bytes(), 1));
+        bytes.extend(client_frame(false, 1, &"小明".as_bytes()[..4], 2));
+        bytes.extend(client_frame(true, 9, b"ping!", 3));
+        bytes.extend(client_frame(false, 0, &"小明".as_bytes()[4..], 4));
+        bytes.extend(client_frame(true, 0, b"", 5));
+        bytes.extend(client_frame(true, 2, &[0, 1, 2, 255], 6));
+        bytes.extend(client_frame(true, 10, b"", 7));
+        bytes.extend(client_frame(true, 1, &[b'x'; 300], 8));
+        bytes.extend(client_frame(true, 8, b"\x03\xe8bye", 9));
+        let expected = vec![
+            Owned::Text("héllo".into()),
+            Owned::Ping(b"ping!".to_vec()),
+            Owned::Text("小明".into()),
+            Owned::Binary(vec![0, 1, 2, 255]),
+            Owned::Pong(vec![]),
+            Owned::Text("x".repeat(300)),
+            Owned::Close(Some((1000, "bye".into()))),
+        ];
+        (bytes, expected)
+    }
+
+    #[test]
+    fn decodes_a_conversation_whole() {
+        let (bytes, expected) = conversation();
+        assert_eq!(decode_all(&bytes), (expected, None));
+    }
+
+    #[test]
+    fn decodes_a_conversation_split_at_every_byte_and_pair_of_bytes() {
+        let (bytes, expected) = conversation();
+        for a in 0..=bytes.len() {
+            assert_eq!(decode_pieces(&bytes, &[a], LIMIT), (expected.clone(), None), "cut {a}");
+        }
+        for a in (0..=bytes.len()).step_by(3) {
+            for b in a..=bytes.len() {
+                assert_eq!(decode_pieces(&bytes, &[a, b], LIMIT), (expected.clone(), None), "cuts {a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn decodes_one_byte_at_a_time() {
+        let (bytes, expected) = conversation();
+        let cuts: Vec<usize> = (1..bytes.len()).collect();
+        assert_eq!(decode_pieces(&bytes, &cuts, LIMIT), (expected, None));
+    }
+
+    #[test]
+    fn sequencing_errors() {
+        let stray = client_frame(true, 0, b"x", 1);
+        assert_eq!(decode_all(&stray).1, Some(ProtocolError::UnexpectedContinuation));
+
+        let mut nested = client_frame(false, 1, b"a", 1);
+        nested.extend(client_frame(true, 1, b"b", 2));
+        assert_eq!(decode_all(&nested).1, Some(ProtocolError::ExpectedContinuation));
+
+        let mut nested_binary = client_frame(false, 2, b"a", 1);
+        nested_binary.extend(client_frame(true, 2, b"b", 2));
+        assert_eq!(decode_all(&nested_binary).1, Some(ProtocolError::ExpectedContinuation));
+    }
+
+    #[test]
+    fn size_limit_is_enforced_from_the_header_before_the_payload() {
+        let mut header_only = client_frame(true, 2, &[0; 2000], 1);
+        header_only.truncate(8);
+        assert_eq!(decode_pieces(&header_only, &[], 1000).1, Some(ProtocolError::MessageTooBig));
+
+        // Fragments that add up past the limit.
+        let mut parts = client_frame(false, 1, &[b'a'; 600], 1);
+        parts.extend(client_frame(true, 0, &[b'a'; 600], 2));
+        assert_eq!(decode_pieces(&parts, &[], 1000).1, Some(ProtocolError::MessageTooBig));
+        assert_eq!(decode_pieces(&parts, &[], 1200).1, None);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_in_the_first_fragment() {
+        let first = client_frame(false, 1, b"ok \xf4\x90\x80\x80", 1);
+        let (messages, error) = decode_all(&first);
+        assert!(messages.is_empty());
+        assert_eq!(error, Some(ProtocolError::InvalidUtf8));
+        // Even when the frame itself is still arriving.
+        for cut in 0..first.len() {
+            let (_, error) = decode_pieces(&first[..first.len()], &[cut], LIMIT);
+            assert_eq!(error, Some(ProtocolError::InvalidUtf8), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn utf8_split_inside_a_character_across_fragments_is_valid() {
+        let text = "κόσμε".as_bytes();
+        for cut in 0..=text.len() {
+            let mut bytes = client_frame(false, 1, &text[..cut], 1);
+            bytes.extend(client_frame(true, 0, &text[cut..], 2));
+            assert_eq!(decode_all(&bytes), (vec![Owned::Text("κόσμε".into())], None));
+        }
+        let mut unfinished = client_frame(false, 1, &text[..3], 1);
+        unfinished.extend(client_frame(true, 0, b"", 2));
+        assert_eq!(decode_all(&unfinished).1, Some(ProtocolError::InvalidUtf8));
+    }
+
+    #[test]
+    fn close_payload_rules() {
+        assert_eq!(decode_all(&client_frame(true, 8, b"", 1)).0, vec![Owned::Close(None)]);
+        assert_eq!(
+            decode_all(&client_frame(true, 8, b"\x03", 1)).1,
+            Some(ProtocolError::CloseTooShort)
+        );
+        for code in [1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999] {
+            let frame = client_frame(true, 8, &code.to_be_bytes(), 1);
+            assert_eq!(decode_all(&frame).0, vec![Owned::Close(Some((code, String::new())))]);
+        }
+        for code in [0u16, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            let frame = client_frame(true, 8, &code.to_be_bytes(), 1);
+            assert_eq!(decode_all(&frame).1, Some(ProtocolError::InvalidCloseCode(code)), "{code}");
+        }
+        let bad_reason = client_frame(true, 8, b"\x03\xe8\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80", 1);
+        assert_eq!(decode_all(&bad_reason).1, Some(ProtocolError::InvalidCloseReason));
+    }
+
+    #[test]
+    fn error_codes() {
+        assert_eq!(ProtocolError::InvalidUtf8.close_code(), 1007);
+        assert_eq!(ProtocolError::InvalidCloseReason.close_code(), 1007);
+        assert_eq!(ProtocolError::MessageTooBig.close_code(), 1009);
+        assert_eq!(ProtocolError::Header(HeaderError::Unmasked).close_code(), 1002);
+        assert_eq!(ProtocolError::InvalidCloseCode(5).close_code(), 1002);
+    }
+
+    #[test]
+    fn idle_decoder_holds_nothing() {
+        let mut decoder = Decoder::default();
+        let mut frame = client_frame(false, 1, b"abc", 1);
+        frame.extend(client_frame(true, 0, b"def", 2));
+        let mut pos = 0;
+        while pos < frame.len() {
+            let (used, _) = decoder.decode(&mut frame[pos..], LIMIT).unwrap();
+            pos += used;
+        }
+        // The message was lent; the next call (with nothing) releases it.
+        let (_, none) = decoder.decode(&mut [], LIMIT).unwrap();
+        assert!(none.is_none());
+        assert!(!decoder.is_mid_message());
+        assert_eq!(decoder.control.capacity(), 0);
+    }
+}
