@@ -58,7 +58,10 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Outcome::Reject(Response::text(Status::HeaderTooLarge, "request head too large"))
+            return Outcome::Reject(Response::text(
+                Status::HeaderTooLarge,
+                "request head too large",
+            ))
         }
         Ok(httparse::Status::Partial) => return Outcome::Partial,
         Err(httparse::Error::TooManyHeaders) => {
@@ -67,9 +70,13 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
         Err(_) => return Outcome::Reject(Response::text(Status::BadRequest, "malformed request")),
     };
     if head_len > MAX_HEAD {
-        return Outcome::Reject(Response::text(Status::HeaderTooLarge, "request head too large"));
+        return Outcome::Reject(Response::text(
+            Status::HeaderTooLarge,
+            "request head too large",
+        ));
     }
-    let (Some(method), Some(target), Some(version)) = (request.method, request.path, request.version)
+    let (Some(method), Some(target), Some(version)) =
+        (request.method, request.path, request.version)
     else {
         return Outcome::Reject(Response::text(Status::BadRequest, "malformed request"));
     };
@@ -78,8 +85,9 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
 
     match path {
         "/healthz" if method == "GET" => Outcome::Get(Resource::Health),
-        "/healthz" => Outcome::Reject(Response::text(Status::MethodNotAllowed, "use GET")
-            .with_header("Allow", "GET")),
+        "/healthz" => Outcome::Reject(
+            Response::text(Status::MethodNotAllowed, "use GET").with_header("Allow", "GET"),
+        ),
         "/ws" | "/" if is_upgrade || path == "/ws" => {
             if method != "GET" {
                 return Outcome::Reject(
@@ -113,9 +121,11 @@ fn check_upgrade(
         return Err(bad("missing Host header"));
     }
     if !header_has_token(headers, "upgrade", "websocket") {
-        return Err(Response::text(Status::UpgradeRequired, "this endpoint speaks WebSocket")
-            .with_header("Upgrade", "websocket")
-            .with_header("Sec-WebSocket-Version", "13"));
+        return Err(
+            Response::text(Status::UpgradeRequired, "this endpoint speaks WebSocket")
+                .with_header("Upgrade", "websocket")
+                .with_header("Sec-WebSocket-Version", "13"),
+        );
     }
     if !header_has_token(headers, "connection", "upgrade") {
         return Err(bad("Connection header must contain 'upgrade'"));
@@ -123,8 +133,10 @@ fn check_upgrade(
     match single_header(headers, "sec-websocket-version")? {
         Some(b"13") => {}
         _ => {
-            return Err(Response::text(Status::UpgradeRequired, "unsupported WebSocket version")
-                .with_header("Sec-WebSocket-Version", "13"))
+            return Err(
+                Response::text(Status::UpgradeRequired, "unsupported WebSocket version")
+                    .with_header("Sec-WebSocket-Version", "13"),
+            )
         }
     }
     let key = single_header(headers, "sec-websocket-key")?
@@ -136,10 +148,11 @@ fn check_upgrade(
     if !policy.allowed_origins.is_empty() {
         if let Some(origin) = single_header(headers, "origin")? {
             let origin = trim(origin);
-            let allowed = policy
-                .allowed_origins
-                .iter()
-                .any(|a| a.trim_end_matches('/').as_bytes().eq_ignore_ascii_case(origin));
+            let allowed = policy.allowed_origins.iter().any(|a| {
+                a.trim_end_matches('/')
+                    .as_bytes()
+                    .eq_ignore_ascii_case(origin)
+            });
             if !allowed {
                 return Err(Response::text(Status::Forbidden, "origin not allowed"));
             }
@@ -163,7 +176,10 @@ pub fn accept_key(key: &[u8]) -> [u8; 28] {
 }
 
 /// The value of a header that must appear at most once; two copies are a 400.
-fn single_header<'h>(headers: &'h [httparse::Header<'_>], name: &str) -> Result<Option<&'h [u8]>, Response> {
+fn single_header<'h>(
+    headers: &'h [httparse::Header<'_>],
+    name: &str,
+) -> Result<Option<&'h [u8]>, Response> {
     let mut found = None;
     for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)) {
         if found.is_some() {
@@ -212,7 +228,11 @@ fn is_valid_key(key: &[u8]) -> bool {
 fn base64_encode_20(bytes: &[u8; 20]) -> [u8; 28] {
     let mut out = [b'='; 28];
     for (i, chunk) in bytes.chunks(3).enumerate() {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
         for j in 0..=chunk.len() {
             out[i * 4 + j] = BASE64[(n >> (18 - 6 * j) & 63) as usize];
@@ -247,7 +267,10 @@ mod tests {
 
     #[test]
     fn rfc_example_accept_key() {
-        assert_eq!(&accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            &accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -266,7 +289,11 @@ mod tests {
     #[test]
     fn every_prefix_is_partial() {
         for cut in 0..GOOD.len() {
-            assert_eq!(parse(&GOOD.as_bytes()[..cut], &Policy::default()), Outcome::Partial, "cut {cut}");
+            assert_eq!(
+                parse(&GOOD.as_bytes()[..cut], &Policy::default()),
+                Outcome::Partial,
+                "cut {cut}"
+            );
         }
     }
 
@@ -291,16 +318,31 @@ mod tests {
             (with("Host: example.com\r\n", ""), 400),
             (with("Upgrade: websocket\r\n", ""), 426),
             (with("Connection: Upgrade", "Connection: keep-alive"), 400),
-            (with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
+            (
+                with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+                426,
+            ),
             (with("Sec-WebSocket-Version: 13\r\n", ""), 426),
             (with("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZQ=="), 400),
-            (with("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZR=="), 400),
-            (with("dGhlIHNhbXBsZSBub25jZQ==", "!!!!!!!!!!!!!!!!!!!!!!=="), 400),
-            (with("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400),
+            (
+                with("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZR=="),
+                400,
+            ),
+            (
+                with("dGhlIHNhbXBsZSBub25jZQ==", "!!!!!!!!!!!!!!!!!!!!!!=="),
+                400,
+            ),
+            (
+                with("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+                400,
+            ),
             (with("Host: example.com", "Host: a\r\nHost: b"), 400),
             (with("/ws?username=alice", "/nowhere"), 404),
             ("GARBAGE\r\n\r\n".to_string(), 400),
-            ("GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".to_string(), 400),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".to_string(),
+                400,
+            ),
         ];
         for (request, status) in cases {
             assert_eq!(status_of(parse_str(&request)), status, "{request:?}");
@@ -309,18 +351,28 @@ mod tests {
 
     #[test]
     fn version_refusal_names_the_supported_version() {
-        let Outcome::Reject(r) = parse_str(&with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 7")) else {
+        let Outcome::Reject(r) = parse_str(&with(
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Version: 7",
+        )) else {
             panic!("expected a refusal");
         };
-        assert!(String::from_utf8(r.to_bytes()).unwrap().contains("Sec-WebSocket-Version: 13\r\n"));
+        assert!(String::from_utf8(r.to_bytes())
+            .unwrap()
+            .contains("Sec-WebSocket-Version: 13\r\n"));
     }
 
     #[test]
     fn plain_http_routes() {
         let get = |target: &str, method: &str| {
-            status_of(parse_str(&format!("{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n")))
+            status_of(parse_str(&format!(
+                "{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n"
+            )))
         };
-        assert_eq!(parse_str("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"), Outcome::Get(Resource::Health));
+        assert_eq!(
+            parse_str("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Outcome::Get(Resource::Health)
+        );
         assert_eq!(get("/healthz", "POST"), 405);
         assert_eq!(get("/missing", "GET"), 404);
         assert_eq!(get("/ws", "GET"), 426);
@@ -333,8 +385,13 @@ mod tests {
         assert_eq!(status_of(parse_str(&big)), 431);
         let complete_but_big = format!("{big}\r\n");
         assert_eq!(status_of(parse_str(&complete_but_big)), 431);
-        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X-{i}: v\r\n")).collect();
-        assert_eq!(status_of(parse_str(&format!("GET / HTTP/1.1\r\n{many}\r\n"))), 431);
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
+        assert_eq!(
+            status_of(parse_str(&format!("GET / HTTP/1.1\r\n{many}\r\n"))),
+            431
+        );
     }
 
     #[test]
@@ -342,10 +399,27 @@ mod tests {
         let policy = Policy {
             allowed_origins: vec!["https://chat.example/".into()],
         };
-        let request = |origin: &str| with("Host: example.com", &format!("Host: example.com\r\nOrigin: {origin}"));
-        assert!(matches!(parse(request("https://chat.example").as_bytes(), &policy), Outcome::Upgrade(_)));
-        assert!(matches!(parse(request("HTTPS://CHAT.example").as_bytes(), &policy), Outcome::Upgrade(_)));
-        assert_eq!(status_of(parse(request("https://evil.example").as_bytes(), &policy)), 403);
-        assert!(matches!(parse(GOOD.as_bytes(), &policy), Outcome::Upgrade(_)));
+        let request = |origin: &str| {
+            with(
+                "Host: example.com",
+                &format!("Host: example.com\r\nOrigin: {origin}"),
+            )
+        };
+        assert!(matches!(
+            parse(request("https://chat.example").as_bytes(), &policy),
+            Outcome::Upgrade(_)
+        ));
+        assert!(matches!(
+            parse(request("HTTPS://CHAT.example").as_bytes(), &policy),
+            Outcome::Upgrade(_)
+        ));
+        assert_eq!(
+            status_of(parse(request("https://evil.example").as_bytes(), &policy)),
+            403
+        );
+        assert!(matches!(
+            parse(GOOD.as_bytes(), &policy),
+            Outcome::Upgrade(_)
+        ));
     }
 }

@@ -1,4 +1,15 @@
 //! wschat: a single-threaded WebSocket chat server.
+//!
+//! Bytes enter in [`server`] (the mio loop), become requests in
+//! [`handshake`] and messages in [`ws`], and leave through [`outbound`].
+
+pub mod config;
+pub mod conn;
 pub mod handshake;
 pub mod http;
+pub mod log;
+pub mod outbound;
+pub mod server;
+pub mod sys;
+pub mod timer;
 pub mod ws;

@@ -231,7 +231,10 @@ mod tests {
         let mask = [1, 2, 3, 4];
         let small = masked(0x81, &[5], mask);
         let (h, n) = parse_header(&small).unwrap().unwrap();
-        assert_eq!((h.payload_len, n, h.fin, h.opcode), (5, 6, true, Opcode::Text));
+        assert_eq!(
+            (h.payload_len, n, h.fin, h.opcode),
+            (5, 6, true, Opcode::Text)
+        );
 
         let medium = masked(0x82, &[126, 0x01, 0x00], mask);
         let (h, n) = parse_header(&medium).unwrap().unwrap();
@@ -241,7 +244,10 @@ mod tests {
         long_len.extend_from_slice(&0x1_0000u64.to_be_bytes());
         let long = masked(0x02, &long_len, mask);
         let (h, n) = parse_header(&long).unwrap().unwrap();
-        assert_eq!((h.payload_len, n, h.fin, h.mask), (0x1_0000, 14, false, mask));
+        assert_eq!(
+            (h.payload_len, n, h.fin, h.mask),
+            (0x1_0000, 14, false, mask)
+        );
     }
 
     #[test]
@@ -267,7 +273,10 @@ mod tests {
             assert_eq!(parse_header(&[0x81 | rsv]), Err(HeaderError::ReservedBits));
         }
         for op in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
-            assert_eq!(parse_header(&[0x80 | op]), Err(HeaderError::ReservedOpcode(op)));
+            assert_eq!(
+                parse_header(&[0x80 | op]),
+                Err(HeaderError::ReservedOpcode(op))
+            );
         }
         assert_eq!(parse_header(&[0x81, 0x05]), Err(HeaderError::Unmasked));
         assert_eq!(parse_header(&[0x09]), Err(HeaderError::FragmentedControl));
@@ -332,7 +341,10 @@ mod tests {
         let long = encode(Opcode::Binary, &[0; 65_536]);
         assert_eq!(&long[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
         for len in [0, 125, 126, 65_535, 65_536] {
-            assert_eq!(encode(Opcode::Text, &vec![0; len]).len(), header_len(len) + len);
+            assert_eq!(
+                encode(Opcode::Text, &vec![0; len]).len(),
+                header_len(len) + len
+            );
         }
     }
 

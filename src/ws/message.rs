@@ -277,7 +277,11 @@ impl Decoder {
     }
 
     /// Applies the sequencing and size rules to a new frame.
-    fn start_frame(&mut self, header: FrameHeader, max_message: usize) -> Result<(), ProtocolError> {
+    fn start_frame(
+        &mut self,
+        header: FrameHeader,
+        max_message: usize,
+    ) -> Result<(), ProtocolError> {
         match header.opcode {
             Opcode::Continuation if self.assembly.is_none() => {
                 return Err(ProtocolError::UnexpectedContinuation)
@@ -318,7 +322,8 @@ fn parse_close(payload: &[u8]) -> Result<Option<CloseFrame<'_>>, ProtocolError> 
             if !is_valid_close_code(code) {
                 return Err(ProtocolError::InvalidCloseCode(code));
             }
-            let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidCloseReason)?;
+            let reason =
+                std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidCloseReason)?;
             Ok(Some(CloseFrame { code, reason }))
         }
     }
@@ -332,7 +337,12 @@ mod tests {
 
     /// A masked client frame, with the mask chosen from `seed`.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], seed: u8) -> Vec<u8> {
-        let mask = [seed, seed.wrapping_mul(7) ^ 0x5a, 0xc3, seed.wrapping_add(91)];
+        let mask = [
+            seed,
+            seed.wrapping_mul(7) ^ 0x5a,
+            0xc3,
+            seed.wrapping_add(91),
+        ];
         let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
         match payload.len() {
             n if n < 126 => out.push(0x80 | n as u8),
@@ -370,7 +380,11 @@ mod tests {
     }
 
     /// Feeds `bytes` in pieces cut at `cuts`, collecting messages until an error.
-    fn decode_pieces(bytes: &[u8], cuts: &[usize], limit: usize) -> (Vec<Owned>, Option<ProtocolError>) {
+    fn decode_pieces(
+        bytes: &[u8],
+        cuts: &[usize],
+        limit: usize,
+    ) -> (Vec<Owned>, Option<ProtocolError>) {
         let mut decoder = Decoder::default();
         let mut out = Vec::new();
         let mut data = bytes.to_vec();
@@ -433,11 +447,19 @@ mod tests {
     fn decodes_a_conversation_split_at_every_byte_and_pair_of_bytes() {
         let (bytes, expected) = conversation();
         for a in 0..=bytes.len() {
-            assert_eq!(decode_pieces(&bytes, &[a], LIMIT), (expected.clone(), None), "cut {a}");
+            assert_eq!(
+                decode_pieces(&bytes, &[a], LIMIT),
+                (expected.clone(), None),
+                "cut {a}"
+            );
         }
         for a in (0..=bytes.len()).step_by(3) {
             for b in a..=bytes.len() {
-                assert_eq!(decode_pieces(&bytes, &[a, b], LIMIT), (expected.clone(), None), "cuts {a} {b}");
+                assert_eq!(
+                    decode_pieces(&bytes, &[a, b], LIMIT),
+                    (expected.clone(), None),
+                    "cuts {a} {b}"
+                );
             }
         }
     }
@@ -452,27 +474,42 @@ mod tests {
     #[test]
     fn sequencing_errors() {
         let stray = client_frame(true, 0, b"x", 1);
-        assert_eq!(decode_all(&stray).1, Some(ProtocolError::UnexpectedContinuation));
+        assert_eq!(
+            decode_all(&stray).1,
+            Some(ProtocolError::UnexpectedContinuation)
+        );
 
         let mut nested = client_frame(false, 1, b"a", 1);
         nested.extend(client_frame(true, 1, b"b", 2));
-        assert_eq!(decode_all(&nested).1, Some(ProtocolError::ExpectedContinuation));
+        assert_eq!(
+            decode_all(&nested).1,
+            Some(ProtocolError::ExpectedContinuation)
+        );
 
         let mut nested_binary = client_frame(false, 2, b"a", 1);
         nested_binary.extend(client_frame(true, 2, b"b", 2));
-        assert_eq!(decode_all(&nested_binary).1, Some(ProtocolError::ExpectedContinuation));
+        assert_eq!(
+            decode_all(&nested_binary).1,
+            Some(ProtocolError::ExpectedContinuation)
+        );
     }
 
     #[test]
     fn size_limit_is_enforced_from_the_header_before_the_payload() {
         let mut header_only = client_frame(true, 2, &[0; 2000], 1);
         header_only.truncate(8);
-        assert_eq!(decode_pieces(&header_only, &[], 1000).1, Some(ProtocolError::MessageTooBig));
+        assert_eq!(
+            decode_pieces(&header_only, &[], 1000).1,
+            Some(ProtocolError::MessageTooBig)
+        );
 
         // Fragments that add up past the limit.
         let mut parts = client_frame(false, 1, &[b'a'; 600], 1);
         parts.extend(client_frame(true, 0, &[b'a'; 600], 2));
-        assert_eq!(decode_pieces(&parts, &[], 1000).1, Some(ProtocolError::MessageTooBig));
+        assert_eq!(
+            decode_pieces(&parts, &[], 1000).1,
+            Some(ProtocolError::MessageTooBig)
+        );
         assert_eq!(decode_pieces(&parts, &[], 1200).1, None);
     }
 
@@ -495,7 +532,10 @@ mod tests {
         for cut in 0..=text.len() {
             let mut bytes = client_frame(false, 1, &text[..cut], 1);
             bytes.extend(client_frame(true, 0, &text[cut..], 2));
-            assert_eq!(decode_all(&bytes), (vec![Owned::Text("κόσμε".into())], None));
+            assert_eq!(
+                decode_all(&bytes),
+                (vec![Owned::Text("κόσμε".into())], None)
+            );
         }
         let mut unfinished = client_frame(false, 1, &text[..3], 1);
         unfinished.extend(client_frame(true, 0, b"", 2));
@@ -504,21 +544,44 @@ mod tests {
 
     #[test]
     fn close_payload_rules() {
-        assert_eq!(decode_all(&client_frame(true, 8, b"", 1)).0, vec![Owned::Close(None)]);
+        assert_eq!(
+            decode_all(&client_frame(true, 8, b"", 1)).0,
+            vec![Owned::Close(None)]
+        );
         assert_eq!(
             decode_all(&client_frame(true, 8, b"\x03", 1)).1,
             Some(ProtocolError::CloseTooShort)
         );
-        for code in [1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999] {
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+        ] {
             let frame = client_frame(true, 8, &code.to_be_bytes(), 1);
-            assert_eq!(decode_all(&frame).0, vec![Owned::Close(Some((code, String::new())))]);
+            assert_eq!(
+                decode_all(&frame).0,
+                vec![Owned::Close(Some((code, String::new())))]
+            );
         }
-        for code in [0u16, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1012, 1013, 1014, 1015, 1016, 1100, 2000, 2999, 5000,
+            65535,
+        ] {
             let frame = client_frame(true, 8, &code.to_be_bytes(), 1);
-            assert_eq!(decode_all(&frame).1, Some(ProtocolError::InvalidCloseCode(code)), "{code}");
+            assert_eq!(
+                decode_all(&frame).1,
+                Some(ProtocolError::InvalidCloseCode(code)),
+                "{code}"
+            );
         }
-        let bad_reason = client_frame(true, 8, b"\x03\xe8\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80", 1);
-        assert_eq!(decode_all(&bad_reason).1, Some(ProtocolError::InvalidCloseReason));
+        let bad_reason = client_frame(
+            true,
+            8,
+            b"\x03\xe8\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80",
+            1,
+        );
+        assert_eq!(
+            decode_all(&bad_reason).1,
+            Some(ProtocolError::InvalidCloseReason)
+        );
     }
 
     #[test]
@@ -526,7 +589,10 @@ mod tests {
         assert_eq!(ProtocolError::InvalidUtf8.close_code(), 1007);
         assert_eq!(ProtocolError::InvalidCloseReason.close_code(), 1007);
         assert_eq!(ProtocolError::MessageTooBig.close_code(), 1009);
-        assert_eq!(ProtocolError::Header(HeaderError::Unmasked).close_code(), 1002);
+        assert_eq!(
+            ProtocolError::Header(HeaderError::Unmasked).close_code(),
+            1002
+        );
         assert_eq!(ProtocolError::InvalidCloseCode(5).close_code(), 1002);
     }
 

@@ -106,7 +106,11 @@ mod tests {
         ];
         for bytes in cases {
             for a in 0..=bytes.len() {
-                assert_eq!(validate_in_pieces(bytes, &[a]), Err(InvalidUtf8), "{bytes:?} cut {a}");
+                assert_eq!(
+                    validate_in_pieces(bytes, &[a]),
+                    Err(InvalidUtf8),
+                    "{bytes:?} cut {a}"
+                );
             }
         }
     }

@@ -127,7 +127,7 @@ SERVER_PID=$!
 
 ready=0
 for _ in $(seq 1 100); do   # up to 10 s
-    if grep -q "listening on 127.0.0.1:" "$SERVER_LOG" 2>/dev/null; then ready=1; break; fi
+    if grep -q "listening on 127.0.0.1:" "$SERVER_LOG" "$OUT/server.stdout.log" 2>/dev/null; then ready=1; break; fi
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.1
 done
@@ -137,7 +137,7 @@ if [ "$ready" != 1 ]; then
     die "server failed to start"
 fi
 # Trust the port the server reports (it may differ if it rewrites the address).
-REPORTED="$(grep -o 'listening on 127\.0\.0\.1:[0-9]*' "$SERVER_LOG" | head -1 | sed 's/.*://')"
+REPORTED="$(cat "$SERVER_LOG" "$OUT/server.stdout.log" | grep -o 'listening on 127\.0\.0\.1:[0-9]*' | head -1 | sed 's/.*://')"
 [ -n "$REPORTED" ] && PORT="$REPORTED"
 URL="ws://127.0.0.1:$PORT"
 

@@ -1,0 +1,283 @@
+//! One connection's queue of bytes waiting for the socket.
+//!
+//! Frames are queued whole and written with one vectored write per loop turn
+//! ("corking"), so a turn that queues ten frames costs one system call. A
+//! frame shared by many recipients (a public message) is an `Rc` to the same
+//! bytes. Control frames (pong) jump ahead of queued data, right behind the
+//! frame being written, so a long backlog never delays them. An empty queue
+//! owns no memory.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::rc::Rc;
+
+/// Bytes to send: owned, shared with other connections, or static.
+#[derive(Debug, Clone)]
+pub enum Chunk {
+    Owned(Vec<u8>),
+    Shared(Rc<[u8]>),
+    Static(&'static [u8]),
+}
+
+impl Chunk {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(v) => v,
+            Chunk::Shared(r) => r,
+            Chunk::Static(s) => s,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    chunk: Chunk,
+    control: bool,
+}
+
+/// The most slices handed to one `writev` (Linux allows 1024; a few dozen
+/// already fill the socket buffer).
+const MAX_IOV: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct Outbound {
+    queue: VecDeque<Entry>,
+    /// Bytes of the front entry already written.
+    front_written: usize,
+    /// Unsent bytes in the queue.
+    bytes: usize,
+}
+
+/// What a flush achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything was written.
+    All,
+    /// The socket is full; the rest waits for writability.
+    Blocked,
+}
+
+impl Outbound {
+    /// Unsent bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Queues a data frame (or HTTP bytes) behind everything else.
+    pub fn push(&mut self, chunk: Chunk) {
+        self.bytes += chunk.as_bytes().len();
+        self.queue.push_back(Entry {
+            chunk,
+            control: false,
+        });
+    }
+
+    /// Queues a control frame ahead of queued data, behind the frame being
+    /// written and behind earlier control frames (which keep their order).
+    pub fn push_control(&mut self, chunk: Chunk) {
+        let mut at = usize::from(self.front_written > 0);
+        while self.queue.get(at).is_some_and(|e| e.control) {
+            at += 1;
+        }
+        self.bytes += chunk.as_bytes().len();
+        self.queue.insert(
+            at.min(self.queue.len()),
+            Entry {
+                chunk,
+                control: true,
+            },
+        );
+    }
+
+    /// Drops queued data that has not started to go out, keeping the frame
+    /// being written (a half-sent frame would corrupt the stream) and control
+    /// frames. Returns the bytes dropped.
+    pub fn drop_unstarted_data(&mut self) -> usize {
+        let keep_front = self.front_written > 0;
+        let mut index = 0;
+        let mut dropped = 0;
+        self.queue.retain(|e| {
+            let keep = (index == 0 && keep_front) || e.control;
+            index += 1;
+            if !keep {
+                dropped += e.chunk.as_bytes().len();
+            }
+            keep
+        });
+        self.bytes -= dropped;
+        dropped
+    }
+
+    /// Writes as much as the socket takes.
+    pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<Flushed> {
+        while !self.queue.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (i, entry) in self.queue.iter().take(MAX_IOV).enumerate() {
+                let bytes = entry.chunk.as_bytes();
+                slices[i] = IoSlice::new(if i == 0 {
+                    &bytes[self.front_written..]
+                } else {
+                    bytes
+                });
+                count += 1;
+            }
+            let written = match sink.write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.consume(written);
+        }
+        // Give the queue's memory back: an idle connection owns nothing.
+        self.queue = VecDeque::new();
+        Ok(Flushed::All)
+    }
+
+    fn consume(&mut self, mut written: usize) {
+        self.bytes -= written;
+        while let Some(front) = self.queue.front() {
+            let left = front.chunk.as_bytes().len() - self.front_written;
+            if written < left {
+                self.front_written += written;
+                return;
+            }
+            written -= left;
+            self.front_written = 0;
+            self.queue.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that accepts at most `room` bytes per call and then blocks.
+    struct Trickle {
+        out: Vec<u8>,
+        room: usize,
+        calls: usize,
+        block_after: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.calls == self.block_after {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.room - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sink(room: usize, block_after: usize) -> Trickle {
+        Trickle {
+            out: Vec::new(),
+            room,
+            calls: 0,
+            block_after,
+        }
+    }
+
+    #[test]
+    fn writes_everything_in_order_with_one_call_when_it_fits() {
+        let mut q = Outbound::default();
+        q.push(Chunk::Owned(b"one ".to_vec()));
+        q.push(Chunk::Shared(Rc::from(&b"two "[..])));
+        q.push(Chunk::Static(b"three"));
+        let mut s = sink(1000, usize::MAX);
+        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::All);
+        assert_eq!(s.out, b"one two three");
+        assert_eq!(s.calls, 1);
+        assert_eq!(q.bytes(), 0);
+        assert_eq!(q.queue.capacity(), 0);
+    }
+
+    #[test]
+    fn partial_writes_resume_where_they_stopped() {
+        let mut q = Outbound::default();
+        for word in ["alpha ", "beta ", "gamma"] {
+            q.push(Chunk::Owned(word.as_bytes().to_vec()));
+        }
+        let mut s = sink(4, 2);
+        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::Blocked);
+        assert_eq!(s.out, b"alpha be");
+        assert_eq!(q.bytes(), 8);
+        s.block_after = usize::MAX;
+        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::All);
+        assert_eq!(s.out, b"alpha beta gamma");
+    }
+
+    #[test]
+    fn control_frames_go_right_after_the_frame_being_written() {
+        let mut q = Outbound::default();
+        q.push(Chunk::Owned(b"AAAA".to_vec()));
+        q.push(Chunk::Owned(b"BBBB".to_vec()));
+        let mut s = sink(2, 1);
+        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::Blocked);
+        q.push_control(Chunk::Owned(b"p1".to_vec()));
+        q.push_control(Chunk::Owned(b"p2".to_vec()));
+        s.block_after = usize::MAX;
+        s.room = 100;
+        q.write_to(&mut s).unwrap();
+        assert_eq!(s.out, b"AAAAp1p2BBBB");
+    }
+
+    #[test]
+    fn control_frames_lead_an_unstarted_queue() {
+        let mut q = Outbound::default();
+        q.push(Chunk::Owned(b"data".to_vec()));
+        q.push_control(Chunk::Owned(b"pong".to_vec()));
+        let mut s = sink(100, usize::MAX);
+        q.write_to(&mut s).unwrap();
+        assert_eq!(s.out, b"pongdata");
+    }
+
+    #[test]
+    fn dropping_unstarted_data_keeps_the_half_sent_frame_and_controls() {
+        let mut q = Outbound::default();
+        q.push(Chunk::Owned(b"AAAA".to_vec()));
+        q.push(Chunk::Owned(b"BBBB".to_vec()));
+        let mut s = sink(2, 1);
+        q.write_to(&mut s).unwrap();
+        q.push_control(Chunk::Owned(b"cc".to_vec()));
+        q.push(Chunk::Owned(b"DDDD".to_vec()));
+        assert_eq!(q.drop_unstarted_data(), 8);
+        assert_eq!(q.bytes(), 4);
+        s.block_after = usize::MAX;
+        s.room = 100;
+        q.write_to(&mut s).unwrap();
+        assert_eq!(s.out, b"AAAAcc");
+    }
+
+    #[test]
+    fn a_long_queue_goes_out_in_batches_of_slices() {
+        let mut q = Outbound::default();
+        for i in 0..200u8 {
+            q.push(Chunk::Owned(vec![i]));
+        }
+        let mut s = sink(usize::MAX, usize::MAX);
+        q.write_to(&mut s).unwrap();
+        assert_eq!(s.out, (0..200u8).collect::<Vec<_>>());
+        assert_eq!(s.calls, 200usize.div_ceil(MAX_IOV));
+    }
+}
