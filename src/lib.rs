@@ -3,6 +3,7 @@
 //! Bytes enter in [`server`] (the mio loop), become requests in
 //! [`handshake`] and messages in [`ws`], and leave through [`outbound`].
 
+pub mod chat;
 pub mod config;
 pub mod conn;
 pub mod handshake;

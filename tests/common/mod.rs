@@ -290,6 +290,15 @@ pub fn write_bytewise(stream: &mut TcpStream, bytes: &[u8], pace: Duration) {
     }
 }
 
+/// Like [`write_bytewise`] but stops at the first write error (the server
+/// may legitimately close as soon as it has seen a bad byte).
+pub fn try_write_bytewise(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+    for b in bytes {
+        stream.write_all(std::slice::from_ref(b))?;
+    }
+    Ok(())
+}
+
 pub fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),

@@ -1,0 +1,8 @@
+//! The chat application, without I/O: protocol, usernames, routing.
+
+pub mod json;
+pub mod protocol;
+pub mod router;
+pub mod username;
+
+pub use router::{Class, Delivery, Limits, Outbox, Router};

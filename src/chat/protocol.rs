@@ -1,0 +1,327 @@
+//! The chat protocol's messages (docs/PROTOCOL.md): what a client may send,
+//! parsed without copying, and what the server sends, encoded by hand.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::json;
+
+/// The most bytes a string `ref` may have.
+pub const MAX_REF_BYTES: usize = 64;
+
+/// A client's message, borrowed from the frame that carried it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    Public { body: Cow<'a, str> },
+    Private { to: Cow<'a, str>, body: Cow<'a, str> },
+    Users,
+}
+
+/// A parsed request and its `ref`, echoed as raw JSON (a string or an integer).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    pub request: Request<'a>,
+    pub reference: Option<&'a str>,
+}
+
+/// Why a client message was refused; each has a wire code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    InvalidJson(String),
+    UnknownType(String),
+    MissingField(&'static str),
+    BodyTooLong { limit: usize },
+}
+
+impl RequestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::InvalidJson(_) => "invalid_json",
+            RequestError::UnknownType(_) => "unknown_type",
+            RequestError::MissingField(_) => "missing_field",
+            RequestError::BodyTooLong { .. } => "body_too_long",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            RequestError::InvalidJson(why) => format!("not a valid message: {why}"),
+            RequestError::UnknownType(kind) => format!("unknown message type '{kind}'"),
+            RequestError::MissingField(field) => format!("missing field '{field}'"),
+            RequestError::BodyTooLong { limit } => format!("body longer than {limit} bytes"),
+        }
+    }
+}
+
+/// The wire shape; unknown fields (a client's `from` among them) are ignored.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    to: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    body: Option<Text<'a>>,
+    #[serde(rename = "ref", borrow, default)]
+    reference: Option<&'a RawValue>,
+}
+
+/// A string borrowed from the input unless it had escapes (serde only
+/// borrows a `Cow` that is a field itself, not one inside an `Option`).
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// Parses one text message. On error, returns the `ref` too when it could
+/// be read, so the error can carry it.
+pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, Option<&str>)> {
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| (RequestError::InvalidJson(short_reason(&e)), None))?;
+    let reference = match wire.reference {
+        None => None,
+        Some(raw) if is_valid_ref(raw.get()) => Some(raw.get()),
+        Some(_) => {
+            return Err((
+                RequestError::InvalidJson(format!(
+                    "ref must be an integer or a string of at most {MAX_REF_BYTES} bytes"
+                )),
+                None,
+            ))
+        }
+    };
+    let fail = |e| Err((e, reference));
+    let Some(Text(kind)) = wire.kind else {
+        return fail(RequestError::MissingField("type"));
+    };
+    let request = match kind.as_ref() {
+        "public" => {
+            let Some(Text(body)) = wire.body else {
+                return fail(RequestError::MissingField("body"));
+            };
+            if body.len() > max_body {
+                return fail(RequestError::BodyTooLong { limit: max_body });
+            }
+            Request::Public { body }
+        }
+        "private" => {
+            let Some(Text(to)) = wire.to else {
+                return fail(RequestError::MissingField("to"));
+            };
+            let Some(Text(body)) = wire.body else {
+                return fail(RequestError::MissingField("body"));
+            };
+            if body.len() > max_body {
+                return fail(RequestError::BodyTooLong { limit: max_body });
+            }
+            Request::Private { to, body }
+        }
+        "users" => Request::Users,
+        other => {
+            let mut shown = other.to_owned();
+            shown.truncate(shown.char_indices().nth(32).map_or(shown.len(), |(i, _)| i));
+            return fail(RequestError::UnknownType(shown));
+        }
+    };
+    Ok(Parsed { request, reference })
+}
+
+fn is_valid_ref(raw: &str) -> bool {
+    if raw.starts_with('"') {
+        serde_json::from_str::<Cow<'_, str>>(raw).is_ok_and(|s| s.len() <= MAX_REF_BYTES)
+    } else {
+        serde_json::from_str::<i64>(raw).is_ok() || serde_json::from_str::<u64>(raw).is_ok()
+    }
+}
+
+/// serde_json's message without its line and column noise for one-line input.
+fn short_reason(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.find(" at line ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
+}
+
+/// Encoders for everything the server sends. Each writes one JSON object.
+pub mod encode {
+    use super::json::{number, string};
+
+    pub fn public(out: &mut Vec<u8>, id: u64, ts: u64, from: &str, body: &str) {
+        out.extend_from_slice(b"{\"type\":\"public\",\"id\":");
+        number(out, id);
+        out.extend_from_slice(b",\"ts\":");
+        number(out, ts);
+        out.extend_from_slice(b",\"from\":");
+        string(out, from);
+        out.extend_from_slice(b",\"body\":");
+        string(out, body);
+        out.push(b'}');
+    }
+
+    pub fn private(out: &mut Vec<u8>, id: u64, ts: u64, from: &str, to: &str, body: &str) {
+        out.extend_from_slice(b"{\"type\":\"private\",\"id\":");
+        number(out, id);
+        out.extend_from_slice(b",\"ts\":");
+        number(out, ts);
+        out.extend_from_slice(b",\"from\":");
+        string(out, from);
+        out.extend_from_slice(b",\"to\":");
+        string(out, to);
+        out.extend_from_slice(b",\"body\":");
+        string(out, body);
+        out.push(b'}');
+    }
+
+    pub fn receipt(out: &mut Vec<u8>, id: u64, reference: Option<&str>, status: &str) {
+        out.extend_from_slice(b"{\"type\":\"receipt\",\"id\":");
+        number(out, id);
+        reference_field(out, reference);
+        out.extend_from_slice(b",\"status\":");
+        string(out, status);
+        out.push(b'}');
+    }
+
+    pub fn error(out: &mut Vec<u8>, code: &str, message: &str, reference: Option<&str>) {
+        out.extend_from_slice(b"{\"type\":\"error\",\"code\":");
+        string(out, code);
+        out.extend_from_slice(b",\"message\":");
+        string(out, message);
+        reference_field(out, reference);
+        out.push(b'}');
+    }
+
+    /// `welcome` and `users` share a shape: a count and (some) names.
+    pub fn roster<'n>(
+        out: &mut Vec<u8>,
+        kind: &str,
+        username: Option<&str>,
+        online: usize,
+        names: impl Iterator<Item = &'n str>,
+    ) {
+        out.extend_from_slice(b"{\"type\":");
+        string(out, kind);
+        if let Some(username) = username {
+            out.extend_from_slice(b",\"username\":");
+            string(out, username);
+        }
+        out.extend_from_slice(b",\"online\":");
+        number(out, online as u64);
+        out.extend_from_slice(b",\"users\":[");
+        for (i, name) in names.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            string(out, name);
+        }
+        out.extend_from_slice(b"]}");
+    }
+
+    /// `join` or `leave`.
+    pub fn presence(out: &mut Vec<u8>, kind: &str, username: &str, online: usize) {
+        out.extend_from_slice(b"{\"type\":");
+        string(out, kind);
+        out.extend_from_slice(b",\"username\":");
+        string(out, username);
+        out.extend_from_slice(b",\"online\":");
+        number(out, online as u64);
+        out.push(b'}');
+    }
+
+    pub fn gap(out: &mut Vec<u8>, dropped: u64) {
+        out.extend_from_slice(b"{\"type\":\"gap\",\"dropped\":");
+        number(out, dropped);
+        out.push(b'}');
+    }
+
+    fn reference_field(out: &mut Vec<u8>, reference: Option<&str>) {
+        if let Some(raw) = reference {
+            out.extend_from_slice(b",\"ref\":");
+            out.extend_from_slice(raw.as_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn ok(text: &str) -> Parsed<'_> {
+        parse(text, 100).expect("valid request")
+    }
+
+    fn err(text: &str) -> (&'static str, Option<&str>) {
+        let (e, r) = parse(text, 100).expect_err("invalid request");
+        (e.code(), r)
+    }
+
+    #[test]
+    fn parses_requests_and_ignores_from_and_unknown_fields() {
+        let p = ok(r#"{"type":"private","from":"mallory","to":"bob","body":"hi","extra":{"a":[1]}}"#);
+        assert_eq!(p.request, Request::Private { to: "bob".into(), body: "hi".into() });
+        assert_eq!(ok(r#"{"body":"x","type":"public"}"#).request, Request::Public { body: "x".into() });
+        assert_eq!(ok(r#" { "type" : "users" } "#).request, Request::Users);
+        assert_eq!(ok(r#"{"type":"users","ref":17}"#).reference, Some("17"));
+        assert_eq!(ok(r#"{"type":"users","ref":"a\"b"}"#).reference, Some(r#""a\"b""#));
+        assert_eq!(ok(r#"{"type":"public","body":"tab\there \u00e9"}"#).request, Request::Public { body: "tab\there é".into() });
+    }
+
+    #[test]
+    fn borrows_bodies_without_escapes() {
+        let text = r#"{"type":"public","body":"no escapes"}"#.to_string();
+        let p = ok(&text);
+        assert!(matches!(p.request, Request::Public { body: Cow::Borrowed(_) }));
+    }
+
+    #[test]
+    fn refusals_carry_the_ref_when_readable() {
+        assert_eq!(err("not json"), ("invalid_json", None));
+        assert_eq!(err("[1,2]"), ("invalid_json", None));
+        assert_eq!(err(r#"{"type":"public","body":5}"#), ("invalid_json", None));
+        assert_eq!(err(r#"{"type":"nope","ref":1}"#), ("unknown_type", Some("1")));
+        assert_eq!(err(r#"{"body":"x","ref":"r"}"#), ("missing_field", Some("\"r\"")));
+        assert_eq!(err(r#"{"type":"public"}"#), ("missing_field", None));
+        assert_eq!(err(r#"{"type":"private","body":"x"}"#), ("missing_field", None));
+        assert_eq!(err(r#"{"type":"private","to":"b"}"#), ("missing_field", None));
+        let long = format!(r#"{{"type":"public","body":"{}","ref":2}}"#, "x".repeat(101));
+        assert_eq!(err(&long), ("body_too_long", Some("2")));
+        assert_eq!(err(r#"{"type":"users","ref":1.5}"#).0, "invalid_json");
+        assert_eq!(err(r#"{"type":"users","ref":{"a":1}}"#).0, "invalid_json");
+        let long_ref = format!(r#"{{"type":"users","ref":"{}"}}"#, "r".repeat(65));
+        assert_eq!(err(&long_ref).0, "invalid_json");
+    }
+
+    #[test]
+    fn body_limit_counts_bytes() {
+        let at_limit = format!(r#"{{"type":"public","body":"{}"}}"#, "é".repeat(50));
+        assert!(parse(&at_limit, 100).is_ok());
+        let over = format!(r#"{{"type":"public","body":"{}"}}"#, "é".repeat(51));
+        assert!(parse(&over, 100).is_err());
+    }
+
+    #[test]
+    fn encoded_messages_are_the_documented_json() {
+        let mut out = Vec::new();
+        encode::private(&mut out, 18, 1764250000124, "alice", "bob", "say \"hi\"\n");
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"private","id":18,"ts":1764250000124u64,"from":"alice","to":"bob","body":"say \"hi\"\n"})
+        );
+        out.clear();
+        encode::receipt(&mut out, 18, Some("\"r1\""), "delivered");
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"receipt","id":18,"ref":"r1","status":"delivered"}));
+        out.clear();
+        encode::error(&mut out, "user_offline", "bob is not online", None);
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"error","code":"user_offline","message":"bob is not online"}));
+        out.clear();
+        encode::roster(&mut out, "welcome", Some("alice"), 3, ["bob", "carol"].into_iter());
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"welcome","username":"alice","online":3,"users":["bob","carol"]}));
+        out.clear();
+        encode::presence(&mut out, "join", "bob", 4);
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"join","username":"bob","online":4}));
+        out.clear();
+        encode::gap(&mut out, 12);
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"gap","dropped":12}));
+    }
+}
