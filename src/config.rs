@@ -26,6 +26,18 @@ pub struct Config {
     /// When non-empty, browsers from other origins get 403.
     pub allowed_origins: Vec<String>,
     pub log_level: Level,
+    /// The largest chat message body, in bytes.
+    pub max_body: usize,
+    /// Join and leave events are sent only while at most this many are online.
+    pub presence_limit: usize,
+    /// How often the server pings each client.
+    pub ping_interval: Duration,
+    /// A connection from which nothing arrives this long is closed.
+    pub idle_timeout: Duration,
+    /// A backlog that makes no progress this long gets its connection closed.
+    pub write_timeout: Duration,
+    /// After SIGINT/SIGTERM, the longest the server waits for clients to close.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Config {
@@ -40,6 +52,12 @@ impl Default for Config {
             close_timeout: Duration::from_secs(5),
             allowed_origins: Vec::new(),
             log_level: Level::Info,
+            max_body: 8 * 1024,
+            presence_limit: 1000,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -60,10 +78,17 @@ OPTIONS:
   --echo                     serve a plain WebSocket echo server instead of chat
   --max-connections N        open sockets beyond N get 503 [default: open-file limit - 32]
   --max-message-size BYTES   largest client message [default: 65536]
-  --max-outbound BYTES       unsent bytes allowed per connection [default: 1048576]
+  --max-outbound BYTES       unsent bytes allowed per connection; public messages
+                             are shed above a quarter of it [default: 1048576]
   --handshake-timeout DUR    time to complete the opening handshake [default: 10s]
   --close-timeout DUR        time a peer has to finish the closing handshake [default: 5s]
   --allowed-origin URL       accept browsers only from this origin (repeatable)
+  --max-body BYTES           largest chat message body [default: 8192]
+  --presence-limit N         send join/leave only while at most N are online [default: 1000]
+  --ping-interval DUR        how often the server pings each client [default: 25s]
+  --idle-timeout DUR         close a connection silent this long [default: 60s]
+  --write-timeout DUR        close a connection whose backlog is stuck this long [default: 30s]
+  --shutdown-timeout DUR     on SIGINT/SIGTERM, wait this long for clients [default: 5s]
   --log LEVEL                error | warn | info | debug [default: info]
   -h, --help                 print this help
 
@@ -119,6 +144,12 @@ impl Config {
                     config.handshake_timeout = parse_duration(&flag, &value()?)?
                 }
                 "--close-timeout" => config.close_timeout = parse_duration(&flag, &value()?)?,
+                "--max-body" => config.max_body = parse_count(&flag, &value()?, 1)?,
+                "--presence-limit" => config.presence_limit = parse_count(&flag, &value()?, 0)?,
+                "--ping-interval" => config.ping_interval = parse_duration(&flag, &value()?)?,
+                "--idle-timeout" => config.idle_timeout = parse_duration(&flag, &value()?)?,
+                "--write-timeout" => config.write_timeout = parse_duration(&flag, &value()?)?,
+                "--shutdown-timeout" => config.shutdown_timeout = parse_duration(&flag, &value()?)?,
                 "--allowed-origin" => {
                     let origin = value()?;
                     if !(origin.starts_with("http://") || origin.starts_with("https://")) {

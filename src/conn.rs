@@ -2,6 +2,7 @@
 //! and its outbound queue.
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -21,17 +22,34 @@ pub enum Phase {
     /// them, shut our side, and discard input until the peer closes or the
     /// close deadline passes.
     Closing,
-    /// The decoder is lent out while a batch of input is processed.
+    /// The open state is lent out while a batch of input is decoded.
     Decoding,
 }
 
 /// State of an open WebSocket connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OpenState {
     pub decoder: Decoder,
+    /// The chat name, once the router admitted it.
+    pub username: Option<Rc<str>>,
+    /// When the last bytes arrived (the idle timeout runs from here).
+    pub last_rx: Instant,
+    /// When the server pings next.
+    pub next_ping: Instant,
 }
 
-/// Why a connection ended, for the log (and, later, the metrics).
+impl OpenState {
+    pub fn new(now: Instant) -> OpenState {
+        OpenState {
+            decoder: Decoder::default(),
+            username: None,
+            last_rx: now,
+            next_ping: now,
+        }
+    }
+}
+
+/// Why a connection ended, for the log and the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// Still open.
@@ -40,6 +58,10 @@ pub enum CloseReason {
     Normal,
     /// The client broke RFC 6455; carries the close code sent.
     ProtocolError(u16),
+    /// The client sent what the chat does not take (binary): 1003.
+    UnsupportedData,
+    /// The chat refused the client (bad or taken name); carries the close code.
+    Refused(u16),
     /// The TCP connection ended or failed without a closing handshake.
     ConnectionLost,
     HandshakeTimeout,
@@ -47,8 +69,14 @@ pub enum CloseReason {
     HandshakeRejected(u16),
     /// The peer did not finish the closing handshake in time.
     CloseTimeout,
-    /// Refused because `--max-connections` was reached.
-    AtCapacity,
+    /// Nothing arrived for `--idle-timeout`.
+    IdleTimeout,
+    /// The backlog made no progress for `--write-timeout`.
+    WriteStall,
+    /// A private message would have passed `--max-outbound`.
+    SlowConsumer,
+    /// The server is stopping.
+    Shutdown,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -57,11 +85,16 @@ impl std::fmt::Display for CloseReason {
             CloseReason::None => f.write_str("open"),
             CloseReason::Normal => f.write_str("normal"),
             CloseReason::ProtocolError(code) => write!(f, "protocol error ({code})"),
+            CloseReason::UnsupportedData => f.write_str("unsupported data (1003)"),
+            CloseReason::Refused(code) => write!(f, "refused ({code})"),
             CloseReason::ConnectionLost => f.write_str("connection lost"),
             CloseReason::HandshakeTimeout => f.write_str("handshake timeout"),
             CloseReason::HandshakeRejected(status) => write!(f, "handshake refused ({status})"),
             CloseReason::CloseTimeout => f.write_str("close timeout"),
-            CloseReason::AtCapacity => f.write_str("at capacity"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::WriteStall => f.write_str("write stall"),
+            CloseReason::SlowConsumer => f.write_str("slow consumer"),
+            CloseReason::Shutdown => f.write_str("shutdown"),
         }
     }
 }
@@ -74,10 +107,14 @@ pub struct Connection {
     pub socket: TcpStream,
     pub phase: Phase,
     pub out: Outbound,
-    /// When this connection next needs attention (handshake or close timeout).
+    /// When this connection next needs attention.
     pub deadline: Option<Instant>,
     /// The deadline of this connection's entry in the timer heap, if any.
     pub armed: Option<Instant>,
+    /// Since when the backlog has made no progress.
+    pub stalled_since: Option<Instant>,
+    /// Public messages shed since the last `gap` event.
+    pub shed: u64,
     pub close_reason: CloseReason,
     /// Removed from the poller; the slot is freed at the end of the turn.
     pub dead: bool,
@@ -101,6 +138,8 @@ impl Connection {
             out: Outbound::default(),
             deadline: None,
             armed: None,
+            stalled_since: None,
+            shed: 0,
             close_reason: CloseReason::None,
             dead: false,
             flush_listed: false,
@@ -114,60 +153,58 @@ impl Connection {
         matches!(self.phase, Phase::Open(_) | Phase::Decoding) && !self.dead
     }
 
-    /// Queues a data frame, unless the connection is closing.
-    pub fn send(&mut self, chunk: Chunk) -> bool {
-        if self.is_open() {
-            self.out.push(chunk);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Queues a control frame ahead of queued data, unless closing.
-    pub fn send_control(&mut self, chunk: Chunk) {
-        if self.is_open() {
-            self.out.push_control(chunk);
-        }
-    }
-
     /// Starts the closing handshake with `code`: the close frame goes out
-    /// after what is queued (data not yet started is dropped when the peer
-    /// broke the protocol, since it will not read it anyway).
-    pub fn start_close(&mut self, code: u16, reason: &str, why: CloseReason) {
+    /// after what is queued (queued data not yet started is dropped when the
+    /// peer will not read it anyway). Returns the chat name this releases.
+    #[must_use]
+    pub fn start_close(&mut self, code: u16, reason: &str, why: CloseReason) -> Option<Rc<str>> {
         if !self.is_open() {
-            return;
+            return None;
         }
-        if matches!(why, CloseReason::ProtocolError(_)) {
+        if !matches!(
+            why,
+            CloseReason::Normal | CloseReason::Shutdown | CloseReason::Refused(_)
+        ) {
             self.out.drop_unstarted_data();
         }
         self.out.push(Chunk::Owned(encode_close(code, reason)));
-        self.enter_closing(why);
+        self.enter_closing(why)
     }
 
     /// Answers a close frame from the peer: echo its code (RFC 6455 5.5.1).
-    pub fn answer_close(&mut self, code: Option<u16>) {
+    #[must_use]
+    pub fn answer_close(&mut self, code: Option<u16>) -> Option<Rc<str>> {
         if !self.is_open() {
-            return;
+            return None;
         }
         let frame = match code {
             Some(code) => encode_close(code, ""),
             None => vec![0x88, 0x00],
         };
         self.out.push(Chunk::Owned(frame));
-        self.enter_closing(CloseReason::Normal);
+        self.enter_closing(CloseReason::Normal)
     }
 
-    /// Queues a final HTTP response.
+    /// Queues a final HTTP response (the handshake phase has no name).
     pub fn respond_and_close(&mut self, bytes: Vec<u8>, why: CloseReason) {
         self.out.push(Chunk::Owned(bytes));
-        self.enter_closing(why);
+        let _ = self.enter_closing(why);
     }
 
-    fn enter_closing(&mut self, why: CloseReason) {
+    /// Takes the chat name, if the connection is open and has one.
+    pub fn take_username(&mut self) -> Option<Rc<str>> {
+        match &mut self.phase {
+            Phase::Open(state) => state.username.take(),
+            _ => None,
+        }
+    }
+
+    fn enter_closing(&mut self, why: CloseReason) -> Option<Rc<str>> {
+        let released = self.take_username();
         self.phase = Phase::Closing;
         if self.close_reason == CloseReason::None {
             self.close_reason = why;
         }
+        released
     }
 }

@@ -9,23 +9,29 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::time::{Duration, Instant};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 
+use crate::chat::router::text_frame;
+use crate::chat::{protocol, Class, Delivery, Limits, Outbox, Router};
 use crate::config::Config;
-use crate::conn::{CloseReason, Connection, Phase};
+use crate::conn::{CloseReason, Connection, OpenState, Phase};
 use crate::handshake::{self, Outcome, Policy, Resource};
 use crate::http::{self, Response, Status};
 use crate::log;
 use crate::outbound::{Chunk, Flushed};
+use crate::sys::ShutdownSignal;
 use crate::timer::Timers;
 use crate::ws::frame::{encode, Opcode};
 use crate::ws::Message;
 
 const LISTENER: Token = Token(usize::MAX);
+const SIGNAL: Token = Token(usize::MAX - 1);
 
 /// The read buffer every connection shares.
 const READ_BUFFER: usize = 64 * 1024;
@@ -36,9 +42,19 @@ const READ_BUDGET: usize = 256 * 1024;
 /// How long to stop accepting when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// An empty ping: the server's heartbeat.
+const PING: &[u8] = &[0x89, 0x00];
+
+/// What the server does with WebSocket messages.
+enum App {
+    Echo,
+    Chat(Router),
+}
+
 pub struct Server {
     poll: Poll,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    signal: Option<ShutdownSignal>,
     conns: Slab<Connection>,
     read_buf: Box<[u8]>,
     core: Core,
@@ -52,8 +68,8 @@ struct Core {
     max_connections: usize,
     registry: Registry,
     timers: Timers,
-    /// Connections with output to flush this turn.
-    flush_list: Vec<usize>,
+    app: App,
+    post: Post,
     /// Connections to read again next turn (budget spent, or unpaused).
     read_again: Vec<(usize, u64)>,
     /// Dead connections whose slots are freed at the end of the turn.
@@ -62,22 +78,133 @@ struct Core {
     accept_paused_until: Option<Instant>,
     /// Log the first refusal of an episode only.
     refusing: bool,
+    /// Set once SIGINT/SIGTERM arrived: exit by then at the latest.
+    shutdown_by: Option<Instant>,
+    /// Wall-clock milliseconds, read once per turn for message timestamps.
+    now_ms: u64,
+}
+
+/// Bookkeeping that delivering a message touches beside the connections.
+struct Post {
+    flush_list: Vec<usize>,
+    /// Names whose connections stopped being open; the router forgets them
+    /// in `settle`, within the same turn.
+    departures: Vec<(usize, Rc<str>)>,
+    /// Connections that began closing and need a close deadline.
+    began_closing: Vec<usize>,
+    max_outbound: usize,
+    /// Public messages are shed for a recipient whose backlog is above this.
+    shed_above: usize,
+}
+
+impl Post {
+    fn list_for_flush(&mut self, slot: usize, conn: &mut Connection) {
+        if !conn.flush_listed {
+            conn.flush_listed = true;
+            self.flush_list.push(slot);
+        }
+    }
+
+    fn close(
+        &mut self,
+        conn: &mut Connection,
+        slot: usize,
+        code: u16,
+        reason: &str,
+        why: CloseReason,
+    ) {
+        if !conn.is_open() {
+            return;
+        }
+        if let Some(name) = conn.start_close(code, reason, why) {
+            self.departures.push((slot, name));
+        }
+        self.began_closing.push(slot);
+        self.list_for_flush(slot, conn);
+    }
+}
+
+/// The router's view of the connections.
+struct Mailer<'a> {
+    conns: &'a mut Slab<Connection>,
+    post: &'a mut Post,
+}
+
+impl Outbox for Mailer<'_> {
+    fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Delivery::Gone;
+        };
+        if !conn.is_open() {
+            return Delivery::Gone;
+        }
+        let backlog = conn.out.bytes();
+        match class {
+            Class::Public if backlog > self.post.shed_above => {
+                conn.shed += 1;
+                return Delivery::Shed;
+            }
+            Class::Private if backlog + frame.as_bytes().len() > self.post.max_outbound => {
+                log::warn!(
+                    "#{} {}: slow consumer disconnected ({backlog} bytes unsent)",
+                    conn.id,
+                    conn.peer
+                );
+                let released = conn.take_username();
+                self.post
+                    .close(conn, slot, 1008, "slow consumer", CloseReason::SlowConsumer);
+                // The router forgets the name itself; don't report it twice.
+                drop(released);
+                return Delivery::Disconnected;
+            }
+            _ => {}
+        }
+        conn.out.push(frame);
+        self.post.list_for_flush(slot, conn);
+        Delivery::Queued
+    }
+
+    fn close(&mut self, slot: usize, code: u16, reason: &'static str) {
+        if let Some(conn) = self.conns.get_mut(slot) {
+            self.post
+                .close(conn, slot, code, reason, CloseReason::Refused(code));
+        }
+    }
 }
 
 impl Server {
-    /// Binds the listener. The only fallible step before `run`.
+    /// Binds the listener and installs the signal handlers.
     pub fn bind(config: Config, max_connections: usize) -> io::Result<Server> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(config.listen)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let signal = ShutdownSignal::install()?;
+        poll.registry()
+            .register(&mut SourceFd(&signal.fd()), SIGNAL, Interest::READABLE)?;
         let registry = poll.registry().try_clone()?;
         let policy = Policy {
             allowed_origins: config.allowed_origins.clone(),
         };
+        let app = if config.echo {
+            App::Echo
+        } else {
+            App::Chat(Router::new(Limits {
+                max_body: config.max_body,
+                presence_limit: config.presence_limit,
+            }))
+        };
+        let post = Post {
+            flush_list: Vec::new(),
+            departures: Vec::new(),
+            began_closing: Vec::new(),
+            max_outbound: config.max_outbound,
+            shed_above: config.max_outbound / 4,
+        };
         Ok(Server {
             poll,
-            listener,
+            listener: Some(listener),
+            signal: Some(signal),
             conns: Slab::new(),
             read_buf: vec![0; READ_BUFFER].into_boxed_slice(),
             core: Core {
@@ -86,20 +213,27 @@ impl Server {
                 max_connections,
                 registry,
                 timers: Timers::default(),
-                flush_list: Vec::new(),
+                app,
+                post,
                 read_again: Vec::new(),
                 dead: Vec::new(),
                 next_id: 1,
                 accept_paused_until: None,
                 refusing: false,
+                shutdown_by: None,
+                now_ms: 0,
             },
         })
     }
 
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
     }
 
+    /// Runs until a shutdown signal has been handled.
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
@@ -112,9 +246,13 @@ impl Server {
                 return Err(e);
             }
             let now = Instant::now();
+            self.core.now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
+                    SIGNAL => self.begin_shutdown(now),
                     Token(slot) => {
                         let Some(conn) = self.conns.get_mut(slot) else {
                             continue;
@@ -123,15 +261,23 @@ impl Server {
                             continue;
                         }
                         if event.is_writable() {
-                            list_for_flush(&mut self.core.flush_list, slot, conn);
+                            self.core.post.list_for_flush(slot, conn);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read(slot, now);
                         }
+                        self.core.settle(&mut self.conns, now);
                     }
                 }
             }
             self.end_turn(now);
+            if let Some(by) = self.core.shutdown_by {
+                if self.conns.is_empty() || Instant::now() >= by {
+                    log::info!("shut down ({} connections left)", self.conns.len());
+                    log::flush();
+                    return Ok(());
+                }
+            }
         }
     }
 
@@ -140,10 +286,14 @@ impl Server {
         if !self.core.read_again.is_empty() {
             return Some(Duration::ZERO);
         }
-        let next = match (self.core.timers.next(), self.core.accept_paused_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [
+            self.core.timers.next(),
+            self.core.accept_paused_until,
+            self.core.shutdown_by,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         // Round up so a deadline is never woken for a millisecond early.
         next.map(|at| at.saturating_duration_since(now) + Duration::from_micros(999))
     }
@@ -160,10 +310,13 @@ impl Server {
         for (slot, id) in std::mem::take(&mut self.core.read_again) {
             if self.conns.get(slot).is_some_and(|c| c.id == id && !c.dead) {
                 self.read(slot, now);
+                self.core.settle(&mut self.conns, now);
             }
         }
         self.core.fire_timers(&mut self.conns, now);
+        self.core.settle(&mut self.conns, now);
         self.core.flush(&mut self.conns, now);
+        self.core.settle(&mut self.conns, now);
         for slot in std::mem::take(&mut self.core.dead) {
             if self.conns.get(slot).is_some_and(|c| c.dead) {
                 let conn = self.conns.remove(slot);
@@ -176,8 +329,11 @@ impl Server {
         if self.core.accept_paused_until.is_some() {
             return;
         }
+        let Some(listener) = &self.listener else {
+            return;
+        };
         loop {
-            let (socket, peer) = match self.listener.accept() {
+            let (socket, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_out_of_resources(&e) => {
@@ -194,7 +350,7 @@ impl Server {
                     return;
                 }
                 Err(e) => {
-                    // ECONNABORTED, EINTR, EPROTO...: that one connection is gone.
+                    // ECONNABORTED, EPROTO...: that one connection is gone.
                     log::debug!("accept: {e}");
                     continue;
                 }
@@ -220,6 +376,39 @@ impl Server {
         }
     }
 
+    /// SIGINT/SIGTERM: stop accepting, close every client with 1001, and
+    /// give them `--shutdown-timeout` to answer.
+    fn begin_shutdown(&mut self, now: Instant) {
+        if let Some(signal) = &self.signal {
+            signal.drain();
+        }
+        if self.core.shutdown_by.is_some() {
+            log::warn!("second signal: exiting now");
+            self.core.shutdown_by = Some(now);
+            return;
+        }
+        log::info!("shutting down: closing {} connections", self.conns.len());
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.core.registry.deregister(&mut listener);
+        }
+        self.core.shutdown_by = Some(now + self.core.config.shutdown_timeout);
+        let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            let conn = &mut self.conns[slot];
+            match conn.phase {
+                Phase::Handshake(_) => self.core.kill(conn, slot, CloseReason::Shutdown),
+                _ => self.core.post.close(
+                    conn,
+                    slot,
+                    1001,
+                    "server shutting down",
+                    CloseReason::Shutdown,
+                ),
+            }
+        }
+        self.core.settle(&mut self.conns, now);
+    }
+
     /// Reads until the socket is drained, the budget is spent, or the
     /// connection stops wanting input.
     fn read(&mut self, slot: usize, now: Instant) {
@@ -241,10 +430,7 @@ impl Server {
             };
             match conn.socket.read(&mut self.read_buf[..room]) {
                 Ok(0) => {
-                    let why = match conn.phase {
-                        Phase::Closing => conn.close_reason,
-                        _ => CloseReason::ConnectionLost,
-                    };
+                    let why = lost_or(conn);
                     self.core.kill(conn, slot, why);
                     return;
                 }
@@ -262,15 +448,20 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::debug!("read #{}: {e}", conn.id);
-                    let why = match conn.phase {
-                        Phase::Closing => conn.close_reason,
-                        _ => CloseReason::ConnectionLost,
-                    };
+                    let why = lost_or(conn);
                     self.core.kill(conn, slot, why);
                     return;
                 }
             }
         }
+    }
+}
+
+/// A closing connection ends for the reason it was closing; any other was lost.
+fn lost_or(conn: &Connection) -> CloseReason {
+    match conn.phase {
+        Phase::Closing => conn.close_reason,
+        _ => CloseReason::ConnectionLost,
     }
 }
 
@@ -309,6 +500,28 @@ impl Core {
         }
     }
 
+    /// Lets the router forget departed names and bounds how long closing
+    /// connections may linger. Runs after every piece of work in a turn.
+    fn settle(&mut self, conns: &mut Slab<Connection>, now: Instant) {
+        while !self.post.departures.is_empty() || !self.post.began_closing.is_empty() {
+            for (slot, name) in std::mem::take(&mut self.post.departures) {
+                if let App::Chat(router) = &mut self.app {
+                    let mut mailer = Mailer {
+                        conns,
+                        post: &mut self.post,
+                    };
+                    router.leave(slot, &name, &mut mailer);
+                }
+            }
+            for slot in std::mem::take(&mut self.post.began_closing) {
+                if let Some(conn) = conns.get_mut(slot) {
+                    let at = now + self.config.close_timeout;
+                    self.set_deadline(conn, slot, at);
+                }
+            }
+        }
+    }
+
     fn fire_timers(&mut self, conns: &mut Slab<Connection>, now: Instant) {
         while let Some((at, slot, id)) = self.timers.pop_due(now) {
             let Some(conn) = conns.get_mut(slot) else {
@@ -321,7 +534,7 @@ impl Core {
             match conn.deadline {
                 Some(deadline) if deadline <= now => {
                     conn.deadline = None;
-                    self.on_deadline(conn, slot);
+                    self.on_deadline(conn, slot, now);
                 }
                 Some(later) => {
                     conn.armed = Some(later);
@@ -332,22 +545,59 @@ impl Core {
         }
     }
 
-    fn on_deadline(&mut self, conn: &mut Connection, slot: usize) {
-        match conn.phase {
+    fn on_deadline(&mut self, conn: &mut Connection, slot: usize, now: Instant) {
+        let config = &self.config;
+        match &mut conn.phase {
             Phase::Handshake(_) => self.kill(conn, slot, CloseReason::HandshakeTimeout),
             Phase::Closing => {
-                let why = if conn.close_reason == CloseReason::None {
-                    CloseReason::CloseTimeout
-                } else {
-                    conn.close_reason
+                let why = match conn.close_reason {
+                    CloseReason::None | CloseReason::Normal => CloseReason::CloseTimeout,
+                    other => other,
                 };
-                if !conn.write_shut {
-                    log::debug!("#{}: closing handshake timed out", conn.id);
-                }
                 self.kill(conn, slot, why);
             }
-            Phase::Open(_) | Phase::Decoding => {}
+            Phase::Open(state) => {
+                if now >= state.last_rx + config.idle_timeout {
+                    log::debug!("#{}: idle timeout", conn.id);
+                    self.post
+                        .close(conn, slot, 1001, "idle timeout", CloseReason::IdleTimeout);
+                    return;
+                }
+                if conn
+                    .stalled_since
+                    .is_some_and(|since| now >= since + config.write_timeout)
+                {
+                    // A close frame could not get through a full socket either.
+                    self.kill(conn, slot, CloseReason::WriteStall);
+                    return;
+                }
+                if now >= state.next_ping {
+                    state.next_ping = now + config.ping_interval;
+                    conn.out.push_control(Chunk::Static(PING));
+                    self.post.list_for_flush(slot, conn);
+                }
+                let next = self.heartbeat_deadline(conn);
+                if let Some(next) = next {
+                    self.set_deadline(conn, slot, next);
+                }
+            }
+            Phase::Decoding => {}
         }
+    }
+
+    /// The next time an open chat connection needs a look: ping, idle or stall.
+    fn heartbeat_deadline(&self, conn: &Connection) -> Option<Instant> {
+        let Phase::Open(state) = &conn.phase else {
+            return None;
+        };
+        if matches!(self.app, App::Echo) {
+            return conn.stalled_since.map(|s| s + self.config.write_timeout);
+        }
+        let mut next = (state.last_rx + self.config.idle_timeout).min(state.next_ping);
+        if let Some(since) = conn.stalled_since {
+            next = next.min(since + self.config.write_timeout);
+        }
+        Some(next)
     }
 
     /// Hands freshly read bytes to whatever the connection is doing.
@@ -362,41 +612,73 @@ impl Core {
         match &mut conn.phase {
             Phase::Handshake(head) => {
                 head.extend_from_slice(data);
-                let mut head = std::mem::take(head);
-                match handshake::parse(&head, &self.policy) {
-                    Outcome::Partial => conn.phase = Phase::Handshake(head),
-                    Outcome::Upgrade(upgrade) => {
-                        conn.out.push(Chunk::Owned(upgrade.response));
-                        conn.phase = Phase::Open(Box::default());
-                        conn.deadline = None;
-                        list_for_flush(&mut self.flush_list, slot, conn);
-                        log::debug!("#{} upgraded ({})", conn.id, upgrade.query);
-                        // Frames sent right behind the request head.
-                        if head.len() > upgrade.head_len {
-                            self.on_frames(conns, slot, &mut head[upgrade.head_len..], now);
-                        }
-                    }
-                    Outcome::Get(resource) => {
-                        let response = match resource {
-                            Resource::Health => Response::text(Status::Ok, "ok"),
-                        };
-                        conn.respond_and_close(response.to_bytes(), CloseReason::Normal);
-                        self.after_close_started(conns, slot, now);
-                    }
-                    Outcome::Reject(response) => {
-                        let status = response.status.code();
-                        log::debug!("#{} refused: {status}", conn.id);
-                        conn.respond_and_close(
-                            response.to_bytes(),
-                            CloseReason::HandshakeRejected(status),
-                        );
-                        self.after_close_started(conns, slot, now);
-                    }
-                }
+                let head = std::mem::take(head);
+                self.on_request(conns, slot, head, now);
             }
-            Phase::Open(_) => self.on_frames(conns, slot, data, now),
+            Phase::Open(state) => {
+                state.last_rx = now;
+                self.on_frames(conns, slot, data, now);
+            }
             // Input after our close is read only to find the peer's EOF.
             Phase::Closing | Phase::Decoding => {}
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        slot: usize,
+        mut head: Vec<u8>,
+        now: Instant,
+    ) {
+        let conn = &mut conns[slot];
+        match handshake::parse(&head, &self.policy) {
+            Outcome::Partial => conn.phase = Phase::Handshake(head),
+            Outcome::Upgrade(upgrade) => {
+                conn.out.push(Chunk::Owned(upgrade.response));
+                let mut state = Box::new(OpenState::new(now));
+                state.next_ping = now + self.config.ping_interval;
+                conn.phase = Phase::Open(state);
+                conn.deadline = None;
+                self.post.list_for_flush(slot, conn);
+                if let Some(next) = self.heartbeat_deadline(conn) {
+                    self.set_deadline(conn, slot, next);
+                }
+                if let App::Chat(router) = &mut self.app {
+                    let mut mailer = Mailer {
+                        conns,
+                        post: &mut self.post,
+                    };
+                    let name = router.join(slot, &upgrade.query, &mut mailer);
+                    let conn = &mut conns[slot];
+                    match (&mut conn.phase, name) {
+                        (Phase::Open(state), Some(name)) => {
+                            log::debug!("#{} joined as {name}", conn.id);
+                            state.username = Some(name);
+                        }
+                        _ => return, // refused: closing
+                    }
+                }
+                // Frames sent right behind the request head.
+                if head.len() > upgrade.head_len {
+                    self.on_frames(conns, slot, &mut head[upgrade.head_len..], now);
+                }
+            }
+            Outcome::Get(resource) => {
+                let response = match resource {
+                    Resource::Health => Response::text(Status::Ok, "ok"),
+                };
+                conn.respond_and_close(response.to_bytes(), CloseReason::Normal);
+                self.post.began_closing.push(slot);
+                self.post.list_for_flush(slot, conn);
+            }
+            Outcome::Reject(response) => {
+                let status = response.status.code();
+                log::debug!("#{} refused: {status}", conn.id);
+                conn.respond_and_close(response.to_bytes(), CloseReason::HandshakeRejected(status));
+                self.post.began_closing.push(slot);
+                self.post.list_for_flush(slot, conn);
+            }
         }
     }
 
@@ -412,6 +694,7 @@ impl Core {
         let Phase::Open(mut state) = std::mem::replace(&mut conn.phase, Phase::Decoding) else {
             return;
         };
+        let _ = now;
         let max_message = self.config.max_message_size;
         let mut pos = 0;
         while pos < data.len() {
@@ -419,64 +702,92 @@ impl Core {
                 Ok((used, message)) => {
                     pos += used;
                     if let Some(message) = message {
-                        self.on_message(&mut conns[slot], slot, message);
+                        self.on_message(conns, slot, state.username.as_deref(), message);
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
                         }
                     }
                 }
                 Err(error) => {
-                    let conn = &mut conns[slot];
-                    log::debug!("#{} protocol error: {}", conn.id, error.reason());
-                    conn.start_close(
-                        error.close_code(),
+                    log::debug!("#{} protocol error: {}", conns[slot].id, error.reason());
+                    let code = error.close_code();
+                    self.post.close(
+                        &mut conns[slot],
+                        slot,
+                        code,
                         error.reason(),
-                        CloseReason::ProtocolError(error.close_code()),
+                        CloseReason::ProtocolError(code),
                     );
-                    self.after_close_started(conns, slot, now);
-                    return;
+                    break;
                 }
             }
         }
         let conn = &mut conns[slot];
         if matches!(conn.phase, Phase::Decoding) {
             conn.phase = Phase::Open(state);
-        } else {
-            self.after_close_started(conns, slot, now);
+        } else if let Some(name) = state.username.take() {
+            self.post.departures.push((slot, name));
         }
     }
 
-    fn on_message(&mut self, conn: &mut Connection, slot: usize, message: Message<'_>) {
-        match message {
-            Message::Text(text) => {
-                conn.out
-                    .push(Chunk::Owned(encode(Opcode::Text, text.as_bytes())));
-            }
-            Message::Binary(bytes) => {
-                conn.out.push(Chunk::Owned(encode(Opcode::Binary, bytes)));
-            }
-            Message::Ping(payload) => conn
-                .out
-                .push_control(Chunk::Owned(encode(Opcode::Pong, payload))),
-            Message::Pong(_) => return,
-            Message::Close(frame) => {
-                conn.answer_close(frame.map(|f| f.code));
-            }
-        }
-        list_for_flush(&mut self.flush_list, slot, conn);
-    }
-
-    /// A connection has queued its last bytes: bound how long it may linger.
-    fn after_close_started(&mut self, conns: &mut Slab<Connection>, slot: usize, now: Instant) {
+    fn on_message(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        slot: usize,
+        username: Option<&str>,
+        message: Message<'_>,
+    ) {
         let conn = &mut conns[slot];
-        list_for_flush(&mut self.flush_list, slot, conn);
-        let at = now + self.config.close_timeout;
-        self.set_deadline(conn, slot, at);
+        match message {
+            Message::Ping(payload) => {
+                conn.out
+                    .push_control(Chunk::Owned(encode(Opcode::Pong, payload)));
+                self.post.list_for_flush(slot, conn);
+            }
+            Message::Pong(_) => {}
+            Message::Close(frame) => {
+                if let Some(name) = conn.answer_close(frame.map(|f| f.code)) {
+                    self.post.departures.push((slot, name));
+                }
+                self.post.began_closing.push(slot);
+                self.post.list_for_flush(slot, conn);
+            }
+            Message::Text(text) => match &mut self.app {
+                App::Echo => {
+                    conn.out
+                        .push(Chunk::Owned(encode(Opcode::Text, text.as_bytes())));
+                    self.post.list_for_flush(slot, conn);
+                }
+                App::Chat(router) => {
+                    let Some(from) = username else {
+                        return;
+                    };
+                    let mut mailer = Mailer {
+                        conns,
+                        post: &mut self.post,
+                    };
+                    router.handle(slot, from, text, self.now_ms, &mut mailer);
+                }
+            },
+            Message::Binary(bytes) => match self.app {
+                App::Echo => {
+                    conn.out.push(Chunk::Owned(encode(Opcode::Binary, bytes)));
+                    self.post.list_for_flush(slot, conn);
+                }
+                App::Chat(_) => self.post.close(
+                    conn,
+                    slot,
+                    1003,
+                    "binary messages are not supported",
+                    CloseReason::UnsupportedData,
+                ),
+            },
+        }
     }
 
     /// Writes every listed connection's queue, once per turn.
-    fn flush(&mut self, conns: &mut Slab<Connection>, _now: Instant) {
-        for slot in std::mem::take(&mut self.flush_list) {
+    fn flush(&mut self, conns: &mut Slab<Connection>, now: Instant) {
+        for slot in std::mem::take(&mut self.post.flush_list) {
             let Some(conn) = conns.get_mut(slot) else {
                 continue;
             };
@@ -484,8 +795,19 @@ impl Core {
             if conn.dead || conn.write_shut {
                 continue;
             }
-            match conn.out.write_to(&mut conn.socket) {
+            let before = conn.out.bytes();
+            let mut result = conn.out.write_to(&mut conn.socket);
+            if matches!(result, Ok(Flushed::All)) && conn.shed > 0 && conn.is_open() {
+                // The backlog drained: tell the reader what it missed.
+                let mut json = Vec::with_capacity(40);
+                protocol::encode::gap(&mut json, conn.shed);
+                conn.shed = 0;
+                conn.out.push(Chunk::Owned(text_frame(&json)));
+                result = conn.out.write_to(&mut conn.socket);
+            }
+            match result {
                 Ok(Flushed::All) => {
+                    conn.stalled_since = None;
                     if conn.wants_writable {
                         conn.wants_writable = false;
                         self.reregister(conn, slot, Interest::READABLE);
@@ -495,30 +817,36 @@ impl Core {
                         conn.write_shut = true;
                         let _ = conn.socket.shutdown(Shutdown::Write);
                     }
-                    if conn.read_paused {
-                        conn.read_paused = false;
-                        self.read_again.push((slot, conn.id));
-                    }
+                    self.resume_reading(conn, slot);
                 }
                 Ok(Flushed::Blocked) => {
+                    if conn.stalled_since.is_none() || conn.out.bytes() < before {
+                        conn.stalled_since = Some(now);
+                        if let Some(next) = self.heartbeat_deadline(conn) {
+                            self.set_deadline(conn, slot, next);
+                        }
+                    }
                     if !conn.wants_writable {
                         conn.wants_writable = true;
                         self.reregister(conn, slot, Interest::READABLE | Interest::WRITABLE);
                     }
-                    if conn.read_paused && conn.out.bytes() < self.config.max_outbound {
-                        conn.read_paused = false;
-                        self.read_again.push((slot, conn.id));
+                    if conn.out.bytes() < self.config.max_outbound {
+                        self.resume_reading(conn, slot);
                     }
                 }
                 Err(e) => {
                     log::debug!("write #{}: {e}", conn.id);
-                    let why = match conn.phase {
-                        Phase::Closing => conn.close_reason,
-                        _ => CloseReason::ConnectionLost,
-                    };
+                    let why = lost_or(conn);
                     self.kill(conn, slot, why);
                 }
             }
+        }
+    }
+
+    fn resume_reading(&mut self, conn: &mut Connection, slot: usize) {
+        if conn.read_paused {
+            conn.read_paused = false;
+            self.read_again.push((slot, conn.id));
         }
     }
 
@@ -537,19 +865,15 @@ impl Core {
         if conn.dead {
             return;
         }
+        if let Some(name) = conn.take_username() {
+            self.post.departures.push((slot, name));
+        }
         conn.dead = true;
         if conn.close_reason == CloseReason::None {
             conn.close_reason = why;
         }
         let _ = self.registry.deregister(&mut conn.socket);
         self.dead.push(slot);
-    }
-}
-
-fn list_for_flush(list: &mut Vec<usize>, slot: usize, conn: &mut Connection) {
-    if !conn.flush_listed {
-        conn.flush_listed = true;
-        list.push(slot);
     }
 }
 

@@ -54,7 +54,15 @@ mod tests {
 
     #[test]
     fn strings_round_trip_through_serde_json() {
-        for s in ["plain", "q\"uote", "back\\slash", "nl\n\r\t", "\u{0}\u{1f}", "小明 😀 مرحبا", "</script>"] {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "nl\n\r\t",
+            "\u{0}\u{1f}",
+            "小明 😀 مرحبا",
+            "</script>",
+        ] {
             let mut out = Vec::new();
             string(&mut out, s);
             let back: String = serde_json::from_slice(&out).unwrap();

@@ -14,8 +14,13 @@ pub const MAX_REF_BYTES: usize = 64;
 /// A client's message, borrowed from the frame that carried it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request<'a> {
-    Public { body: Cow<'a, str> },
-    Private { to: Cow<'a, str>, body: Cow<'a, str> },
+    Public {
+        body: Cow<'a, str>,
+    },
+    Private {
+        to: Cow<'a, str>,
+        body: Cow<'a, str>,
+    },
     Users,
 }
 
@@ -76,7 +81,8 @@ struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 /// Parses one text message. On error, returns the `ref` too when it could
 /// be read, so the error can carry it.
 pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, Option<&str>)> {
-    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| (RequestError::InvalidJson(short_reason(&e)), None))?;
+    let wire: Wire<'_> = serde_json::from_str(text)
+        .map_err(|e| (RequestError::InvalidJson(short_reason(&e)), None))?;
     let reference = match wire.reference {
         None => None,
         Some(raw) if is_valid_ref(raw.get()) => Some(raw.get()),
@@ -257,20 +263,43 @@ mod tests {
 
     #[test]
     fn parses_requests_and_ignores_from_and_unknown_fields() {
-        let p = ok(r#"{"type":"private","from":"mallory","to":"bob","body":"hi","extra":{"a":[1]}}"#);
-        assert_eq!(p.request, Request::Private { to: "bob".into(), body: "hi".into() });
-        assert_eq!(ok(r#"{"body":"x","type":"public"}"#).request, Request::Public { body: "x".into() });
+        let p =
+            ok(r#"{"type":"private","from":"mallory","to":"bob","body":"hi","extra":{"a":[1]}}"#);
+        assert_eq!(
+            p.request,
+            Request::Private {
+                to: "bob".into(),
+                body: "hi".into()
+            }
+        );
+        assert_eq!(
+            ok(r#"{"body":"x","type":"public"}"#).request,
+            Request::Public { body: "x".into() }
+        );
         assert_eq!(ok(r#" { "type" : "users" } "#).request, Request::Users);
         assert_eq!(ok(r#"{"type":"users","ref":17}"#).reference, Some("17"));
-        assert_eq!(ok(r#"{"type":"users","ref":"a\"b"}"#).reference, Some(r#""a\"b""#));
-        assert_eq!(ok(r#"{"type":"public","body":"tab\there \u00e9"}"#).request, Request::Public { body: "tab\there é".into() });
+        assert_eq!(
+            ok(r#"{"type":"users","ref":"a\"b"}"#).reference,
+            Some(r#""a\"b""#)
+        );
+        assert_eq!(
+            ok(r#"{"type":"public","body":"tab\there \u00e9"}"#).request,
+            Request::Public {
+                body: "tab\there é".into()
+            }
+        );
     }
 
     #[test]
     fn borrows_bodies_without_escapes() {
         let text = r#"{"type":"public","body":"no escapes"}"#.to_string();
         let p = ok(&text);
-        assert!(matches!(p.request, Request::Public { body: Cow::Borrowed(_) }));
+        assert!(matches!(
+            p.request,
+            Request::Public {
+                body: Cow::Borrowed(_)
+            }
+        ));
     }
 
     #[test]
@@ -278,12 +307,27 @@ mod tests {
         assert_eq!(err("not json"), ("invalid_json", None));
         assert_eq!(err("[1,2]"), ("invalid_json", None));
         assert_eq!(err(r#"{"type":"public","body":5}"#), ("invalid_json", None));
-        assert_eq!(err(r#"{"type":"nope","ref":1}"#), ("unknown_type", Some("1")));
-        assert_eq!(err(r#"{"body":"x","ref":"r"}"#), ("missing_field", Some("\"r\"")));
+        assert_eq!(
+            err(r#"{"type":"nope","ref":1}"#),
+            ("unknown_type", Some("1"))
+        );
+        assert_eq!(
+            err(r#"{"body":"x","ref":"r"}"#),
+            ("missing_field", Some("\"r\""))
+        );
         assert_eq!(err(r#"{"type":"public"}"#), ("missing_field", None));
-        assert_eq!(err(r#"{"type":"private","body":"x"}"#), ("missing_field", None));
-        assert_eq!(err(r#"{"type":"private","to":"b"}"#), ("missing_field", None));
-        let long = format!(r#"{{"type":"public","body":"{}","ref":2}}"#, "x".repeat(101));
+        assert_eq!(
+            err(r#"{"type":"private","body":"x"}"#),
+            ("missing_field", None)
+        );
+        assert_eq!(
+            err(r#"{"type":"private","to":"b"}"#),
+            ("missing_field", None)
+        );
+        let long = format!(
+            r#"{{"type":"public","body":"{}","ref":2}}"#,
+            "x".repeat(101)
+        );
         assert_eq!(err(&long), ("body_too_long", Some("2")));
         assert_eq!(err(r#"{"type":"users","ref":1.5}"#).0, "invalid_json");
         assert_eq!(err(r#"{"type":"users","ref":{"a":1}}"#).0, "invalid_json");
@@ -310,18 +354,39 @@ mod tests {
         );
         out.clear();
         encode::receipt(&mut out, 18, Some("\"r1\""), "delivered");
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"receipt","id":18,"ref":"r1","status":"delivered"}));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            serde_json::json!({"type":"receipt","id":18,"ref":"r1","status":"delivered"})
+        );
         out.clear();
         encode::error(&mut out, "user_offline", "bob is not online", None);
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"error","code":"user_offline","message":"bob is not online"}));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            serde_json::json!({"type":"error","code":"user_offline","message":"bob is not online"})
+        );
         out.clear();
-        encode::roster(&mut out, "welcome", Some("alice"), 3, ["bob", "carol"].into_iter());
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"welcome","username":"alice","online":3,"users":["bob","carol"]}));
+        encode::roster(
+            &mut out,
+            "welcome",
+            Some("alice"),
+            3,
+            ["bob", "carol"].into_iter(),
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            serde_json::json!({"type":"welcome","username":"alice","online":3,"users":["bob","carol"]})
+        );
         out.clear();
         encode::presence(&mut out, "join", "bob", 4);
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"join","username":"bob","online":4}));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            serde_json::json!({"type":"join","username":"bob","online":4})
+        );
         out.clear();
         encode::gap(&mut out, 12);
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), serde_json::json!({"type":"gap","dropped":12}));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            serde_json::json!({"type":"gap","dropped":12})
+        );
     }
 }

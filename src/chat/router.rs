@@ -182,7 +182,14 @@ impl Router {
     }
 
     /// A text message from the user `from` in `slot`.
-    pub fn handle(&mut self, slot: usize, from: &str, text: &str, now_ms: u64, out: &mut impl Outbox) {
+    pub fn handle(
+        &mut self,
+        slot: usize,
+        from: &str,
+        text: &str,
+        now_ms: u64,
+        out: &mut impl Outbox,
+    ) {
         let parsed = match protocol::parse(text, self.limits.max_body) {
             Ok(parsed) => parsed,
             Err((error, reference)) => {
@@ -261,11 +268,24 @@ impl Router {
         }
     }
 
-    fn reply_error(&mut self, slot: usize, error: &RequestError, reference: Option<&str>, out: &mut impl Outbox) {
+    fn reply_error(
+        &mut self,
+        slot: usize,
+        error: &RequestError,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) {
         self.send_error(slot, error.code(), &error.message(), reference, out);
     }
 
-    fn send_error(&mut self, slot: usize, code: &str, message: &str, reference: Option<&str>, out: &mut impl Outbox) {
+    fn send_error(
+        &mut self,
+        slot: usize,
+        code: &str,
+        message: &str,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) {
         self.stats.errors += 1;
         let mut json = Vec::with_capacity(64 + message.len());
         encode::error(&mut json, code, message, reference);
@@ -356,21 +376,33 @@ mod tests {
     fn join_welcomes_and_announces() {
         let mut r = router(10);
         let mut out = Recorder::default();
-        assert_eq!(r.join(1, "username=alice", &mut out).as_deref(), Some("alice"));
+        assert_eq!(
+            r.join(1, "username=alice", &mut out).as_deref(),
+            Some("alice")
+        );
         assert_eq!(
             out.take(),
-            vec![(1, json!({"type":"welcome","username":"alice","online":1,"users":[]}))]
+            vec![(
+                1,
+                json!({"type":"welcome","username":"alice","online":1,"users":[]})
+            )]
         );
         r.join(2, "username=bob", &mut out);
         assert_eq!(
             out.take(),
             vec![
-                (2, json!({"type":"welcome","username":"bob","online":2,"users":["alice"]})),
+                (
+                    2,
+                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"]})
+                ),
                 (1, json!({"type":"join","username":"bob","online":2})),
             ]
         );
         r.leave(2, "bob", &mut out);
-        assert_eq!(out.take(), vec![(1, json!({"type":"leave","username":"bob","online":1}))]);
+        assert_eq!(
+            out.take(),
+            vec![(1, json!({"type":"leave","username":"bob","online":1}))]
+        );
         assert_eq!(r.online(), 1);
     }
 
@@ -384,7 +416,11 @@ mod tests {
         out.take();
         assert!(r.join(4, "username=alice", &mut out).is_none());
         assert_eq!(out.closed, vec![(1, 4001), (2, 4001), (4, 4009)]);
-        let codes: Vec<_> = out.take().into_iter().map(|(s, v)| (s, v["code"].clone())).collect();
+        let codes: Vec<_> = out
+            .take()
+            .into_iter()
+            .map(|(s, v)| (s, v["code"].clone()))
+            .collect();
         assert_eq!(codes, vec![(4, json!("username_taken"))]);
         assert_eq!(r.online(), 1);
     }
@@ -396,8 +432,15 @@ mod tests {
         for (slot, name) in [(1, "a"), (2, "b"), (3, "c")] {
             r.join(slot, &format!("username={name}"), &mut out);
         }
-        let joins: Vec<_> = out.take().into_iter().filter(|(_, v)| v["type"] == "join").collect();
-        assert_eq!(joins, vec![(1, json!({"type":"join","username":"b","online":2}))]);
+        let joins: Vec<_> = out
+            .take()
+            .into_iter()
+            .filter(|(_, v)| v["type"] == "join")
+            .collect();
+        assert_eq!(
+            joins,
+            vec![(1, json!({"type":"join","username":"b","online":2}))]
+        );
         r.leave(3, "c", &mut out);
         assert_eq!(out.take().len(), 2, "back at the limit: leave is announced");
     }
@@ -410,22 +453,55 @@ mod tests {
             r.join(slot, &format!("username={name}"), &mut out);
         }
         out.take();
-        r.handle(1, "alice", r#"{"type":"private","from":"carol","to":"bob","body":"hi","ref":"r1"}"#, 1234, &mut out);
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","from":"carol","to":"bob","body":"hi","ref":"r1"}"#,
+            1234,
+            &mut out,
+        );
         assert_eq!(
             out.take(),
             vec![
-                (2, json!({"type":"private","id":1,"ts":1234,"from":"alice","to":"bob","body":"hi"})),
-                (1, json!({"type":"receipt","id":1,"ref":"r1","status":"delivered"})),
+                (
+                    2,
+                    json!({"type":"private","id":1,"ts":1234,"from":"alice","to":"bob","body":"hi"})
+                ),
+                (
+                    1,
+                    json!({"type":"receipt","id":1,"ref":"r1","status":"delivered"})
+                ),
             ]
         );
-        r.handle(1, "alice", r#"{"type":"private","to":"alice","body":"me"}"#, 1235, &mut out);
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","to":"alice","body":"me"}"#,
+            1235,
+            &mut out,
+        );
         let sent = out.take();
-        assert_eq!(sent[0], (1, json!({"type":"private","id":2,"ts":1235,"from":"alice","to":"alice","body":"me"})));
+        assert_eq!(
+            sent[0],
+            (
+                1,
+                json!({"type":"private","id":2,"ts":1235,"from":"alice","to":"alice","body":"me"})
+            )
+        );
         assert_eq!(sent[1].1["status"], "delivered");
-        r.handle(1, "alice", r#"{"type":"private","to":"nobody","body":"x","ref":7}"#, 1, &mut out);
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","to":"nobody","body":"x","ref":7}"#,
+            1,
+            &mut out,
+        );
         let sent = out.take();
         assert_eq!(sent.len(), 1);
-        assert_eq!((sent[0].1["code"].clone(), sent[0].1["ref"].clone()), (json!("user_offline"), json!(7)));
+        assert_eq!(
+            (sent[0].1["code"].clone(), sent[0].1["ref"].clone()),
+            (json!("user_offline"), json!(7))
+        );
     }
 
     #[test]
@@ -437,7 +513,13 @@ mod tests {
         }
         out.take();
         out.shared_frames.clear();
-        r.handle(2, "bob", r#"{"type":"public","body":"hello all","from":"alice"}"#, 99, &mut out);
+        r.handle(
+            2,
+            "bob",
+            r#"{"type":"public","body":"hello all","from":"alice"}"#,
+            99,
+            &mut out,
+        );
         let sent = out.take();
         assert_eq!(sent.len(), 3);
         let expected = json!({"type":"public","id":1,"ts":99,"from":"bob","body":"hello all"});
@@ -446,7 +528,10 @@ mod tests {
         slots.sort();
         assert_eq!(slots, vec![1, 2, 3]);
         assert_eq!(out.shared_frames.len(), 3);
-        assert!(out.shared_frames.windows(2).all(|w| w[0] == w[1]), "one allocation for all");
+        assert!(
+            out.shared_frames.windows(2).all(|w| w[0] == w[1]),
+            "one allocation for all"
+        );
     }
 
     #[test]
@@ -461,7 +546,13 @@ mod tests {
         r.handle(1, "alice", r#"{"type":"public","body":"x"}"#, 1, &mut out);
         assert_eq!(out.take().len(), 2);
         assert_eq!(r.stats.shed, 1);
-        r.handle(1, "alice", r#"{"type":"private","to":"bob","body":"x"}"#, 1, &mut out);
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","to":"bob","body":"x"}"#,
+            1,
+            &mut out,
+        );
         let sent = out.take();
         assert_eq!(sent[0], (1, sent[0].1.clone()));
         assert_eq!(sent[0].1["code"], "user_offline");
@@ -478,12 +569,21 @@ mod tests {
         r.join(2, "username=bob", &mut out);
         out.take();
         r.handle(2, "bob", r#"{"type":"users","ref":3}"#, 1, &mut out);
-        assert_eq!(out.take(), vec![(2, json!({"type":"users","online":2,"users":["alice","bob"]}))]);
+        assert_eq!(
+            out.take(),
+            vec![(
+                2,
+                json!({"type":"users","online":2,"users":["alice","bob"]})
+            )]
+        );
         for (text, code) in [
             ("{", "invalid_json"),
             (r#"{"type":"dance"}"#, "unknown_type"),
             (r#"{"type":"private","body":"x"}"#, "missing_field"),
-            (&format!(r#"{{"type":"public","body":"{}"}}"#, "x".repeat(101)), "body_too_long"),
+            (
+                &format!(r#"{{"type":"public","body":"{}"}}"#, "x".repeat(101)),
+                "body_too_long",
+            ),
         ] {
             r.handle(2, "bob", text, 1, &mut out);
             let sent = out.take();
@@ -504,7 +604,13 @@ mod tests {
         r.leave(9, "b", &mut out); // wrong slot: not b's connection
         assert_eq!(r.online(), 3);
         out.take();
-        r.handle(2, "b", r#"{"type":"private","to":"d","body":"x"}"#, 1, &mut out);
+        r.handle(
+            2,
+            "b",
+            r#"{"type":"private","to":"d","body":"x"}"#,
+            1,
+            &mut out,
+        );
         assert_eq!(out.take()[0].0, 4);
         assert!(r.join(5, "username=a", &mut out).is_some());
     }
