@@ -7,6 +7,7 @@
 //! then free the slots of connections that died this turn, so an event of
 //! this turn can never reach a newcomer in a reused slot.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::rc::Rc;
@@ -74,6 +75,10 @@ struct Core {
     read_again: Vec<(usize, u64)>,
     /// Dead connections whose slots are freed at the end of the turn.
     dead: Vec<usize>,
+    /// Connections in accept order that may still be in the handshake: at
+    /// the connection limit the oldest is evicted for a newcomer, so
+    /// half-sent requests (slowloris) cannot lock real clients out.
+    handshakes: VecDeque<(usize, u64)>,
     next_id: u64,
     accept_paused_until: Option<Instant>,
     /// Log the first refusal of an episode only.
@@ -217,6 +222,7 @@ impl Server {
                 post,
                 read_again: Vec::new(),
                 dead: Vec::new(),
+                handshakes: VecDeque::new(),
                 next_id: 1,
                 accept_paused_until: None,
                 refusing: false,
@@ -355,7 +361,10 @@ impl Server {
                     continue;
                 }
             };
-            if self.conns.len() >= self.core.max_connections {
+            let live = self.conns.len() - self.core.dead.len();
+            if live >= self.core.max_connections
+                && !self.core.evict_oldest_handshake(&mut self.conns)
+            {
                 if !self.core.refusing {
                     log::warn!(
                         "at --max-connections ({}): refusing new connections with 503",
@@ -475,6 +484,7 @@ impl Core {
     ) {
         // Small frames must not wait for Nagle's algorithm.
         let _ = socket.set_nodelay(true);
+        self.forget_finished_handshakes(conns);
         let entry = conns.vacant_entry();
         let slot = entry.key();
         if let Err(e) = self
@@ -488,7 +498,39 @@ impl Core {
         self.next_id += 1;
         let conn = entry.insert(Connection::new(id, peer, socket));
         log::info!("open #{id} {peer}");
+        self.handshakes.push_back((slot, id));
         self.set_deadline(conn, slot, now + self.config.handshake_timeout);
+    }
+
+    /// Drops entries at the front of `handshakes` whose connection is past
+    /// the handshake, so the queue holds about as many entries as there are
+    /// handshakes in progress.
+    fn forget_finished_handshakes(&mut self, conns: &Slab<Connection>) {
+        while let Some(&(slot, id)) = self.handshakes.front() {
+            let pending = conns
+                .get(slot)
+                .is_some_and(|c| c.id == id && !c.dead && matches!(c.phase, Phase::Handshake(_)));
+            if pending {
+                return;
+            }
+            self.handshakes.pop_front();
+        }
+    }
+
+    /// At the connection limit: closes the oldest connection still in its
+    /// handshake to make room. False if there is none.
+    fn evict_oldest_handshake(&mut self, conns: &mut Slab<Connection>) -> bool {
+        self.forget_finished_handshakes(conns);
+        let Some((slot, _)) = self.handshakes.pop_front() else {
+            return false;
+        };
+        let conn = &mut conns[slot];
+        log::debug!(
+            "#{} evicted: handshake unfinished at the connection limit",
+            conn.id
+        );
+        self.kill(conn, slot, CloseReason::HandshakeTimeout);
+        true
     }
 
     /// Sets a connection's deadline, arming a timer only when it moves earlier.
