@@ -11,6 +11,9 @@ use crate::outbound::{Chunk, Outbound};
 use crate::ws::frame::encode_close;
 use crate::ws::Decoder;
 
+/// Queued data above this is dropped rather than sent ahead of a close frame.
+const CLOSE_AFTER_BACKLOG: usize = 64 * 1024;
+
 /// Where a connection is in its life.
 #[derive(Debug)]
 pub enum Phase {
@@ -154,17 +157,16 @@ impl Connection {
     }
 
     /// Starts the closing handshake with `code`: the close frame goes out
-    /// after what is queued (queued data not yet started is dropped when the
-    /// peer will not read it anyway). Returns the chat name this releases.
+    /// after what is queued. Returns the chat name this releases.
     #[must_use]
     pub fn start_close(&mut self, code: u16, reason: &str, why: CloseReason) -> Option<Rc<str>> {
         if !self.is_open() {
             return None;
         }
-        if !matches!(
-            why,
-            CloseReason::Normal | CloseReason::Shutdown | CloseReason::Refused(_)
-        ) {
+        // Replies to what came before still go out first (a peer that breaks
+        // the protocol after a valid message gets that message's echo), unless
+        // the backlog is the problem.
+        if why == CloseReason::SlowConsumer || self.out.bytes() > CLOSE_AFTER_BACKLOG {
             self.out.drop_unstarted_data();
         }
         self.out.push(Chunk::Owned(encode_close(code, reason)));

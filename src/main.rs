@@ -31,10 +31,15 @@ fn main() -> ExitCode {
         }
     };
     let addr = server.local_addr().map_or(listen, |a| a);
-    log::info!(
-        "listening on {addr} ({}; max {max_connections} connections; open-file limit {fd_limit})",
-        if echo { "echo mode" } else { "chat" }
+    // Printed at every log level: scripts and tests wait for this line.
+    log::write(
+        log::Level::Info,
+        format_args!(
+            "listening on {addr} ({}; max {max_connections} connections; open-file limit {fd_limit})",
+            if echo { "echo mode" } else { "chat" }
+        ),
     );
+    log::flush();
     match server.run() {
         Ok(()) => {
             log::flush();

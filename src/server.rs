@@ -40,6 +40,10 @@ const READ_BUFFER: usize = 64 * 1024;
 /// Bytes read from one connection per turn before others get their turn.
 const READ_BUDGET: usize = 256 * 1024;
 
+/// Pending connections the kernel may hold for us (capped by somaxconn);
+/// mio's default of 128 drops SYNs under a burst of handshakes.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// How long to stop accepting when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -182,6 +186,7 @@ impl Server {
     pub fn bind(config: Config, max_connections: usize) -> io::Result<Server> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(config.listen)?;
+        crate::sys::set_listen_backlog(&listener, LISTEN_BACKLOG);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let signal = ShutdownSignal::install()?;

@@ -27,6 +27,15 @@ pub fn raise_fd_limit() -> usize {
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Calls `listen` again with a longer queue (Linux allows changing it on a
+/// listening socket). Best effort: the default queue still works.
+pub fn set_listen_backlog(listener: &impl AsRawFd, backlog: i32) {
+    // SAFETY: listen on a valid socket descriptor has no memory effects.
+    unsafe {
+        libc::listen(listener.as_raw_fd(), backlog);
+    }
+}
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The write end of the signal pipe, for the handler (which may only make

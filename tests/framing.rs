@@ -505,6 +505,14 @@ fn invalid_utf8_in_unfinished_message_fails_fast() {
         (&b"\xff"[..], "0xff in first fragment"),
         (&b"hello \xc3\x28"[..], "bad continuation in first fragment"),
         (&b"\xed\xa0\x80"[..], "surrogate in first fragment"),
+        // Invalid although the character is not complete yet: the second
+        // byte already rules out any valid sequence.
+        (&b"ab\xf4\x90"[..], "prefix above U+10FFFF"),
+        (&b"ab\xed\xa0"[..], "surrogate prefix"),
+        (&b"ab\xe0\x80"[..], "overlong 3-byte prefix"),
+        (&b"ab\xf0\x80"[..], "overlong 4-byte prefix"),
+        (&b"ab\xc0"[..], "0xc0 can never start a character"),
+        (&b"ab\xf5"[..], "0xf5 can never start a character"),
     ] {
         // The rest of the message is never sent: the close must come anyway.
         expect_close_after(
@@ -784,5 +792,227 @@ fn non_reading_client_does_not_block_others() {
     server.assert_serving();
     let _ = hog_handle.shutdown(std::net::Shutdown::Both);
     let _ = writer.join().expect("hog writer thread");
+    server.assert_serving();
+}
+
+#[test]
+fn partial_frames_on_several_connections_do_not_mix() {
+    let mut server = Server::echo(&[]);
+    let mut a = ws_raw(server.addr);
+    let mut b = ws_raw(server.addr);
+    let mut c = ws_raw(server.addr);
+    let text = text_of(50_000);
+    let bin = pattern(40_000);
+    // Two fragmented messages so message state is interleaved too.
+    let mut wire_a = ClientFrame::text(text[..20_000].to_vec())
+        .fin(false)
+        .encode();
+    wire_a.extend(ClientFrame::cont(text[20_000..].to_vec()).encode());
+    let mut wire_b = ClientFrame::binary(bin[..1].to_vec()).fin(false).encode();
+    wire_b.extend(ClientFrame::cont(bin[1..].to_vec()).encode());
+    let sizes = [1usize, 7, 100, 3000, 17_000, 2, 5, 13, 4096, 9000];
+    let (mut ia, mut ib, mut round) = (0usize, 0usize, 0usize);
+    while ia < wire_a.len() || ib < wire_b.len() {
+        let n = sizes[round % sizes.len()];
+        let end_a = (ia + n).min(wire_a.len());
+        send_raw(&mut a, &wire_a[ia..end_a]);
+        ia = end_a;
+        let n = sizes[(round + 3) % sizes.len()];
+        let end_b = (ib + n).min(wire_b.len());
+        send_raw(&mut b, &wire_b[ib..end_b]);
+        ib = end_b;
+        // A round trip on a third connection lets the server's event loop
+        // turn between the chunks.
+        send(&mut c, &ClientFrame::ping(format!("{round}")));
+        let pong = expect_frame(&mut c, "pong on the third connection");
+        assert_eq!(pong.opcode, OP_PONG, "{pong:?}");
+        assert_eq!(pong.payload, format!("{round}").into_bytes());
+        round += 1;
+    }
+    expect_text(&mut a, &text, "interleaved connection A");
+    expect_binary(&mut b, &bin, "interleaved connection B");
+    server.assert_serving();
+}
+
+#[test]
+fn large_backlog_is_echoed_completely_and_in_order() {
+    let server = Server::echo(&[]);
+    let mut reader = ws_raw(server.addr);
+    let mut writer = reader.try_clone().expect("clone stream for the writer");
+    const COUNT: u32 = 100;
+    const SIZE: usize = 60_000;
+    let message = |i: u32| {
+        let mut m = pattern(SIZE);
+        m[..4].copy_from_slice(&i.to_be_bytes());
+        m
+    };
+    let handle = std::thread::spawn(move || {
+        for i in 0..COUNT {
+            // Blocks while the server applies backpressure; the main thread
+            // keeps reading, so it must make progress.
+            writer
+                .write_all(&ClientFrame::binary(message(i)).encode())
+                .unwrap_or_else(|e| panic!("writing message {i} failed: {e}"));
+        }
+    });
+    for i in 0..COUNT {
+        expect_binary(&mut reader, &message(i), &format!("backlog message {i}"));
+    }
+    handle.join().expect("writer thread panicked");
+}
+
+#[test]
+fn invalid_utf8_in_later_unfinished_fragment_fails_fast() {
+    let mut server = Server::echo(&[]);
+    expect_close_after(
+        server.addr,
+        &[
+            ClientFrame::text("fine so far").fin(false),
+            ClientFrame::cont(b"\xff".to_vec()).fin(false),
+        ],
+        1007,
+        "invalid byte in a non-final continuation",
+    );
+    expect_close_after(
+        server.addr,
+        &[
+            ClientFrame::text(b"x\xe2".to_vec()).fin(false),
+            ClientFrame::cont(b"\x28".to_vec()).fin(false),
+        ],
+        1007,
+        "sequence broken across two unfinished fragments",
+    );
+    server.assert_serving();
+}
+
+#[test]
+fn valid_but_unusual_utf8_is_accepted() {
+    let server = Server::echo(&[]);
+    let mut s = ws_raw(server.addr);
+    for (bytes, what) in [
+        (
+            &b"\xef\xbf\xbe\xef\xbf\xbf"[..],
+            "noncharacters U+FFFE U+FFFF",
+        ),
+        (&b"\xf4\x8f\xbf\xbf"[..], "U+10FFFF"),
+        (&b"\x00\x7f"[..], "NUL and DEL"),
+        (&b"\xef\xbb\xbfBOM"[..], "byte order mark"),
+        (
+            &b"\xed\x9f\xbf\xee\x80\x80"[..],
+            "around the surrogate range",
+        ),
+    ] {
+        send(&mut s, &ClientFrame::text(bytes));
+        expect_text(&mut s, bytes, what);
+    }
+}
+
+#[test]
+fn data_after_client_close_is_ignored() {
+    let server = Server::echo(&[]);
+    let mut s = ws_raw(server.addr);
+    let mut batch = ClientFrame::text("before").encode();
+    batch.extend(ClientFrame::close(1000, b"").encode());
+    batch.extend(ClientFrame::text("after close").encode());
+    send_raw(&mut s, &batch);
+    expect_text(&mut s, b"before", "echo before the close");
+    expect_close(&mut s, 1000, "close with trailing data");
+}
+
+/// Chat mode (no `--echo`) runs the same codec: a few violations there.
+#[test]
+fn chat_mode_enforces_the_same_framing_rules() {
+    let mut server = Server::start(&[]);
+    let open = |name: &str| {
+        let mut s = ws_raw_request(
+            server.addr,
+            &upgrade_request(&format!("/ws?username={name}"), &[]),
+        );
+        let welcome = expect_frame(&mut s, "chat welcome");
+        assert_eq!(welcome.opcode, OP_TEXT, "welcome frame: {welcome:?}");
+        assert!(
+            String::from_utf8_lossy(&welcome.payload).contains("welcome"),
+            "first chat message should be the welcome: {welcome:?}"
+        );
+        s
+    };
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            ClientFrame::text("{}").unmasked().encode(),
+            1002,
+            "unmasked",
+        ),
+        (ClientFrame::text("{}").rsv(0b100).encode(), 1002, "rsv1"),
+        (ClientFrame::new(0x3, "").encode(), 1002, "reserved opcode"),
+        (
+            ClientFrame::ping(pattern(126)).encode(),
+            1002,
+            "oversized ping",
+        ),
+        (ClientFrame::cont("x").encode(), 1002, "orphan continuation"),
+        (
+            ClientFrame::text(b"\xff".to_vec()).encode(),
+            1007,
+            "invalid UTF-8",
+        ),
+        (
+            ClientFrame::text(b"{\"type\":\"public\",\"body\":\"\xc3\x28".to_vec())
+                .fin(false)
+                .encode(),
+            1007,
+            "invalid UTF-8 in an unfinished message",
+        ),
+        (
+            ClientFrame::text(Vec::new()).declared_len(1 << 20).header(),
+            1009,
+            "declared 1 MiB, header only",
+        ),
+        (
+            ClientFrame::close(1004, b"").encode(),
+            1002,
+            "invalid close code",
+        ),
+        (
+            ClientFrame::new(OP_CLOSE, vec![3]).encode(),
+            1002,
+            "1-byte close",
+        ),
+        (
+            ClientFrame::close(4000, b"").encode(),
+            4000,
+            "valid close code",
+        ),
+    ];
+    for (i, (bytes, code, what)) in cases.into_iter().enumerate() {
+        let mut s = open(&format!("framer{i}"));
+        let _ = s.write_all(&bytes);
+        expect_close(&mut s, code, &format!("chat mode: {what}"));
+    }
+    server.assert_serving();
+}
+
+#[test]
+fn absurd_declared_lengths_are_1009_even_with_a_big_limit() {
+    let mut server = Server::echo(&["--max-message-size", "16777216"]);
+    for declared in [(1u64 << 62), i64::MAX as u64, 16_777_217] {
+        let mut s = ws_raw(server.addr);
+        send_raw(
+            &mut s,
+            &ClientFrame::binary(Vec::new())
+                .declared_len(declared)
+                .header(),
+        );
+        expect_close(&mut s, 1009, &format!("declared length {declared}"));
+    }
+    // A fragmented message whose declared total overflows the limit.
+    let mut s = ws_raw(server.addr);
+    send(&mut s, &ClientFrame::text("a").fin(false));
+    send_raw(
+        &mut s,
+        &ClientFrame::cont(Vec::new())
+            .declared_len(i64::MAX as u64)
+            .header(),
+    );
+    expect_close(&mut s, 1009, "continuation declaring i64::MAX");
     server.assert_serving();
 }

@@ -118,6 +118,29 @@ fn oversized_request_head_is_431() {
 }
 
 #[test]
+fn head_size_boundary_is_8_kib() {
+    let mut server = Server::start(&[]);
+    let head = |total: usize| {
+        let start = "GET /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: ";
+        let end = "\r\n\r\n";
+        format!(
+            "{start}{}{end}",
+            "p".repeat(total - start.len() - end.len())
+        )
+    };
+    // Exactly 8192 bytes including the blank line: not more than 8 KiB.
+    let req = head(8192);
+    assert_eq!(req.len(), 8192);
+    let resp = http_request(server.addr, req.as_bytes());
+    assert_eq!(resp.status, 200, "8192-byte head: {resp:?}");
+    // 8193 bytes even without counting the final CRLFCRLF.
+    let req = head(8197);
+    let resp = http_error(server.addr, req.as_bytes());
+    assert_eq!(resp.status, 431, "8197-byte head: {resp:?}");
+    server.assert_serving();
+}
+
+#[test]
 fn head_just_under_the_limit_is_accepted() {
     let server = Server::start(&[]);
     let req = format!(
@@ -134,7 +157,7 @@ fn head_just_under_the_limit_is_accepted() {
 
 #[test]
 fn upgrade_succeeds_with_rfc_sample_key() {
-    let mut server = Server::start(&[]);
+    let mut server = Server::echo(&[]);
     let mut s = connect(server.addr);
     s.write_all(upgrade_request("/ws", &[]).as_bytes())
         .expect("write upgrade");
@@ -154,7 +177,7 @@ fn upgrade_succeeds_with_rfc_sample_key() {
 
 #[test]
 fn upgrade_with_query_string() {
-    let server = Server::start(&[]);
+    let server = Server::echo(&[]);
     let mut s = ws_raw_request(server.addr, &upgrade_request("/ws?username=alice", &[]));
     send(&mut s, &ClientFrame::close(1000, b""));
     expect_close(&mut s, 1000, "close after upgrade with query");
@@ -717,4 +740,68 @@ fn listening_line_reports_the_real_port() {
         "logs: {:?}",
         server.logs()
     );
+}
+
+#[test]
+fn connections_beyond_max_connections_get_503() {
+    let server = Server::echo(&["--max-connections", "2"]);
+    let a = ws_client(server.addr, "/ws");
+    let mut b = ws_client(server.addr, "/ws");
+    let resp = http_error(server.addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(
+        resp.status, 503,
+        "third connection with --max-connections 2: {resp:?}"
+    );
+    // The connections that were in first are unaffected.
+    b.send(tungstenite::Message::text("b still works"))
+        .expect("send on b");
+    match read_data(&mut b, "echo on b at the limit") {
+        tungstenite::Message::Text(t) => assert_eq!(t.as_str(), "b still works"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Once one leaves (its close handshake completed, TCP closed by the
+    // server), there is room again. Poll briefly: the server counts a socket
+    // until it has seen our FIN, which races with the next connect.
+    close_client(a);
+    wait_for_room(&server);
+    close_client(b);
+    wait_for_room(&server);
+}
+
+/// Polls `/healthz` until it answers 200 (not 503), for at most a second.
+fn wait_for_room(server: &Server) {
+    let mut last = None;
+    for _ in 0..40 {
+        let resp = http_request(server.addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+        if resp.status == 200 {
+            return;
+        }
+        last = Some(resp);
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("no room after a client left: {last:?}");
+}
+
+#[test]
+fn slowloris_at_the_connection_limit_evicts_the_oldest_handshake() {
+    let server = Server::echo(&["--max-connections", "20"]);
+    let mut half_open = Vec::new();
+    for i in 0..20 {
+        let mut s = connect(server.addr);
+        s.write_all(format!("GET /ws?n={i} HTTP/1.1\r\nHost: 127.0.0.1\r\n").as_bytes())
+            .expect("write half request");
+        half_open.push(s);
+    }
+    // The server is full of unfinished handshakes (accepted in connect
+    // order); a real client still gets in, by evicting the oldest one.
+    let mut ws = ws_client(server.addr, "/ws");
+    ws.send(tungstenite::Message::text("made it"))
+        .expect("send with the server full of half-open requests");
+    match read_data(&mut ws, "echo at the connection limit") {
+        tungstenite::Message::Text(t) => assert_eq!(t.as_str(), "made it"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The oldest half-open request is the one that was evicted.
+    let _ = read_until_closed(&mut half_open[0], Duration::from_secs(5));
+    close_client(ws);
 }

@@ -14,6 +14,7 @@
 #   WSCHAT_BIN        use this server binary instead of building (implies --no-build)
 #   AUTOBAHN_CASES    comma-separated case patterns overriding the spec (same as --cases)
 #   AUTOBAHN_TIMEOUT  wall-clock limit in seconds for the suite run (default 1200)
+#   AUTOBAHN_REPORT_DIR  report/log directory (default $CARGO_TARGET_DIR/autobahn or target/autobahn)
 #
 # Exit status: 0 if no case FAILED (and every case produced a result),
 # 1 if any case FAILED / is missing / the server died, 2 on setup errors.
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --cases) CASES="$2"; shift ;;
         --cases=*) CASES="${1#--cases=}" ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
     shift

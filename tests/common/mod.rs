@@ -22,7 +22,7 @@ use tungstenite::{Message, WebSocket};
 /// Read/write timeout for every socket operation in the tests.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the server may take to print its `listening on` line.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a process that is expected to fail may take to exit.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
