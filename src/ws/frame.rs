@@ -49,12 +49,22 @@ impl Opcode {
     }
 }
 
-/// A parsed client frame header.
+/// Which end of the connection is parsing: a server reads masked frames, a
+/// client (the load generator) reads unmasked ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    Server,
+    Client,
+}
+
+/// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     pub fin: bool,
     pub opcode: Opcode,
-    pub mask: [u8; 4],
+    /// `None` for the unmasked frames a client receives.
+    pub mask: Option<[u8; 4]>,
     pub payload_len: u64,
 }
 
@@ -67,6 +77,8 @@ pub enum HeaderError {
     ReservedOpcode(u8),
     /// "The server MUST close the connection upon receiving a frame that is not masked."
     Unmasked,
+    /// "A server MUST NOT mask any frames that it sends to the client."
+    Masked,
     /// "Control frames themselves MUST NOT be fragmented."
     FragmentedControl,
     /// "All control frames MUST have a payload length of 125 bytes or less."
@@ -77,12 +89,12 @@ pub enum HeaderError {
     NonMinimalLength,
 }
 
-/// Parses a client frame header from the start of `buf`.
+/// Parses a frame header from the start of `buf`, as `role` receives it.
 ///
 /// Returns `Ok(None)` while more bytes are needed, and fails as soon as the
 /// bytes seen so far are already invalid, so a hostile first byte is refused
 /// without waiting for the rest.
-pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, HeaderError> {
+pub fn parse_header(buf: &[u8], role: Role) -> Result<Option<(FrameHeader, usize)>, HeaderError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -98,8 +110,11 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, HeaderEr
     let Some(&second) = buf.get(1) else {
         return Ok(None);
     };
-    if second & 0x80 == 0 {
-        return Err(HeaderError::Unmasked);
+    let masked = second & 0x80 != 0;
+    match (role, masked) {
+        (Role::Server, false) => return Err(HeaderError::Unmasked),
+        (Role::Client, true) => return Err(HeaderError::Masked),
+        _ => {}
     }
     let short_len = second & 0x7F;
     if opcode.is_control() && usize::from(short_len) > MAX_CONTROL_PAYLOAD {
@@ -133,17 +148,21 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, HeaderEr
         }
         len => (u64::from(len), 2),
     };
-    let Some(mask_bytes) = buf.get(len_end..len_end + 4) else {
-        return Ok(None);
+    let (mask, end) = if masked {
+        let Some(m) = buf.get(len_end..len_end + 4) else {
+            return Ok(None);
+        };
+        (Some([m[0], m[1], m[2], m[3]]), len_end + 4)
+    } else {
+        (None, len_end)
     };
-    let mask = [mask_bytes[0], mask_bytes[1], mask_bytes[2], mask_bytes[3]];
     let header = FrameHeader {
         fin,
         opcode,
         mask,
         payload_len,
     };
-    Ok(Some((header, len_end + 4)))
+    Ok(Some((header, end)))
 }
 
 /// XORs `payload` with `mask`, where `payload` starts `offset` bytes into the
@@ -193,6 +212,18 @@ pub fn header_len(len: usize) -> usize {
     }
 }
 
+/// One complete, masked, final client frame (for the load generator).
+pub fn encode_masked(opcode: Opcode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(header_len(payload.len()) + 4 + payload.len());
+    write_header(&mut out, opcode, payload.len());
+    out[1] |= 0x80;
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[start..], mask, 0);
+    out
+}
+
 /// One complete, unmasked, final server frame.
 pub fn encode(opcode: Opcode, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(header_len(payload.len()) + payload.len());
@@ -230,23 +261,23 @@ mod tests {
     fn parses_the_three_length_forms() {
         let mask = [1, 2, 3, 4];
         let small = masked(0x81, &[5], mask);
-        let (h, n) = parse_header(&small).unwrap().unwrap();
+        let (h, n) = parse_header(&small, Role::Server).unwrap().unwrap();
         assert_eq!(
             (h.payload_len, n, h.fin, h.opcode),
             (5, 6, true, Opcode::Text)
         );
 
         let medium = masked(0x82, &[126, 0x01, 0x00], mask);
-        let (h, n) = parse_header(&medium).unwrap().unwrap();
+        let (h, n) = parse_header(&medium, Role::Server).unwrap().unwrap();
         assert_eq!((h.payload_len, n, h.opcode), (256, 8, Opcode::Binary));
 
         let mut long_len = vec![127];
         long_len.extend_from_slice(&0x1_0000u64.to_be_bytes());
         let long = masked(0x02, &long_len, mask);
-        let (h, n) = parse_header(&long).unwrap().unwrap();
+        let (h, n) = parse_header(&long, Role::Server).unwrap().unwrap();
         assert_eq!(
             (h.payload_len, n, h.fin, h.mask),
-            (0x1_0000, 14, false, mask)
+            (0x1_0000, 14, false, Some(mask))
         );
     }
 
@@ -260,9 +291,13 @@ mod tests {
             masked(0x81, &long_len, [9, 9, 9, 9]),
         ] {
             for cut in 0..header.len() {
-                assert_eq!(parse_header(&header[..cut]), Ok(None), "cut at {cut}");
+                assert_eq!(
+                    parse_header(&header[..cut], Role::Server),
+                    Ok(None),
+                    "cut at {cut}"
+                );
             }
-            assert!(parse_header(&header).unwrap().is_some());
+            assert!(parse_header(&header, Role::Server).unwrap().is_some());
         }
     }
 
@@ -270,34 +305,43 @@ mod tests {
     fn refuses_what_rfc_6455_forbids() {
         let m = [0, 0, 0, 0];
         for rsv in [0x40, 0x20, 0x10] {
-            assert_eq!(parse_header(&[0x81 | rsv]), Err(HeaderError::ReservedBits));
+            assert_eq!(
+                parse_header(&[0x81 | rsv], Role::Server),
+                Err(HeaderError::ReservedBits)
+            );
         }
         for op in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
             assert_eq!(
-                parse_header(&[0x80 | op]),
+                parse_header(&[0x80 | op], Role::Server),
                 Err(HeaderError::ReservedOpcode(op))
             );
         }
-        assert_eq!(parse_header(&[0x81, 0x05]), Err(HeaderError::Unmasked));
-        assert_eq!(parse_header(&[0x09]), Err(HeaderError::FragmentedControl));
         assert_eq!(
-            parse_header(&masked(0x89, &[126], m)),
+            parse_header(&[0x81, 0x05], Role::Server),
+            Err(HeaderError::Unmasked)
+        );
+        assert_eq!(
+            parse_header(&[0x09], Role::Server),
+            Err(HeaderError::FragmentedControl)
+        );
+        assert_eq!(
+            parse_header(&masked(0x89, &[126], m), Role::Server),
             Err(HeaderError::ControlTooLong)
         );
         assert_eq!(
-            parse_header(&masked(0x81, &[126, 0, 125], m)),
+            parse_header(&masked(0x81, &[126, 0, 125], m), Role::Server),
             Err(HeaderError::NonMinimalLength)
         );
         let mut len = vec![127];
         len.extend_from_slice(&65_535u64.to_be_bytes());
         assert_eq!(
-            parse_header(&masked(0x81, &len, m)),
+            parse_header(&masked(0x81, &len, m), Role::Server),
             Err(HeaderError::NonMinimalLength)
         );
         let mut len = vec![127];
         len.extend_from_slice(&(1u64 << 63).to_be_bytes());
         assert_eq!(
-            parse_header(&masked(0x81, &len, m)),
+            parse_header(&masked(0x81, &len, m), Role::Server),
             Err(HeaderError::LengthTopBit)
         );
     }
@@ -331,6 +375,31 @@ mod tests {
             apply_mask(b, mask, cut as u64);
             assert_eq!(pieces, whole, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn the_client_role_reads_unmasked_frames_and_refuses_masked_ones() {
+        assert_eq!(
+            parse_header(&[0x81, 0x05], Role::Client),
+            Ok(Some((
+                FrameHeader {
+                    fin: true,
+                    opcode: Opcode::Text,
+                    mask: None,
+                    payload_len: 5
+                },
+                2
+            )))
+        );
+        assert_eq!(
+            parse_header(&[0x81, 0x85], Role::Client),
+            Err(HeaderError::Masked)
+        );
+        let frame = encode_masked(Opcode::Text, b"hello", [1, 2, 3, 4]);
+        let (h, n) = parse_header(&frame, Role::Server).unwrap().unwrap();
+        let mut payload = frame[n..].to_vec();
+        apply_mask(&mut payload, h.mask.unwrap(), 0);
+        assert_eq!(payload, b"hello");
     }
 
     #[test]

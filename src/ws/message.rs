@@ -8,7 +8,9 @@
 //! buffer that exists just while that message is incomplete. Between
 //! messages the decoder holds nothing but a partial frame header.
 
-use super::frame::{apply_mask, parse_header, FrameHeader, HeaderError, Opcode, MAX_HEADER_LEN};
+use super::frame::{
+    apply_mask, parse_header, FrameHeader, HeaderError, Opcode, Role, MAX_HEADER_LEN,
+};
 use super::utf8::Utf8Validator;
 
 /// One complete message or control frame from the client.
@@ -61,6 +63,7 @@ impl ProtocolError {
             ProtocolError::Header(HeaderError::ReservedBits) => "reserved bits set",
             ProtocolError::Header(HeaderError::ReservedOpcode(_)) => "reserved opcode",
             ProtocolError::Header(HeaderError::Unmasked) => "client frame not masked",
+            ProtocolError::Header(HeaderError::Masked) => "server frame masked",
             ProtocolError::Header(HeaderError::FragmentedControl) => "fragmented control frame",
             ProtocolError::Header(HeaderError::ControlTooLong) => "control frame too long",
             ProtocolError::Header(HeaderError::LengthTopBit) => "invalid payload length",
@@ -112,6 +115,8 @@ struct InFrame {
 
 #[derive(Debug, Default)]
 pub struct Decoder {
+    /// Which end this decoder serves (servers read masked frames).
+    role: Role,
     /// Header bytes received so far, when a header spans reads.
     header_bytes: [u8; MAX_HEADER_LEN],
     header_len: u8,
@@ -132,6 +137,14 @@ enum Lent {
 }
 
 impl Decoder {
+    /// A decoder for the client end of a connection (server frames are unmasked).
+    pub fn client() -> Decoder {
+        Decoder {
+            role: Role::Client,
+            ..Decoder::default()
+        }
+    }
+
     /// Decodes from `input` (unmasking it in place) until one message is
     /// complete or the input is used up. Returns the bytes consumed and the
     /// message, if any; call again with the rest of the input.
@@ -171,7 +184,9 @@ impl Decoder {
             let end = pos + header.payload_len as usize;
             self.frame = None;
             let payload = &mut input[pos..end];
-            apply_mask(payload, header.mask, 0);
+            if let Some(mask) = header.mask {
+                apply_mask(payload, mask, 0);
+            }
             let message = match header.opcode {
                 Opcode::Text => Message::Text(
                     std::str::from_utf8(payload).map_err(|_| ProtocolError::InvalidUtf8)?,
@@ -185,7 +200,9 @@ impl Decoder {
         // Slow path: take what is here of the payload and keep it.
         let take = (header.payload_len - frame.received).min(available) as usize;
         let piece = &mut input[pos..pos + take];
-        apply_mask(piece, header.mask, frame.received);
+        if let Some(mask) = header.mask {
+            apply_mask(piece, mask, frame.received);
+        }
         pos += take;
         if header.opcode.is_control() {
             self.control.extend_from_slice(piece);
@@ -252,7 +269,7 @@ impl Decoder {
     fn take_header(&mut self, input: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
         let have = usize::from(self.header_len);
         if have == 0 {
-            return match parse_header(input)? {
+            return match parse_header(input, self.role)? {
                 Some(parsed) => Ok(Some(parsed)),
                 None => {
                     // A partial header is shorter than MAX_HEADER_LEN.
@@ -264,7 +281,7 @@ impl Decoder {
         }
         let take = (MAX_HEADER_LEN - have).min(input.len());
         self.header_bytes[have..have + take].copy_from_slice(&input[..take]);
-        match parse_header(&self.header_bytes[..have + take])? {
+        match parse_header(&self.header_bytes[..have + take], self.role)? {
             Some((header, len)) => {
                 self.header_len = 0;
                 Ok(Some((header, len - have)))
@@ -594,6 +611,33 @@ mod tests {
             1002
         );
         assert_eq!(ProtocolError::InvalidCloseCode(5).close_code(), 1002);
+    }
+
+    #[test]
+    fn client_decoder_reads_server_frames() {
+        use crate::ws::frame::encode;
+        let mut bytes = encode(Opcode::Text, "héllo".as_bytes());
+        bytes.extend(encode(Opcode::Ping, b"p"));
+        for cut in 0..=bytes.len() {
+            let mut decoder = Decoder::client();
+            let mut data = bytes.clone();
+            let (a, b) = data.split_at_mut(cut);
+            let mut got = Vec::new();
+            for piece in [a, b] {
+                let mut pos = 0;
+                while pos < piece.len() {
+                    let (used, m) = decoder.decode(&mut piece[pos..], LIMIT).unwrap();
+                    pos += used;
+                    got.extend(m.map(own));
+                }
+            }
+            assert_eq!(
+                got,
+                vec![Owned::Text("héllo".into()), Owned::Ping(b"p".to_vec())]
+            );
+        }
+        let mut masked = client_frame(true, 1, b"x", 1);
+        assert!(Decoder::client().decode(&mut masked, LIMIT).is_err());
     }
 
     #[test]
