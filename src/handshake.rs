@@ -20,6 +20,10 @@ const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resource {
     Health,
+    /// The chat page.
+    Page,
+    /// Prometheus metrics.
+    Metrics,
 }
 
 /// What to do with the bytes received so far.
@@ -84,10 +88,18 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
     let is_upgrade = header_has_token(request.headers, "upgrade", "websocket");
 
     match path {
-        "/healthz" if method == "GET" => Outcome::Get(Resource::Health),
-        "/healthz" => Outcome::Reject(
-            Response::text(Status::MethodNotAllowed, "use GET").with_header("Allow", "GET"),
-        ),
+        "/healthz" | "/metrics" | "/" if !is_upgrade => {
+            if method != "GET" {
+                return Outcome::Reject(
+                    Response::text(Status::MethodNotAllowed, "use GET").with_header("Allow", "GET"),
+                );
+            }
+            Outcome::Get(match path {
+                "/healthz" => Resource::Health,
+                "/metrics" => Resource::Metrics,
+                _ => Resource::Page,
+            })
+        }
         "/ws" | "/" if is_upgrade || path == "/ws" => {
             if method != "GET" {
                 return Outcome::Reject(
@@ -375,6 +387,15 @@ mod tests {
         );
         assert_eq!(get("/healthz", "POST"), 405);
         assert_eq!(get("/missing", "GET"), 404);
+        assert_eq!(
+            parse_str("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Outcome::Get(Resource::Page)
+        );
+        assert_eq!(
+            parse_str("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Outcome::Get(Resource::Metrics)
+        );
+        assert_eq!(get("/", "POST"), 405);
         assert_eq!(get("/ws", "GET"), 426);
         assert_eq!(get("/ws", "PUT"), 405);
     }

@@ -63,6 +63,16 @@ impl Response {
         }
     }
 
+    /// A response with a body of any type.
+    pub fn with_body(status: Status, content_type: &'static str, body: Vec<u8>) -> Response {
+        Response {
+            status,
+            content_type,
+            headers: Vec::new(),
+            body,
+        }
+    }
+
     pub fn with_header(mut self, name: &'static str, value: &'static str) -> Response {
         self.headers.push((name, value));
         self

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod handshake;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod outbound;
 pub mod server;
 pub mod sys;

@@ -25,6 +25,7 @@ use crate::conn::{CloseReason, Connection, OpenState, Phase};
 use crate::handshake::{self, Outcome, Policy, Resource};
 use crate::http::{self, Response, Status};
 use crate::log;
+use crate::metrics::{Metrics, Snapshot};
 use crate::outbound::{Chunk, Flushed};
 use crate::sys::ShutdownSignal;
 use crate::timer::Timers;
@@ -46,6 +47,9 @@ const LISTEN_BACKLOG: i32 = 4096;
 
 /// How long to stop accepting when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The chat page, served at `/`.
+const PAGE: &[u8] = include_bytes!("web/index.html");
 
 /// An empty ping: the server's heartbeat.
 const PING: &[u8] = &[0x89, 0x00];
@@ -91,6 +95,7 @@ struct Core {
     shutdown_by: Option<Instant>,
     /// Wall-clock milliseconds, read once per turn for message timestamps.
     now_ms: u64,
+    metrics: Metrics,
 }
 
 /// Bookkeeping that delivering a message touches beside the connections.
@@ -233,6 +238,7 @@ impl Server {
                 refusing: false,
                 shutdown_by: None,
                 now_ms: 0,
+                metrics: Metrics::default(),
             },
         })
     }
@@ -275,7 +281,7 @@ impl Server {
                             self.core.post.list_for_flush(slot, conn);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read(slot, now);
+                            self.read(slot);
                         }
                         self.core.settle(&mut self.conns, now);
                     }
@@ -320,7 +326,7 @@ impl Server {
         }
         for (slot, id) in std::mem::take(&mut self.core.read_again) {
             if self.conns.get(slot).is_some_and(|c| c.id == id && !c.dead) {
-                self.read(slot, now);
+                self.read(slot);
                 self.core.settle(&mut self.conns, now);
             }
         }
@@ -331,6 +337,7 @@ impl Server {
         for slot in std::mem::take(&mut self.core.dead) {
             if self.conns.get(slot).is_some_and(|c| c.dead) {
                 let conn = self.conns.remove(slot);
+                self.core.metrics.count_close(conn.close_reason);
                 log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
             }
         }
@@ -379,6 +386,7 @@ impl Server {
                 }
                 // Best effort: the socket is fresh, so its buffer has room.
                 let _ = (&socket).write(http::OVERLOADED);
+                self.core.metrics.count_refused_at_capacity();
                 let _ = socket.shutdown(Shutdown::Both);
                 continue;
             }
@@ -425,7 +433,7 @@ impl Server {
 
     /// Reads until the socket is drained, the budget is spent, or the
     /// connection stops wanting input.
-    fn read(&mut self, slot: usize, now: Instant) {
+    fn read(&mut self, slot: usize) {
         let mut budget = READ_BUDGET;
         loop {
             let conn = &mut self.conns[slot];
@@ -449,8 +457,11 @@ impl Server {
                     return;
                 }
                 Ok(n) => {
+                    self.core.metrics.bytes_in += n as u64;
+                    // The routing-latency histogram starts at the read.
+                    let read_at = Instant::now();
                     self.core
-                        .on_bytes(&mut self.conns, slot, &mut self.read_buf[..n], now);
+                        .on_bytes(&mut self.conns, slot, &mut self.read_buf[..n], read_at);
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
                         let id = self.conns[slot].id;
@@ -501,6 +512,7 @@ impl Core {
         }
         let id = self.next_id;
         self.next_id += 1;
+        self.metrics.connections_accepted += 1;
         let conn = entry.insert(Connection::new(id, peer, socket));
         log::info!("open #{id} {peer}");
         self.handshakes.push_back((slot, id));
@@ -714,7 +726,18 @@ impl Core {
             Outcome::Get(resource) => {
                 let response = match resource {
                     Resource::Health => Response::text(Status::Ok, "ok"),
+                    Resource::Page => {
+                        Response::with_body(Status::Ok, "text/html; charset=utf-8", PAGE.to_vec())
+                    }
+                    Resource::Metrics => Response::with_body(
+                        Status::Ok,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        self.metrics
+                            .render(&self.snapshot(conns.len()))
+                            .into_bytes(),
+                    ),
                 };
+                let conn = &mut conns[slot];
                 conn.respond_and_close(response.to_bytes(), CloseReason::Normal);
                 self.post.began_closing.push(slot);
                 self.post.list_for_flush(slot, conn);
@@ -741,7 +764,6 @@ impl Core {
         let Phase::Open(mut state) = std::mem::replace(&mut conn.phase, Phase::Decoding) else {
             return;
         };
-        let _ = now;
         let max_message = self.config.max_message_size;
         let mut pos = 0;
         while pos < data.len() {
@@ -749,7 +771,7 @@ impl Core {
                 Ok((used, message)) => {
                     pos += used;
                     if let Some(message) = message {
-                        self.on_message(conns, slot, state.username.as_deref(), message);
+                        self.on_message(conns, slot, state.username.as_deref(), message, now);
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
                         }
@@ -783,6 +805,7 @@ impl Core {
         slot: usize,
         username: Option<&str>,
         message: Message<'_>,
+        read_at: Instant,
     ) {
         let conn = &mut conns[slot];
         match message {
@@ -814,6 +837,7 @@ impl Core {
                         post: &mut self.post,
                     };
                     router.handle(slot, from, text, self.now_ms, &mut mailer);
+                    self.metrics.observe_routing(read_at.elapsed());
                 }
             },
             Message::Binary(bytes) => match self.app {
@@ -832,6 +856,23 @@ impl Core {
         }
     }
 
+    /// Figures for `/metrics` that live outside `Metrics`.
+    fn snapshot(&self, open_connections: usize) -> Snapshot {
+        let mut s = Snapshot {
+            open_connections,
+            ..Snapshot::default()
+        };
+        if let App::Chat(router) = &self.app {
+            s.users_online = router.online();
+            s.public_messages = router.stats.public;
+            s.private_messages = router.stats.private;
+            s.deliveries = router.stats.deliveries;
+            s.public_shed = router.stats.shed;
+            s.errors = router.stats.errors;
+        }
+        s
+    }
+
     /// Writes every listed connection's queue, once per turn.
     fn flush(&mut self, conns: &mut Slab<Connection>, now: Instant) {
         for slot in std::mem::take(&mut self.post.flush_list) {
@@ -844,6 +885,7 @@ impl Core {
             }
             let before = conn.out.bytes();
             let mut result = conn.out.write_to(&mut conn.socket);
+            self.metrics.bytes_out += (before - conn.out.bytes()) as u64;
             if matches!(result, Ok(Flushed::All)) && conn.shed > 0 && conn.is_open() {
                 // The backlog drained: tell the reader what it missed.
                 let mut json = Vec::with_capacity(40);

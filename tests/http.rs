@@ -39,9 +39,37 @@ fn healthz_request_written_one_byte_at_a_time() {
 }
 
 #[test]
+fn root_serves_the_chat_page_and_metrics_are_prometheus_text() {
+    let mut server = Server::start(&[]);
+    let page = http_error(server.addr, b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(
+        page.header("content-type")
+            .is_some_and(|v| v.starts_with("text/html")),
+        "{page:?}"
+    );
+    assert!(
+        page.body_str().contains("<html") || page.body_str().contains("<!doctype"),
+        "{page:?}"
+    );
+    let metrics = http_error(server.addr, b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    let body = metrics.body_str();
+    assert!(
+        body.contains("# TYPE wschat_open_connections gauge"),
+        "{body}"
+    );
+    assert!(
+        body.contains("wschat_connections_accepted_total "),
+        "{body}"
+    );
+    server.assert_serving();
+}
+
+#[test]
 fn unknown_paths_are_404() {
     let mut server = Server::start(&[]);
-    for path in ["/", "/nope", "/wsx", "/healthzz", "/ws/extra"] {
+    for path in ["/nope", "/wsx", "/healthzz", "/ws/extra", "/index.html"] {
         let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
         let resp = http_error(server.addr, req.as_bytes());
         assert_eq!(resp.status, 404, "GET {path}: {resp:?}");

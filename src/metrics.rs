@@ -1,0 +1,320 @@
+//! Counters for the operator, rendered in the Prometheus text format.
+//!
+//! The loop is single-threaded, so a counter is a plain `u64` bumped in
+//! place: no atomics, no locks, nothing on the hot path but an add.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::conn::CloseReason;
+
+/// Upper bounds (seconds) of the routing-latency histogram buckets.
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.005,
+    0.025,
+];
+
+/// Close reasons as metric labels, in a fixed order.
+const CLOSE_LABELS: [&str; 12] = [
+    "normal",
+    "protocol_error",
+    "unsupported_data",
+    "refused",
+    "connection_lost",
+    "handshake_timeout",
+    "handshake_rejected",
+    "close_timeout",
+    "idle_timeout",
+    "write_stall",
+    "slow_consumer",
+    "shutdown",
+];
+
+fn close_index(reason: CloseReason) -> Option<usize> {
+    Some(match reason {
+        CloseReason::None => return None,
+        CloseReason::Normal => 0,
+        CloseReason::ProtocolError(_) => 1,
+        CloseReason::UnsupportedData => 2,
+        CloseReason::Refused(_) => 3,
+        CloseReason::ConnectionLost => 4,
+        CloseReason::HandshakeTimeout => 5,
+        CloseReason::HandshakeRejected(_) => 6,
+        CloseReason::CloseTimeout => 7,
+        CloseReason::IdleTimeout => 8,
+        CloseReason::WriteStall => 9,
+        CloseReason::SlowConsumer => 10,
+        CloseReason::Shutdown => 11,
+    })
+}
+
+/// HTTP statuses counted as handshake failures.
+const HANDSHAKE_STATUSES: [u16; 7] = [400, 403, 404, 405, 426, 431, 503];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connections_accepted: u64,
+    closes: [u64; CLOSE_LABELS.len()],
+    /// Handshake failures by HTTP status (same order as `HANDSHAKE_STATUSES`).
+    handshake_failures: [u64; HANDSHAKE_STATUSES.len()],
+    handshake_timeouts: u64,
+    latency_buckets: [u64; LATENCY_BOUNDS.len() + 1],
+    latency_count: u64,
+    latency_sum: f64,
+}
+
+/// Figures kept elsewhere (the router, the store), read when rendering.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Snapshot {
+    pub open_connections: usize,
+    pub users_online: usize,
+    pub public_messages: u64,
+    pub private_messages: u64,
+    pub deliveries: u64,
+    pub public_shed: u64,
+    pub errors: u64,
+    pub offline_messages: usize,
+    pub offline_bytes: usize,
+}
+
+impl Metrics {
+    pub fn count_close(&mut self, reason: CloseReason) {
+        if let Some(i) = close_index(reason) {
+            self.closes[i] += 1;
+        }
+        match reason {
+            CloseReason::HandshakeTimeout => self.handshake_timeouts += 1,
+            CloseReason::HandshakeRejected(status) => {
+                if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == status) {
+                    self.handshake_failures[i] += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts a 503 sent at the connection limit (no connection was made).
+    pub fn count_refused_at_capacity(&mut self) {
+        if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == 503) {
+            self.handshake_failures[i] += 1;
+        }
+    }
+
+    pub fn observe_routing(&mut self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = LATENCY_BOUNDS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.latency_buckets[bucket] += 1;
+        self.latency_count += 1;
+        self.latency_sum += seconds;
+    }
+
+    pub fn render(&self, s: &Snapshot) -> String {
+        let mut out = String::with_capacity(4096);
+        gauge(
+            &mut out,
+            "wschat_open_connections",
+            "Open TCP connections (all phases).",
+            s.open_connections as u64,
+        );
+        gauge(
+            &mut out,
+            "wschat_users_online",
+            "Users with a username online.",
+            s.users_online as u64,
+        );
+        counter(
+            &mut out,
+            "wschat_connections_accepted_total",
+            "TCP connections accepted.",
+            self.connections_accepted,
+        );
+
+        help(
+            &mut out,
+            "wschat_messages_routed_total",
+            "Chat messages routed, by type.",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "wschat_messages_routed_total{{type=\"public\"}} {}",
+            s.public_messages
+        );
+        let _ = writeln!(
+            out,
+            "wschat_messages_routed_total{{type=\"private\"}} {}",
+            s.private_messages
+        );
+        counter(
+            &mut out,
+            "wschat_deliveries_total",
+            "Messages queued to a recipient's connection.",
+            s.deliveries,
+        );
+        counter(
+            &mut out,
+            "wschat_public_shed_total",
+            "Public messages and presence events shed for slow readers.",
+            s.public_shed,
+        );
+        counter(
+            &mut out,
+            "wschat_message_errors_total",
+            "Error events sent for refused client messages.",
+            s.errors,
+        );
+        counter(
+            &mut out,
+            "wschat_received_bytes_total",
+            "Bytes read from clients.",
+            self.bytes_in,
+        );
+        counter(
+            &mut out,
+            "wschat_sent_bytes_total",
+            "Bytes written to clients.",
+            self.bytes_out,
+        );
+
+        help(
+            &mut out,
+            "wschat_handshake_failures_total",
+            "Opening handshakes that failed, by reason.",
+            "counter",
+        );
+        for (status, n) in HANDSHAKE_STATUSES.iter().zip(self.handshake_failures) {
+            let _ = writeln!(
+                out,
+                "wschat_handshake_failures_total{{reason=\"http_{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "wschat_handshake_failures_total{{reason=\"timeout\"}} {}",
+            self.handshake_timeouts
+        );
+
+        help(
+            &mut out,
+            "wschat_connection_closes_total",
+            "Connections closed, by reason.",
+            "counter",
+        );
+        for (label, n) in CLOSE_LABELS.iter().zip(self.closes) {
+            let _ = writeln!(
+                out,
+                "wschat_connection_closes_total{{reason=\"{label}\"}} {n}"
+            );
+        }
+
+        gauge(
+            &mut out,
+            "wschat_offline_messages",
+            "Messages held in offline outboxes.",
+            s.offline_messages as u64,
+        );
+        gauge(
+            &mut out,
+            "wschat_offline_bytes",
+            "Bytes held in offline outboxes.",
+            s.offline_bytes as u64,
+        );
+
+        help(
+            &mut out,
+            "wschat_routing_latency_seconds",
+            "Time from reading a message to its frames being queued.",
+            "histogram",
+        );
+        let mut cumulative = 0;
+        for (bound, n) in LATENCY_BOUNDS.iter().zip(self.latency_buckets) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "wschat_routing_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "wschat_routing_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+            self.latency_count
+        );
+        let _ = writeln!(
+            out,
+            "wschat_routing_latency_seconds_sum {}",
+            self.latency_sum
+        );
+        let _ = writeln!(
+            out,
+            "wschat_routing_latency_seconds_count {}",
+            self.latency_count
+        );
+        out
+    }
+}
+
+fn help(out: &mut String, name: &str, text: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+fn counter(out: &mut String, name: &str, text: &str, value: u64) {
+    help(out, name, text, "counter");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+fn gauge(out: &mut String, name: &str, text: &str, value: u64) {
+    help(out, name, text, "gauge");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_help_and_type() {
+        let mut m = Metrics::default();
+        m.count_close(CloseReason::ProtocolError(1002));
+        m.count_close(CloseReason::HandshakeRejected(404));
+        m.observe_routing(Duration::from_micros(3));
+        m.observe_routing(Duration::from_millis(30));
+        let text = m.render(&Snapshot {
+            users_online: 2,
+            ..Snapshot::default()
+        });
+        assert!(text.contains("wschat_connection_closes_total{reason=\"protocol_error\"} 1\n"));
+        assert!(text.contains("wschat_handshake_failures_total{reason=\"http_404\"} 1\n"));
+        assert!(text.contains("wschat_users_online 2\n"));
+        assert!(text.contains("wschat_routing_latency_seconds_bucket{le=\"0.000005\"} 1\n"));
+        assert!(text.contains("wschat_routing_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
+        // Every sample's family has HELP and TYPE lines before it.
+        let mut declared = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.push(rest.split(' ').next().unwrap().to_string());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = name
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_sum")
+                    .trim_end_matches("_count");
+                assert!(declared.iter().any(|d| d == name || d == family), "{line}");
+            }
+        }
+    }
+}
