@@ -1,9 +1,11 @@
 //! Every limit and default in one place, and the command line that sets them.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::log::Level;
+use crate::store::log::Sync;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -38,6 +40,18 @@ pub struct Config {
     pub write_timeout: Duration,
     /// After SIGINT/SIGTERM, the longest the server waits for clients to close.
     pub shutdown_timeout: Duration,
+    /// Where the offline outbox log lives; `None`: in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// Whether a turn's log records are synced before its replies leave.
+    pub fsync: Sync,
+    /// Messages one user's outbox may hold.
+    pub offline_max_per_user: usize,
+    /// Bytes all outboxes together may hold.
+    pub offline_max_bytes: usize,
+    /// How long a held message waits before it expires.
+    pub offline_ttl: Duration,
+    /// The log is compacted once it is at least this big (and mostly dead).
+    pub compact_min_bytes: u64,
 }
 
 impl Default for Config {
@@ -58,6 +72,12 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(5),
+            data_dir: Some(PathBuf::from("wschat-data")),
+            fsync: Sync::Always,
+            offline_max_per_user: 1000,
+            offline_max_bytes: 64 * 1024 * 1024,
+            offline_ttl: Duration::from_secs(7 * 24 * 3600),
+            compact_min_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -89,10 +109,19 @@ OPTIONS:
   --idle-timeout DUR         close a connection silent this long [default: 60s]
   --write-timeout DUR        close a connection whose backlog is stuck this long [default: 30s]
   --shutdown-timeout DUR     on SIGINT/SIGTERM, wait this long for clients [default: 5s]
+  --data-dir DIR|none        where offline messages are kept; none = memory only
+                             [default: ./wschat-data]
+  --fsync always|never       sync the outbox log before acknowledging (never: for
+                             benchmarks; a crash may lose recent messages) [default: always]
+  --offline-max-per-user N   messages held per user [default: 1000]
+  --offline-max-bytes BYTES  bytes held by all outboxes together [default: 67108864]
+  --offline-ttl DUR          held messages expire after this [default: 7d]
+  --compact-min-bytes BYTES  compact the log once it is this big and mostly dead
+                             [default: 4194304]
   --log LEVEL                error | warn | info | debug [default: info]
   -h, --help                 print this help
 
-DUR is a number of seconds or a number with ms, s or m (500ms, 10s, 2m).
+DUR is a number of seconds or a number with ms, s, m, h or d (500ms, 10s, 2m, 7d).
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -150,6 +179,35 @@ impl Config {
                 "--idle-timeout" => config.idle_timeout = parse_duration(&flag, &value()?)?,
                 "--write-timeout" => config.write_timeout = parse_duration(&flag, &value()?)?,
                 "--shutdown-timeout" => config.shutdown_timeout = parse_duration(&flag, &value()?)?,
+                "--data-dir" => {
+                    let dir = value()?;
+                    config.data_dir = if dir == "none" {
+                        None
+                    } else {
+                        Some(PathBuf::from(dir))
+                    };
+                }
+                "--fsync" => {
+                    config.fsync = match value()?.as_str() {
+                        "always" => Sync::Always,
+                        "never" => Sync::Never,
+                        other => {
+                            return Err(ConfigError(format!(
+                                "--fsync: '{other}' is not always or never"
+                            )))
+                        }
+                    }
+                }
+                "--offline-max-per-user" => {
+                    config.offline_max_per_user = parse_count(&flag, &value()?, 1)?
+                }
+                "--offline-max-bytes" => {
+                    config.offline_max_bytes = parse_count(&flag, &value()?, 1024)?
+                }
+                "--offline-ttl" => config.offline_ttl = parse_duration(&flag, &value()?)?,
+                "--compact-min-bytes" => {
+                    config.compact_min_bytes = parse_count(&flag, &value()?, 1)? as u64
+                }
                 "--allowed-origin" => {
                     let origin = value()?;
                     if !(origin.starts_with("http://") || origin.starts_with("https://")) {
@@ -207,6 +265,10 @@ pub fn parse_duration(flag: &str, text: &str) -> Result<Duration, ConfigError> {
         (n, 1000)
     } else if let Some(n) = text.strip_suffix('m') {
         (n, 60_000)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 3_600_000)
+    } else if let Some(n) = text.strip_suffix('d') {
+        (n, 86_400_000)
     } else {
         (text, 1000)
     };

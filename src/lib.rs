@@ -12,6 +12,7 @@ pub mod log;
 pub mod metrics;
 pub mod outbound;
 pub mod server;
+pub mod store;
 pub mod sys;
 pub mod timer;
 pub mod ws;

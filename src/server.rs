@@ -27,6 +27,8 @@ use crate::http::{self, Response, Status};
 use crate::log;
 use crate::metrics::{Metrics, Snapshot};
 use crate::outbound::{Chunk, Flushed};
+use crate::store::log::Log;
+use crate::store::Outboxes;
 use crate::sys::ShutdownSignal;
 use crate::timer::Timers;
 use crate::ws::frame::{encode, Opcode};
@@ -57,7 +59,7 @@ const PING: &[u8] = &[0x89, 0x00];
 /// What the server does with WebSocket messages.
 enum App {
     Echo,
-    Chat(Router),
+    Chat(Box<Router>),
 }
 
 pub struct Server {
@@ -93,6 +95,8 @@ struct Core {
     refusing: bool,
     /// Set once SIGINT/SIGTERM arrived: exit by then at the latest.
     shutdown_by: Option<Instant>,
+    /// The outbox log; `None` keeps offline messages in memory only.
+    log: Option<Log>,
     /// Wall-clock milliseconds, read once per turn for message timestamps.
     now_ms: u64,
     metrics: Metrics,
@@ -106,6 +110,8 @@ struct Post {
     departures: Vec<(usize, Rc<str>)>,
     /// Connections that began closing and need a close deadline.
     began_closing: Vec<usize>,
+    /// Replies held until this turn's log records are on disk.
+    after_sync: Vec<(usize, Chunk)>,
     max_outbound: usize,
     /// Public messages are shed for a recipient whose backlog is above this.
     shed_above: usize,
@@ -178,6 +184,10 @@ impl Outbox for Mailer<'_> {
         Delivery::Queued
     }
 
+    fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
+        self.post.after_sync.push((slot, frame));
+    }
+
     fn close(&mut self, slot: usize, code: u16, reason: &'static str) {
         if let Some(conn) = self.conns.get_mut(slot) {
             self.post
@@ -187,11 +197,25 @@ impl Outbox for Mailer<'_> {
 }
 
 impl Server {
-    /// Binds the listener and installs the signal handlers.
-    pub fn bind(config: Config, max_connections: usize) -> io::Result<Server> {
-        let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(config.listen)?;
+    /// Binds the listening socket (first, so a port in use fails before
+    /// anything else is touched).
+    pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+        let listener = TcpListener::bind(addr)?;
         crate::sys::set_listen_backlog(&listener, LISTEN_BACKLOG);
+        Ok(listener)
+    }
+
+    /// Sets up the loop around `listener` and installs the signal handlers.
+    /// `log` is the opened outbox log (none: memory only) and `outboxes`
+    /// the state replayed from it.
+    pub fn new(
+        mut listener: TcpListener,
+        config: Config,
+        max_connections: usize,
+        log: Option<Log>,
+        outboxes: Outboxes,
+    ) -> io::Result<Server> {
+        let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let signal = ShutdownSignal::install()?;
@@ -204,15 +228,21 @@ impl Server {
         let app = if config.echo {
             App::Echo
         } else {
-            App::Chat(Router::new(Limits {
-                max_body: config.max_body,
-                presence_limit: config.presence_limit,
-            }))
+            let mut router = Router::new(
+                Limits {
+                    max_body: config.max_body,
+                    presence_limit: config.presence_limit,
+                },
+                outboxes,
+            );
+            router.start_ids_after(wall_clock_ms());
+            App::Chat(Box::new(router))
         };
         let post = Post {
             flush_list: Vec::new(),
             departures: Vec::new(),
             began_closing: Vec::new(),
+            after_sync: Vec::new(),
             max_outbound: config.max_outbound,
             shed_above: config.max_outbound / 4,
         };
@@ -237,6 +267,7 @@ impl Server {
                 accept_paused_until: None,
                 refusing: false,
                 shutdown_by: None,
+                log,
                 now_ms: 0,
                 metrics: Metrics::default(),
             },
@@ -263,9 +294,7 @@ impl Server {
                 return Err(e);
             }
             let now = Instant::now();
-            self.core.now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            self.core.now_ms = wall_clock_ms();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),
@@ -287,7 +316,7 @@ impl Server {
                     }
                 }
             }
-            self.end_turn(now);
+            self.end_turn(now)?;
             if let Some(by) = self.core.shutdown_by {
                 if self.conns.is_empty() || Instant::now() >= by {
                     log::info!("shut down ({} connections left)", self.conns.len());
@@ -307,6 +336,7 @@ impl Server {
             self.core.timers.next(),
             self.core.accept_paused_until,
             self.core.shutdown_by,
+            self.core.next_expiry(now),
         ]
         .into_iter()
         .flatten()
@@ -315,7 +345,7 @@ impl Server {
         next.map(|at| at.saturating_duration_since(now) + Duration::from_micros(999))
     }
 
-    fn end_turn(&mut self, now: Instant) {
+    fn end_turn(&mut self, now: Instant) -> io::Result<()> {
         if self
             .core
             .accept_paused_until
@@ -331,7 +361,9 @@ impl Server {
             }
         }
         self.core.fire_timers(&mut self.conns, now);
+        self.core.expire_held(&mut self.conns);
         self.core.settle(&mut self.conns, now);
+        self.core.commit(&mut self.conns)?;
         self.core.flush(&mut self.conns, now);
         self.core.settle(&mut self.conns, now);
         for slot in std::mem::take(&mut self.core.dead) {
@@ -341,6 +373,7 @@ impl Server {
                 log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
             }
         }
+        Ok(())
     }
 
     fn accept(&mut self, now: Instant) {
@@ -856,6 +889,61 @@ impl Core {
         }
     }
 
+    /// When the oldest held message expires, on the monotonic clock.
+    fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        let App::Chat(router) = &self.app else {
+            return None;
+        };
+        let at_ms = router.outboxes.next_expiry()?;
+        Some(now + Duration::from_millis(at_ms.saturating_sub(wall_clock_ms())))
+    }
+
+    fn expire_held(&mut self, conns: &mut Slab<Connection>) {
+        if let App::Chat(router) = &mut self.app {
+            if router
+                .outboxes
+                .next_expiry()
+                .is_some_and(|at| at <= self.now_ms)
+            {
+                let mut mailer = Mailer {
+                    conns,
+                    post: &mut self.post,
+                };
+                router.expire(self.now_ms, &mut mailer);
+            }
+        }
+    }
+
+    /// Group commit: this turn's outbox records go to the log with one
+    /// sync, then the replies that promised durability are released.
+    fn commit(&mut self, conns: &mut Slab<Connection>) -> io::Result<()> {
+        let App::Chat(router) = &mut self.app else {
+            return Ok(());
+        };
+        let records = router.outboxes.take_pending();
+        if let Some(log) = &mut self.log {
+            if let Err(e) = log.append(&records) {
+                log::error!("cannot write the outbox log: {e}");
+                return Err(e);
+            }
+            let live = router.outboxes.live_log_bytes() as u64;
+            if log.len() >= self.config.compact_min_bytes && log.len() > live.saturating_mul(2) {
+                let before = log.len();
+                log.compact(&router.outboxes.snapshot())?;
+                log::info!("outbox log compacted: {before} -> {} bytes", log.len());
+            }
+        }
+        for (slot, frame) in std::mem::take(&mut self.post.after_sync) {
+            if let Some(conn) = conns.get_mut(slot) {
+                if conn.is_open() {
+                    conn.out.push(frame);
+                    self.post.list_for_flush(slot, conn);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Figures for `/metrics` that live outside `Metrics`.
     fn snapshot(&self, open_connections: usize) -> Snapshot {
         let mut s = Snapshot {
@@ -869,6 +957,7 @@ impl Core {
             s.deliveries = router.stats.deliveries;
             s.public_shed = router.stats.shed;
             s.errors = router.stats.errors;
+            (s.offline_messages, s.offline_bytes) = router.outboxes.held();
         }
         s
     }
@@ -964,6 +1053,12 @@ impl Core {
         let _ = self.registry.deregister(&mut conn.socket);
         self.dead.push(slot);
     }
+}
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Accept errors that mean "no resources now" rather than "this one connection failed".

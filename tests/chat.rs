@@ -216,7 +216,7 @@ fn private_messages_reach_only_the_addressee_and_are_receipted() {
         .collect();
     assert_eq!(
         keys,
-        ["body", "from", "id", "to", "ts", "type"]
+        ["body", "from", "id", "seq", "to", "ts", "type"]
             .into_iter()
             .collect(),
         "private message fields: {v}"
@@ -624,16 +624,6 @@ fn ref_is_echoed_in_receipts_and_errors() {
             "body_too_long",
             json!(9),
         ),
-        (
-            json!({"type":"private","to":"nobody","body":"x","ref":"off"}),
-            "user_offline",
-            json!("off"),
-        ),
-        (
-            json!({"type":"private","to":"nobody","body":"x","ref":10}),
-            "user_offline",
-            json!(10),
-        ),
     ];
     for (request, code, r) in errors {
         alice.send(request.clone());
@@ -697,14 +687,6 @@ fn every_error_code_and_the_connection_stays_open() {
         (
             json!({"type":"private","to":"bob","body":"x".repeat(8193)}).to_string(),
             "body_too_long",
-        ),
-        (
-            json!({"type":"private","to":"nobody","body":"x"}).to_string(),
-            "user_offline",
-        ),
-        (
-            json!({"type":"private","to":"Bob","body":"x"}).to_string(),
-            "user_offline",
         ),
     ];
     for (text, code) in &cases {
@@ -1034,36 +1016,54 @@ fn a_slow_consumer_is_disconnected_by_a_private_message_others_keep_receiving() 
     let mut refused = None;
     for k in 0..limit {
         alice.send(json!({"type":"private","to":"slow","body":big_body(k),"ref":k}));
-        let v = alice.recv("receipt or error for a private to slow");
-        match v["type"].as_str() {
-            Some("receipt") => assert_eq!(v["ref"], json!(k), "{v}"),
-            Some("error") => {
-                refused = Some((k, v));
+        let v = alice.recv("receipt for a private to slow");
+        match (v["type"].as_str(), v["status"].as_str()) {
+            (Some("receipt"), Some("delivered")) => assert_eq!(v["ref"], json!(k), "{v}"),
+            // Disconnected: the leave comes first, then the message is held for later.
+            (Some("leave"), _) => {
+                assert_presence(&v, "leave", "slow", 2, "slow consumer leave (sender)");
+                let receipt = alice.recv("receipt for the private that found slow gone");
+                refused = Some((k, receipt));
                 break;
             }
             _ => panic!("unexpected answer to a private message: {v}"),
         }
     }
-    let (k, error) = refused.unwrap_or_else(|| {
+    let (k, receipt) = refused.unwrap_or_else(|| {
         panic!("slow was never disconnected after {limit} private messages of {BIG} bytes")
     });
-    assert_eq!(error["code"], "user_offline", "{error}");
-    assert_eq!(error["ref"], json!(k), "{error}");
-    for c in [&mut alice, &mut carol] {
-        assert_presence(
-            &c.recv("slow leaves"),
-            "leave",
-            "slow",
-            2,
-            "slow consumer leave",
-        );
-    }
+    assert_eq!(
+        receipt["status"], "queued",
+        "held for slow's next visit: {receipt}"
+    );
+    assert_eq!(receipt["ref"], json!(k), "{receipt}");
+    assert_presence(
+        &carol.recv("slow leaves"),
+        "leave",
+        "slow",
+        2,
+        "slow consumer leave",
+    );
 
-    // Its name is free at once.
-    let (_new_slow, w) = Chat::join(server.addr, "slow");
+    // Its name is free at once, and the held message is delivered to the
+    // newcomer (offline), with a second receipt to the sender.
+    let (mut new_slow, w) = Chat::join(server.addr, "slow");
     assert_eq!(w["online"], 3, "{w}");
+    let held = new_slow.recv("the held private");
+    assert_eq!(
+        (held["type"].as_str(), held["offline"].as_bool()),
+        (Some("private"), Some(true)),
+        "{held}"
+    );
+    assert_eq!(held["id"], receipt["id"], "{held}");
     assert_presence(&carol.recv("new slow"), "join", "slow", 3, "name reused");
     alice.recv_type("join", "new slow");
+    let delivered = alice.recv("second receipt");
+    assert_eq!(
+        (delivered["status"].as_str(), &delivered["id"]),
+        (Some("delivered"), &receipt["id"]),
+        "{delivered}"
+    );
     let t = now_ms();
     alice.public("business as usual");
     assert_public(

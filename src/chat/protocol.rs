@@ -22,6 +22,10 @@ pub enum Request<'a> {
         body: Cow<'a, str>,
     },
     Users,
+    /// A reliable client has every private message up to `seq`.
+    Ack {
+        seq: u64,
+    },
 }
 
 /// A parsed request and its `ref`, echoed as raw JSON (a string or an integer).
@@ -71,6 +75,8 @@ struct Wire<'a> {
     body: Option<Text<'a>>,
     #[serde(rename = "ref", borrow, default)]
     reference: Option<&'a RawValue>,
+    #[serde(default)]
+    seq: Option<u64>,
 }
 
 /// A string borrowed from the input unless it had escapes (serde only
@@ -122,6 +128,12 @@ pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, O
             Request::Private { to, body }
         }
         "users" => Request::Users,
+        "ack" => {
+            let Some(seq) = wire.seq else {
+                return fail(RequestError::MissingField("seq"));
+            };
+            Request::Ack { seq }
+        }
         other => {
             let mut shown = other.to_owned();
             shown.truncate(shown.char_indices().nth(32).map_or(shown.len(), |(i, _)| i));
@@ -148,6 +160,18 @@ fn short_reason(e: &serde_json::Error) -> String {
     }
 }
 
+/// The fields of a private message as the recipient sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct PrivateMessage<'a> {
+    pub id: u64,
+    pub ts: u64,
+    pub seq: u64,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub body: &'a str,
+    pub offline: bool,
+}
+
 /// Encoders for everything the server sends. Each writes one JSON object.
 pub mod encode {
     use super::json::{number, string};
@@ -164,17 +188,32 @@ pub mod encode {
         out.push(b'}');
     }
 
-    pub fn private(out: &mut Vec<u8>, id: u64, ts: u64, from: &str, to: &str, body: &str) {
+    /// A private message; `offline` marks one replayed from the outbox.
+    pub fn private(out: &mut Vec<u8>, m: &super::PrivateMessage<'_>) {
+        let super::PrivateMessage {
+            id,
+            ts,
+            seq,
+            from,
+            to,
+            body,
+            offline,
+        } = *m;
         out.extend_from_slice(b"{\"type\":\"private\",\"id\":");
         number(out, id);
         out.extend_from_slice(b",\"ts\":");
         number(out, ts);
+        out.extend_from_slice(b",\"seq\":");
+        number(out, seq);
         out.extend_from_slice(b",\"from\":");
         string(out, from);
         out.extend_from_slice(b",\"to\":");
         string(out, to);
         out.extend_from_slice(b",\"body\":");
         string(out, body);
+        if offline {
+            out.extend_from_slice(b",\"offline\":true");
+        }
         out.push(b'}');
     }
 
@@ -277,6 +316,11 @@ mod tests {
             Request::Public { body: "x".into() }
         );
         assert_eq!(ok(r#" { "type" : "users" } "#).request, Request::Users);
+        assert_eq!(
+            ok(r#"{"type":"ack","seq":12}"#).request,
+            Request::Ack { seq: 12 }
+        );
+        assert_eq!(err(r#"{"type":"ack"}"#).0, "missing_field");
         assert_eq!(ok(r#"{"type":"users","ref":17}"#).reference, Some("17"));
         assert_eq!(
             ok(r#"{"type":"users","ref":"a\"b"}"#).reference,
@@ -346,11 +390,27 @@ mod tests {
     #[test]
     fn encoded_messages_are_the_documented_json() {
         let mut out = Vec::new();
-        encode::private(&mut out, 18, 1764250000124, "alice", "bob", "say \"hi\"\n");
+        let mut m = PrivateMessage {
+            id: 18,
+            ts: 1764250000124,
+            seq: 3,
+            from: "alice",
+            to: "bob",
+            body: "say \"hi\"\n",
+            offline: false,
+        };
+        encode::private(&mut out, &m);
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"type":"private","id":18,"ts":1764250000124u64,"from":"alice","to":"bob","body":"say \"hi\"\n"})
+            serde_json::json!({"type":"private","id":18,"ts":1764250000124u64,"seq":3,"from":"alice","to":"bob","body":"say \"hi\"\n"})
+        );
+        out.clear();
+        m.offline = true;
+        encode::private(&mut out, &m);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap()["offline"],
+            true
         );
         out.clear();
         encode::receipt(&mut out, 18, Some("\"r1\""), "delivered");

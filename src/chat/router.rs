@@ -1,13 +1,17 @@
-//! Who gets what: the username index, presence, and routing of public and
-//! private messages. No I/O: frames go out through an [`Outbox`], which the
-//! event loop implements over its connections (and tests implement over a Vec).
+//! Who gets what: the username index, presence, routing of public and
+//! private messages, and the outboxes that hold private messages for users
+//! who are offline (or have not acknowledged them yet). No I/O: frames go
+//! out through an [`Outbox`], which the event loop implements over its
+//! connections (and tests over a Vec); outbox changes become log records
+//! that the loop writes to disk.
 
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::protocol::{self, encode, Request, RequestError};
+use super::protocol::{self, encode, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::outbound::Chunk;
+use crate::store::{self, Entry, Full, Outboxes};
 use crate::ws::frame::{header_len, write_header, Opcode};
 
 /// At most this many names are listed in `welcome` and `users`.
@@ -39,6 +43,9 @@ pub enum Delivery {
 /// Where the router's frames go.
 pub trait Outbox {
     fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery;
+    /// Sends a reply once this turn's log records are on disk (a `queued`
+    /// receipt promises the message survives a crash).
+    fn send_when_durable(&mut self, slot: usize, frame: Chunk);
     /// Closes the connection in `slot` with a WebSocket close code.
     fn close(&mut self, slot: usize, code: u16, reason: &'static str);
 }
@@ -59,12 +66,16 @@ pub struct RouterStats {
     pub deliveries: u64,
     pub shed: u64,
     pub errors: u64,
+    pub stored: u64,
+    pub expired: u64,
 }
 
 #[derive(Debug)]
 struct Member {
     slot: usize,
     name: Rc<str>,
+    /// Opted in with `resume`: its messages stay held until acknowledged.
+    reliable: bool,
 }
 
 /// Close codes of the chat protocol (4000-4999 is for applications).
@@ -78,21 +89,29 @@ pub struct Router {
     index: HashMap<Rc<str>, usize>,
     /// Everyone online, densely, for fan-out.
     members: Vec<Member>,
+    pub outboxes: Outboxes,
     last_id: u64,
     scratch: Vec<u8>,
     pub stats: RouterStats,
 }
 
 impl Router {
-    pub fn new(limits: Limits) -> Router {
+    pub fn new(limits: Limits, outboxes: Outboxes) -> Router {
         Router {
             limits,
             index: HashMap::new(),
             members: Vec::new(),
-            last_id: 0,
+            last_id: outboxes.max_id,
+            outboxes,
             scratch: Vec::with_capacity(256),
             stats: RouterStats::default(),
         }
+    }
+
+    /// Message ids must grow across restarts too (clients de-duplicate by
+    /// id): start above every held id and above `now_ms * 1000`.
+    pub fn start_ids_after(&mut self, now_ms: u64) {
+        self.last_id = self.last_id.max(now_ms.saturating_mul(1000));
     }
 
     pub fn online(&self) -> usize {
@@ -128,11 +147,14 @@ impl Router {
             );
             return None;
         }
+        // `resume=SEQ` opts in to acknowledged delivery; a bad number counts as 0.
+        let resume = username::query_param(query, "resume").map(|v| v.parse::<u64>().unwrap_or(0));
         let name: Rc<str> = Rc::from(name);
         self.index.insert(name.clone(), self.members.len());
         self.members.push(Member {
             slot,
             name: name.clone(),
+            reliable: resume.is_some(),
         });
         let online = self.members.len();
 
@@ -152,7 +174,67 @@ impl Router {
             self.broadcast(&json, Some(slot), out);
         }
         self.scratch = json;
+        self.replay_held(slot, &name, resume, out);
         Some(name)
+    }
+
+    /// Sends what the outbox holds for a user who just connected, before
+    /// any live message. A reliable client gets what follows its `resume`
+    /// and keeps it held until it acknowledges; a simple client gets it all,
+    /// and it counts as delivered.
+    fn replay_held(
+        &mut self,
+        slot: usize,
+        name: &Rc<str>,
+        resume: Option<u64>,
+        out: &mut impl Outbox,
+    ) {
+        let after = resume.unwrap_or(0);
+        if resume.is_some() {
+            self.outboxes.ack(name, after);
+        }
+        let held: Vec<Entry> = self.outboxes.held_after(name, after).cloned().collect();
+        let Some(last) = held.last().map(|e| e.seq) else {
+            return;
+        };
+        let mut json = Vec::with_capacity(256);
+        for entry in &held {
+            json.clear();
+            encode::private(
+                &mut json,
+                &PrivateMessage {
+                    id: entry.id,
+                    ts: entry.ts,
+                    seq: entry.seq,
+                    from: &entry.from,
+                    to: name,
+                    body: &entry.body,
+                    offline: true,
+                },
+            );
+            out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
+            self.stats.deliveries += 1;
+            if !entry.notified {
+                self.outboxes.mark_notified(name, entry.seq);
+                self.notify_sender(&entry.from, entry.id, "delivered", out);
+            }
+        }
+        if resume.is_none() {
+            self.outboxes.ack(name, last);
+        }
+    }
+
+    /// Tells the sender of message `id`, if online, what became of it.
+    fn notify_sender(&mut self, sender: &str, id: u64, status: &str, out: &mut impl Outbox) {
+        if let Some(&position) = self.index.get(sender) {
+            let mut json = Vec::with_capacity(64);
+            encode::receipt(&mut json, id, None, status);
+            out.send(
+                self.members[position].slot,
+                Chunk::Owned(text_frame(&json)),
+                Class::Reply,
+            );
+        }
     }
 
     /// The connection in `slot` is gone or closing: free its name at once.
@@ -208,44 +290,116 @@ impl Router {
                 self.broadcast(&json, None, out);
             }
             Request::Private { to, body } => {
-                let id = self.next_id();
-                self.stats.private += 1;
-                let target = self.index.get(&*to).map(|&p| self.members[p].slot);
-                let delivery = match target {
-                    Some(target) => {
-                        encode::private(&mut json, id, now_ms, from, &to, &body);
-                        out.send(target, Chunk::Owned(text_frame(&json)), Class::Private)
-                    }
-                    None => Delivery::Gone,
-                };
-                json.clear();
-                match delivery {
-                    Delivery::Queued => {
-                        self.stats.deliveries += 1;
-                        encode::receipt(&mut json, id, reference, "delivered");
-                        out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
-                    }
-                    Delivery::Disconnected => {
-                        let message = format!("{to} was disconnected: too slow to receive");
-                        self.send_error(slot, "user_offline", &message, reference, out);
-                        if let Some(target) = target {
-                            self.leave(target, &to, out);
-                        }
-                    }
-                    Delivery::Gone | Delivery::Shed => {
-                        let message = format!("{to} is not online");
-                        self.send_error(slot, "user_offline", &message, reference, out);
-                    }
-                }
+                self.private(slot, from, &to, &body, reference, now_ms, &mut json, out);
             }
             Request::Users => {
                 let names = self.members.iter().take(LIST_LIMIT).map(|m| &*m.name);
                 encode::roster(&mut json, "users", None, self.members.len(), names);
                 out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
             }
+            Request::Ack { seq } => {
+                if self
+                    .index
+                    .get(from)
+                    .is_some_and(|&p| self.members[p].reliable)
+                {
+                    self.outboxes.ack(from, seq);
+                }
+            }
         }
         json.clear();
         self.scratch = json;
+    }
+
+    /// Routes one private message: live to an online recipient (and held
+    /// too if it is a reliable client), or held for an offline one.
+    #[allow(clippy::too_many_arguments)]
+    fn private(
+        &mut self,
+        slot: usize,
+        from: &str,
+        to: &str,
+        body: &str,
+        reference: Option<&str>,
+        now_ms: u64,
+        json: &mut Vec<u8>,
+        out: &mut impl Outbox,
+    ) {
+        self.stats.private += 1;
+        let target = self
+            .index
+            .get(to)
+            .map(|&p| (self.members[p].slot, self.members[p].reliable));
+        let hold = !matches!(target, Some((_, false)));
+        if hold {
+            if let Err(full) = self.outboxes.check_room(to, from.len(), body.len()) {
+                let message = match full {
+                    Full::User => format!("{to} has too many messages waiting"),
+                    Full::Store => "the offline store is full".to_string(),
+                };
+                self.send_error(slot, "offline_queue_full", &message, reference, out);
+                return;
+            }
+        }
+        let id = self.next_id();
+        let seq = self.outboxes.next_seq(to);
+        let Some((target_slot, _)) = target else {
+            self.outboxes
+                .hold(to, held_entry(seq, id, now_ms, from, body, false));
+            self.stats.stored += 1;
+            encode::receipt(json, id, reference, "queued");
+            out.send_when_durable(slot, Chunk::Owned(text_frame(json)));
+            return;
+        };
+        encode::private(
+            json,
+            &PrivateMessage {
+                id,
+                ts: now_ms,
+                seq,
+                from,
+                to,
+                body,
+                offline: false,
+            },
+        );
+        let delivery = out.send(target_slot, Chunk::Owned(text_frame(json)), Class::Private);
+        json.clear();
+        match delivery {
+            Delivery::Queued => {
+                if hold {
+                    self.outboxes
+                        .hold(to, held_entry(seq, id, now_ms, from, body, true));
+                }
+                self.stats.deliveries += 1;
+                encode::receipt(json, id, reference, "delivered");
+                out.send(slot, Chunk::Owned(text_frame(json)), Class::Reply);
+            }
+            Delivery::Disconnected | Delivery::Gone | Delivery::Shed => {
+                // Not written to a live connection: hold it like any offline message.
+                if delivery == Delivery::Disconnected {
+                    self.leave(target_slot, to, out);
+                }
+                if self.outboxes.check_room(to, from.len(), body.len()).is_ok() {
+                    self.outboxes
+                        .hold(to, held_entry(seq, id, now_ms, from, body, false));
+                    self.stats.stored += 1;
+                    encode::receipt(json, id, reference, "queued");
+                    out.send_when_durable(slot, Chunk::Owned(text_frame(json)));
+                } else {
+                    let message = format!("{to} is not online and its outbox is full");
+                    self.send_error(slot, "offline_queue_full", &message, reference, out);
+                }
+            }
+        }
+    }
+
+    /// Drops held messages past their time to live and tells their senders.
+    pub fn expire(&mut self, now_ms: u64, out: &mut impl Outbox) {
+        for (_, entry) in self.outboxes.expire(now_ms) {
+            self.stats.expired += 1;
+            self.notify_sender(&entry.from, entry.id, "expired", out);
+        }
     }
 
     fn next_id(&mut self) -> u64 {
@@ -306,6 +460,26 @@ impl Router {
     }
 }
 
+fn held_entry(seq: u64, id: u64, ts: u64, from: &str, body: &str, notified: bool) -> Entry {
+    Entry {
+        seq,
+        id,
+        ts,
+        from: Rc::from(from),
+        body: body.to_owned(),
+        notified,
+    }
+}
+
+/// Outbox limits that never bind, for routers without offline storage limits in tests.
+pub fn unlimited_outboxes() -> Outboxes {
+    Outboxes::new(store::Limits {
+        max_per_user: usize::MAX,
+        max_bytes: usize::MAX,
+        ttl_ms: u64::MAX,
+    })
+}
+
 /// One text frame holding `json`.
 pub fn text_frame(json: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(header_len(json.len()) + json.len());
@@ -327,6 +501,7 @@ mod tests {
         full: Vec<usize>,
         gone: Vec<usize>,
         shared_frames: Vec<*const u8>,
+        durable: Vec<(usize, Value)>,
     }
 
     impl Outbox for Recorder {
@@ -354,6 +529,11 @@ mod tests {
             self.sent.push((slot, value, class));
             Delivery::Queued
         }
+        fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
+            let bytes = frame.as_bytes();
+            let value = serde_json::from_slice(&bytes[2..]).expect("valid JSON");
+            self.durable.push((slot, value));
+        }
         fn close(&mut self, slot: usize, code: u16, _reason: &'static str) {
             self.closed.push((slot, code));
         }
@@ -366,10 +546,13 @@ mod tests {
     }
 
     fn router(presence_limit: usize) -> Router {
-        Router::new(Limits {
-            max_body: 100,
-            presence_limit,
-        })
+        Router::new(
+            Limits {
+                max_body: 100,
+                presence_limit,
+            },
+            unlimited_outboxes(),
+        )
     }
 
     #[test]
@@ -465,7 +648,7 @@ mod tests {
             vec![
                 (
                     2,
-                    json!({"type":"private","id":1,"ts":1234,"from":"alice","to":"bob","body":"hi"})
+                    json!({"type":"private","id":1,"ts":1234,"seq":1,"from":"alice","to":"bob","body":"hi"})
                 ),
                 (
                     1,
@@ -485,7 +668,7 @@ mod tests {
             sent[0],
             (
                 1,
-                json!({"type":"private","id":2,"ts":1235,"from":"alice","to":"alice","body":"me"})
+                json!({"type":"private","id":2,"ts":1235,"seq":1,"from":"alice","to":"alice","body":"me"})
             )
         );
         assert_eq!(sent[1].1["status"], "delivered");
@@ -496,11 +679,13 @@ mod tests {
             1,
             &mut out,
         );
-        let sent = out.take();
-        assert_eq!(sent.len(), 1);
+        assert!(out.take().is_empty(), "held, not sent");
         assert_eq!(
-            (sent[0].1["code"].clone(), sent[0].1["ref"].clone()),
-            (json!("user_offline"), json!(7))
+            out.durable,
+            vec![(
+                1,
+                json!({"type":"receipt","id":3,"ref":7,"status":"queued"})
+            )]
         );
     }
 
@@ -554,10 +739,10 @@ mod tests {
             &mut out,
         );
         let sent = out.take();
-        assert_eq!(sent[0], (1, sent[0].1.clone()));
-        assert_eq!(sent[0].1["code"], "user_offline");
         let leave = json!({"type":"leave","username":"bob","online":2});
-        assert_eq!(&sent[1..], &[(1, leave.clone()), (3, leave)]);
+        assert_eq!(sent, vec![(1, leave.clone()), (3, leave)]);
+        assert_eq!(out.durable[0].1["status"], "queued", "held for bob instead");
+        assert_eq!(r.outboxes.held().0, 1);
         assert_eq!(r.online(), 2);
     }
 
@@ -613,5 +798,127 @@ mod tests {
         );
         assert_eq!(out.take()[0].0, 4);
         assert!(r.join(5, "username=a", &mut out).is_some());
+    }
+    fn limited_router(max_per_user: usize, ttl_ms: u64) -> Router {
+        Router::new(
+            Limits {
+                max_body: 100,
+                presence_limit: 10,
+            },
+            Outboxes::new(store::Limits {
+                max_per_user,
+                max_bytes: 1 << 20,
+                ttl_ms,
+            }),
+        )
+    }
+
+    #[test]
+    fn offline_messages_are_held_then_delivered_in_order_after_welcome() {
+        let mut r = limited_router(10, 1_000_000);
+        let mut out = Recorder::default();
+        r.join(1, "username=alice", &mut out);
+        for body in ["one", "two"] {
+            let text = format!(r#"{{"type":"private","to":"bob","body":"{body}"}}"#);
+            r.handle(1, "alice", &text, 50, &mut out);
+        }
+        let queued: Vec<_> = out
+            .durable
+            .drain(..)
+            .map(|(s, v)| (s, v["status"].clone()))
+            .collect();
+        assert_eq!(queued, vec![(1, json!("queued")), (1, json!("queued"))]);
+        out.take();
+        r.join(2, "username=bob", &mut out);
+        let sent = out.take();
+        let to_bob: Vec<_> = sent
+            .iter()
+            .filter(|(s, _)| *s == 2)
+            .map(|(_, v)| v.clone())
+            .collect();
+        assert_eq!(to_bob[0]["type"], "welcome");
+        assert_eq!(
+            to_bob[1],
+            json!({"type":"private","id":1,"ts":50,"seq":1,"from":"alice","to":"bob","body":"one","offline":true})
+        );
+        assert_eq!(to_bob[2]["seq"], 2);
+        let to_alice: Vec<_> = sent
+            .iter()
+            .filter(|(s, _)| *s == 1)
+            .map(|(_, v)| v.clone())
+            .collect();
+        assert!(to_alice.contains(&json!({"type":"receipt","id":1,"status":"delivered"})));
+        assert!(to_alice.contains(&json!({"type":"receipt","id":2,"status":"delivered"})));
+        // A simple client: written counts as delivered, so nothing is held any more.
+        assert_eq!(r.outboxes.held().0, 0);
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","to":"bob","body":"live"}"#,
+            60,
+            &mut out,
+        );
+        assert_eq!(out.take()[0].1["seq"], 3, "sequence numbers continue");
+    }
+
+    #[test]
+    fn reliable_clients_keep_messages_until_acked_and_resume_after_the_gap() {
+        let mut r = limited_router(10, 1_000_000);
+        let mut out = Recorder::default();
+        r.join(1, "username=alice", &mut out);
+        r.join(2, "username=bob&resume=0", &mut out);
+        for i in 1..=3 {
+            let text = format!(r#"{{"type":"private","to":"bob","body":"m{i}"}}"#);
+            r.handle(1, "alice", &text, 10, &mut out);
+        }
+        assert_eq!(r.outboxes.held().0, 3, "live but unacknowledged");
+        r.handle(2, "bob", r#"{"type":"ack","seq":1}"#, 11, &mut out);
+        assert_eq!(r.outboxes.held().0, 2);
+        r.leave(2, "bob", &mut out);
+        out.take();
+        r.join(3, "username=bob&resume=2", &mut out);
+        let replayed: Vec<_> = out
+            .take()
+            .into_iter()
+            .filter(|(s, v)| *s == 3 && v["type"] == "private")
+            .map(|(_, v)| (v["seq"].clone(), v["offline"].clone()))
+            .collect();
+        assert_eq!(replayed, vec![(json!(3), json!(true))]);
+        assert_eq!(r.outboxes.held().0, 1, "still held until acked");
+    }
+
+    #[test]
+    fn full_outboxes_refuse_with_an_error_and_ttl_expires_with_a_receipt() {
+        let mut r = limited_router(1, 100);
+        let mut out = Recorder::default();
+        r.join(1, "username=alice", &mut out);
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","to":"bob","body":"a"}"#,
+            1000,
+            &mut out,
+        );
+        out.take();
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","to":"bob","body":"b","ref":"r"}"#,
+            1000,
+            &mut out,
+        );
+        let sent = out.take();
+        assert_eq!(
+            (sent[0].1["code"].clone(), sent[0].1["ref"].clone()),
+            (json!("offline_queue_full"), json!("r"))
+        );
+        r.expire(1099, &mut out);
+        assert!(out.take().is_empty());
+        r.expire(1100, &mut out);
+        assert_eq!(
+            out.take(),
+            vec![(1, json!({"type":"receipt","id":1,"status":"expired"}))]
+        );
+        assert_eq!(r.outboxes.held().0, 0);
     }
 }

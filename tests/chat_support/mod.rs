@@ -61,7 +61,7 @@ impl ChatServer {
         let bin = std::env::var("WSCHAT_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wschat").to_string());
         let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--data-dir", "none"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -83,7 +83,12 @@ impl Server {
     /// Starts `wschat --listen 127.0.0.1:0 <extra...>` and waits for the
     /// `listening on` line.
     pub fn start(extra: &[&str]) -> Server {
-        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            "none".into(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let echo = extra.contains(&"--echo");
         let mut child = Command::new(bin())

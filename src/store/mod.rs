@@ -1,0 +1,8 @@
+//! Offline delivery: per-user outboxes in memory, and the log that makes
+//! them survive restarts and crashes.
+
+pub mod log;
+pub mod outbox;
+pub mod record;
+
+pub use outbox::{Entry, Full, Limits, Outboxes};

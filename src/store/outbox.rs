@@ -1,0 +1,451 @@
+//! Every user's outbox, in memory: private messages held until they are
+//! acknowledged (reliable clients), written to a live connection (simple
+//! clients), or expire. No I/O: each change is also encoded as a log record
+//! into `pending`, which the event loop appends to disk once per turn.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use super::record::{Record, FRAME_OVERHEAD};
+
+/// Sequence numbers are reserved on disk this many at a time, so a live
+/// delivery costs no log write while a restart still never reuses one.
+const SEQ_BLOCK: u64 = 1024;
+
+/// Memory counted per held message beyond its strings.
+const ENTRY_OVERHEAD: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_per_user: usize,
+    pub max_bytes: usize,
+    pub ttl_ms: u64,
+}
+
+/// A held private message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub id: u64,
+    pub ts: u64,
+    pub from: Rc<str>,
+    pub body: String,
+    /// The sender has been told it was delivered.
+    pub notified: bool,
+}
+
+impl Entry {
+    fn cost(&self) -> usize {
+        self.body.len() + self.from.len() + ENTRY_OVERHEAD
+    }
+}
+
+#[derive(Debug, Default)]
+struct UserBox {
+    /// The next sequence number to give out.
+    next_seq: u64,
+    /// Numbers below this are reserved on disk.
+    floor: u64,
+    entries: VecDeque<Entry>,
+}
+
+/// Why a message could not be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    User,
+    Store,
+}
+
+#[derive(Debug)]
+pub struct Outboxes {
+    limits: Limits,
+    users: HashMap<Rc<str>, UserBox>,
+    /// (expires at, user, seq) in expiry order.
+    expiry: VecDeque<(u64, Rc<str>, u64)>,
+    held: usize,
+    held_bytes: usize,
+    /// Encoded records not yet handed to the log.
+    pending: Vec<u8>,
+    /// The largest message id held (ids must keep growing across restarts).
+    pub max_id: u64,
+}
+
+impl Outboxes {
+    pub fn new(limits: Limits) -> Outboxes {
+        Outboxes {
+            limits,
+            users: HashMap::new(),
+            expiry: VecDeque::new(),
+            held: 0,
+            held_bytes: 0,
+            pending: Vec::new(),
+            max_id: 0,
+        }
+    }
+
+    /// Messages held, and their bytes.
+    pub fn held(&self) -> (usize, usize) {
+        (self.held, self.held_bytes)
+    }
+
+    /// Gives out `user`'s next sequence number.
+    pub fn next_seq(&mut self, user: &str) -> u64 {
+        let key = self.key(user);
+        let b = self.users.entry(key.clone()).or_default();
+        b.next_seq = b.next_seq.max(1);
+        let seq = b.next_seq;
+        b.next_seq += 1;
+        if b.next_seq > b.floor {
+            b.floor = b.next_seq + SEQ_BLOCK;
+            let record = Record::SeqFloor {
+                user: key.to_string(),
+                next: b.floor,
+            };
+            record.encode(&mut self.pending);
+        }
+        seq
+    }
+
+    /// Checks the quotas for one more message of `body_len` bytes.
+    pub fn check_room(&self, user: &str, from_len: usize, body_len: usize) -> Result<(), Full> {
+        if self
+            .users
+            .get(user)
+            .is_some_and(|b| b.entries.len() >= self.limits.max_per_user)
+        {
+            return Err(Full::User);
+        }
+        if self.held_bytes + body_len + from_len + ENTRY_OVERHEAD > self.limits.max_bytes {
+            return Err(Full::Store);
+        }
+        Ok(())
+    }
+
+    /// Holds a message for `user` (the caller checked the quotas).
+    pub fn hold(&mut self, user: &str, entry: Entry) {
+        let record = Record::Store {
+            user: user.to_owned(),
+            seq: entry.seq,
+            id: entry.id,
+            ts: entry.ts,
+            from: entry.from.to_string(),
+            body: entry.body.clone(),
+        };
+        record.encode(&mut self.pending);
+        self.insert(user, entry);
+    }
+
+    fn insert(&mut self, user: &str, entry: Entry) {
+        let key = self.key(user);
+        self.held += 1;
+        self.held_bytes += entry.cost();
+        self.max_id = self.max_id.max(entry.id);
+        self.expiry.push_back((
+            entry.ts.saturating_add(self.limits.ttl_ms),
+            key.clone(),
+            entry.seq,
+        ));
+        let b = self.users.entry(key).or_default();
+        b.next_seq = b.next_seq.max(entry.seq + 1);
+        b.entries.push_back(entry);
+    }
+
+    /// The messages held for `user` after `seq`, oldest first.
+    pub fn held_after(&self, user: &str, seq: u64) -> impl Iterator<Item = &Entry> {
+        self.users
+            .get(user)
+            .into_iter()
+            .flat_map(move |b| b.entries.iter().filter(move |e| e.seq > seq))
+    }
+
+    /// Records that the sender of `user`'s message `seq` was told it arrived.
+    pub fn mark_notified(&mut self, user: &str, seq: u64) {
+        if let Some(e) = self
+            .users
+            .get_mut(user)
+            .and_then(|b| b.entries.iter_mut().find(|e| e.seq == seq))
+        {
+            e.notified = true;
+        }
+    }
+
+    /// Drops `user`'s messages up to `seq`. Returns how many.
+    pub fn ack(&mut self, user: &str, seq: u64) -> usize {
+        let Some(b) = self.users.get_mut(user) else {
+            return 0;
+        };
+        let mut dropped = 0;
+        while b.entries.front().is_some_and(|e| e.seq <= seq) {
+            if let Some(e) = b.entries.pop_front() {
+                self.held -= 1;
+                self.held_bytes -= e.cost();
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            Record::Ack {
+                user: user.to_owned(),
+                seq,
+            }
+            .encode(&mut self.pending);
+        }
+        dropped
+    }
+
+    /// When the oldest held message expires (Unix ms).
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.expiry.front().map(|(at, _, _)| *at)
+    }
+
+    /// Removes the messages whose time to live has passed; returns each
+    /// with its recipient.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(Rc<str>, Entry)> {
+        let mut expired = Vec::new();
+        while let Some((at, user, seq)) = self.expiry.front().cloned() {
+            if at > now_ms {
+                break;
+            }
+            self.expiry.pop_front();
+            let Some(b) = self.users.get_mut(&user) else {
+                continue;
+            };
+            // A user's messages expire in order, so a live one is at the front.
+            if b.entries.front().is_some_and(|e| e.seq == seq) {
+                if let Some(e) = b.entries.pop_front() {
+                    self.held -= 1;
+                    self.held_bytes -= e.cost();
+                    Record::Expire {
+                        user: user.to_string(),
+                        seq,
+                    }
+                    .encode(&mut self.pending);
+                    expired.push((user, e));
+                }
+            }
+        }
+        expired
+    }
+
+    /// Takes the records produced since the last call.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Rebuilds state from a record read back from the log.
+    pub fn replay(&mut self, record: Record) {
+        match record {
+            Record::Store {
+                user,
+                seq,
+                id,
+                ts,
+                from,
+                body,
+            } => {
+                let entry = Entry {
+                    seq,
+                    id,
+                    ts,
+                    from: Rc::from(from),
+                    body,
+                    notified: false,
+                };
+                self.insert(&user, entry);
+            }
+            Record::Ack { user, seq } | Record::Expire { user, seq } => {
+                if let Some(b) = self.users.get_mut(user.as_str()) {
+                    while b.entries.front().is_some_and(|e| e.seq <= seq) {
+                        if let Some(e) = b.entries.pop_front() {
+                            self.held -= 1;
+                            self.held_bytes -= e.cost();
+                        }
+                    }
+                }
+            }
+            Record::SeqFloor { user, next } => {
+                let b = self.users.entry(Rc::from(user)).or_default();
+                b.floor = b.floor.max(next);
+                b.next_seq = b.next_seq.max(next);
+            }
+        }
+    }
+
+    /// After replay: give out numbers from the reserved floor on (some below
+    /// it may have been used before a crash) and put expiries in time order.
+    pub fn finish_replay(&mut self) {
+        for b in self.users.values_mut() {
+            b.next_seq = b.next_seq.max(b.floor).max(1);
+        }
+        let ttl = self.limits.ttl_ms;
+        let mut expiry: Vec<_> = self
+            .users
+            .iter()
+            .flat_map(|(user, b)| {
+                b.entries
+                    .iter()
+                    .map(move |e| (e.ts.saturating_add(ttl), user.clone(), e.seq))
+            })
+            .collect();
+        expiry.sort();
+        self.expiry = expiry.into();
+        self.pending.clear();
+    }
+
+    /// The records that rebuild the current state: the compacted log.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (user, b) in &self.users {
+            Record::SeqFloor {
+                user: user.to_string(),
+                next: b.next_seq.max(b.floor),
+            }
+            .encode(&mut out);
+            for e in &b.entries {
+                Record::Store {
+                    user: user.to_string(),
+                    seq: e.seq,
+                    id: e.id,
+                    ts: e.ts,
+                    from: e.from.to_string(),
+                    body: e.body.clone(),
+                }
+                .encode(&mut out);
+            }
+        }
+        out
+    }
+
+    /// About the size of [`snapshot`](Self::snapshot), for the compaction threshold.
+    pub fn live_log_bytes(&self) -> usize {
+        self.held_bytes + self.users.len() * (FRAME_OVERHEAD + 48)
+    }
+
+    /// The shared key for `user`, reusing an existing one.
+    fn key(&self, user: &str) -> Rc<str> {
+        match self.users.get_key_value(user) {
+            Some((k, _)) => k.clone(),
+            None => Rc::from(user),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outboxes() -> Outboxes {
+        Outboxes::new(Limits {
+            max_per_user: 3,
+            max_bytes: 10_000,
+            ttl_ms: 1000,
+        })
+    }
+
+    fn entry(o: &mut Outboxes, user: &str, id: u64, ts: u64) -> Entry {
+        Entry {
+            seq: o.next_seq(user),
+            id,
+            ts,
+            from: Rc::from("alice"),
+            body: format!("m{id}"),
+            notified: false,
+        }
+    }
+
+    fn replayed(bytes: &[u8], limits: Limits) -> Outboxes {
+        let mut o = Outboxes::new(limits);
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let (r, used) = Record::decode(&bytes[pos..]).unwrap();
+            o.replay(r);
+            pos += used;
+        }
+        o.finish_replay();
+        o
+    }
+
+    #[test]
+    fn holds_acks_and_replays_in_order() {
+        let mut o = outboxes();
+        let mut log = Vec::new();
+        for id in 1..=3 {
+            let e = entry(&mut o, "bob", id, 100);
+            o.hold("bob", e);
+        }
+        assert_eq!(o.check_room("bob", 5, 2), Err(Full::User));
+        assert_eq!(
+            o.held_after("bob", 1).map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(o.ack("bob", 2), 2);
+        assert_eq!(o.ack("bob", 2), 0);
+        log.extend(o.take_pending());
+        let back = replayed(&log, o.limits);
+        assert_eq!(
+            back.held_after("bob", 0).map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(back.held(), o.held());
+    }
+
+    #[test]
+    fn sequence_numbers_survive_a_restart_without_reuse() {
+        let mut o = outboxes();
+        for _ in 0..5 {
+            o.next_seq("bob");
+        }
+        let log = o.take_pending();
+        let mut back = replayed(&log, o.limits);
+        assert!(back.next_seq("bob") > 5);
+        assert_eq!(replayed(&[], o.limits).users.len(), 0);
+        let mut fresh = outboxes();
+        assert_eq!(fresh.next_seq("carol"), 1);
+        assert_eq!(fresh.next_seq("carol"), 2);
+    }
+
+    #[test]
+    fn expiry_removes_in_time_order_and_skips_acked() {
+        let mut o = outboxes();
+        for (id, ts) in [(1, 100), (2, 200), (3, 300)] {
+            let e = entry(&mut o, "bob", id, ts);
+            o.hold("bob", e);
+        }
+        o.ack("bob", 1);
+        assert_eq!(o.next_expiry(), Some(1100));
+        let gone = o.expire(1250);
+        assert_eq!(gone.iter().map(|(_, e)| e.id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(o.held().0, 1);
+        let back = replayed(&o.take_pending(), o.limits);
+        assert_eq!(back.held().0, 1);
+    }
+
+    #[test]
+    fn store_wide_byte_quota() {
+        let mut o = Outboxes::new(Limits {
+            max_per_user: 100,
+            max_bytes: 200,
+            ttl_ms: 1000,
+        });
+        let e = entry(&mut o, "bob", 1, 1);
+        assert_eq!(o.check_room("bob", 5, 100), Ok(()));
+        o.hold("bob", e);
+        assert_eq!(o.check_room("carol", 5, 100), Err(Full::Store));
+    }
+
+    #[test]
+    fn snapshot_rebuilds_the_same_state() {
+        let mut o = outboxes();
+        for (user, id) in [("bob", 1), ("bob", 2), ("carol", 3)] {
+            let e = entry(&mut o, user, id, 10);
+            o.hold(user, e);
+        }
+        o.ack("bob", 1);
+        let back = replayed(&o.snapshot(), o.limits);
+        assert_eq!(back.held(), o.held());
+        assert_eq!(
+            back.held_after("bob", 0).map(|e| e.id).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(back.max_id, 3);
+    }
+}
