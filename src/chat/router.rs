@@ -189,7 +189,9 @@ impl Router {
         resume: Option<u64>,
         out: &mut impl Outbox,
     ) {
-        let after = resume.unwrap_or(0);
+        // A resume point beyond anything given out (the server lost its
+        // numbering, e.g. `--data-dir none` restarted) acknowledges nothing.
+        let after = resume.unwrap_or(0).min(self.outboxes.last_seq(name));
         if resume.is_some() {
             self.outboxes.ack(name, after);
         }

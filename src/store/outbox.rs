@@ -106,6 +106,13 @@ impl Outboxes {
         seq
     }
 
+    /// The last sequence number given out for `user` (0: none).
+    pub fn last_seq(&self, user: &str) -> u64 {
+        self.users
+            .get(user)
+            .map_or(0, |b| b.next_seq.saturating_sub(1))
+    }
+
     /// Checks the quotas for one more message of `body_len` bytes.
     pub fn check_room(&self, user: &str, from_len: usize, body_len: usize) -> Result<(), Full> {
         if self
