@@ -1,0 +1,301 @@
+//! `fanout`: N idle receivers and one publisher sending public messages at a
+//! fixed rate; per message, the time until the last receiver had it.
+
+use std::time::Duration;
+
+use crate::hist::Histogram;
+use crate::net::{App, Net};
+use crate::os::{now_ns, set_timer_slack_ns, CpuMark};
+use crate::private::{close_all, settle};
+use crate::report::{round1, Report, TypeCounts};
+use crate::scan::{field, parse_body, push_body};
+use crate::{Common, Outcome};
+
+pub struct Opts {
+    pub receivers: usize,
+    pub rate: f64,
+    pub size: usize,
+    pub duration: f64,
+    pub warmup: f64,
+}
+
+struct FanoutApp {
+    receivers: usize,
+    publisher_name: String,
+    /// Per message: its scheduled send time, receivers reached, last arrival.
+    sent_at: Vec<u64>,
+    reached: Vec<u32>,
+    last: Vec<u64>,
+    /// Per receiver: the next sequence number expected.
+    expect: Vec<u64>,
+    t0: u64,
+    t1: u64,
+    delivery: Histogram,
+    deliveries: u64,
+    deliveries_window: u64,
+    own_copies: u64,
+    misrouted: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    malformed: u64,
+    types: TypeCounts,
+}
+
+impl FanoutApp {
+    fn incomplete(&self) -> bool {
+        self.reached.iter().any(|&r| (r as usize) < self.receivers)
+    }
+}
+
+impl App for FanoutApp {
+    fn on_text(&mut self, _net: &mut Net, _id: usize, tag: usize, text: &[u8], now: u64) {
+        match field(text, "type") {
+            Some(b"public") => {}
+            Some(ty) => return self.types.add(ty),
+            None => return self.types.add(b"(no type)"),
+        }
+        let fields = field(text, "body").and_then(|b| parse_body(b, [b'K', b'T']));
+        let Some([seq, ts]) = fields else {
+            self.malformed += 1;
+            return;
+        };
+        let seq = seq as usize;
+        if field(text, "from") != Some(self.publisher_name.as_bytes())
+            || seq >= self.sent_at.len()
+            || self.sent_at[seq] != ts
+        {
+            self.misrouted += 1;
+            return;
+        }
+        if tag >= self.receivers {
+            self.own_copies += 1;
+            return;
+        }
+        let expect = &mut self.expect[tag];
+        if seq as u64 == *expect {
+            *expect += 1;
+        } else if seq as u64 > *expect {
+            *expect = seq as u64 + 1;
+        } else {
+            // Behind the expected number: a duplicate or a reordering.
+            self.out_of_order += 1;
+        }
+        if self.reached[seq] as usize >= self.receivers {
+            self.duplicates += 1;
+            return;
+        }
+        self.reached[seq] += 1;
+        self.last[seq] = self.last[seq].max(now);
+        self.deliveries += 1;
+        if now >= self.t0 && now < self.t1 {
+            self.deliveries_window += 1;
+        }
+        if ts >= self.t0 && ts < self.t1 {
+            self.delivery.record(now.saturating_sub(ts));
+        }
+    }
+}
+
+pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
+    if o.receivers == 0 || o.size == 0 || !crate::positive(o.rate) || !crate::positive(o.duration) {
+        return Err("--receivers, --rate, --size and --duration must be positive".into());
+    }
+    if !crate::non_negative(o.warmup) {
+        return Err("--warmup must not be negative".into());
+    }
+    c.check_fds(o.receivers + 1)?;
+    set_timer_slack_ns(1);
+    let n = o.receivers;
+    let mut names: Vec<String> = (0..n).map(|i| format!("{}f{i}", c.prefix)).collect();
+    let publisher_name = format!("{}pub", c.prefix);
+    names.push(publisher_name.clone());
+    let mut app = FanoutApp {
+        receivers: n,
+        publisher_name,
+        sent_at: Vec::new(),
+        reached: Vec::new(),
+        last: Vec::new(),
+        expect: vec![0; n],
+        t0: u64::MAX,
+        t1: u64::MAX,
+        delivery: Histogram::new(),
+        deliveries: 0,
+        deliveries_window: 0,
+        own_copies: 0,
+        misrouted: 0,
+        duplicates: 0,
+        out_of_order: 0,
+        malformed: 0,
+        types: TypeCounts::default(),
+    };
+    let io = |e: std::io::Error| format!("event loop: {e}");
+    let mut net = Net::new(c.target.clone()).map_err(io)?;
+    net.enable_timer().map_err(io)?;
+    let connect_start = now_ns();
+    let ids = net
+        .open_all(&mut app, &names, c.batch, connect_start + c.timeout_ns())
+        .map_err(io)?;
+    let connect_secs = (now_ns() - connect_start) as f64 / 1e9;
+    let opened = ids.iter().filter(|i| i.is_some()).count();
+    if opened < names.len() {
+        return Err(format!(
+            "only {opened} of {} connections opened: {}",
+            names.len(),
+            net.stats.failures.join("; ")
+        ));
+    }
+    let publisher = ids[n].expect("opened");
+    // Presence events from connecting go to everyone: let them drain.
+    settle(&mut net, &mut app, 0.3 + n as f64 / 20_000.0).map_err(io)?;
+    let before = net.stats.clone();
+
+    let t_start = now_ns();
+    let t0 = t_start + (o.warmup * 1e9) as u64;
+    let t1 = t0 + (o.duration * 1e9) as u64;
+    app.t0 = t0;
+    app.t1 = t1;
+    let interval = 1e9 / o.rate;
+    let mut msg = Vec::with_capacity(o.size + 64);
+    let mut mark0 = None;
+    let mark1;
+    let mut lag = Histogram::new();
+    loop {
+        let now = now_ns();
+        if mark0.is_none() && now >= t0 {
+            mark0 = Some(CpuMark::take(c.pid));
+        }
+        if now >= t1 {
+            mark1 = CpuMark::take(c.pid);
+            break;
+        }
+        loop {
+            let k = app.sent_at.len();
+            let at = t_start + (k as f64 * interval) as u64;
+            if at >= t1 {
+                break;
+            }
+            let now = now_ns();
+            if at > now {
+                net.wake_at(at);
+                break;
+            }
+            if at >= t0 {
+                lag.record(now - at);
+            }
+            msg.clear();
+            msg.extend_from_slice(br#"{"type":"public","body":""#);
+            push_body(&mut msg, &[(b'K', k as u64), (b'T', at)], o.size);
+            msg.extend_from_slice(br#""}"#);
+            app.sent_at.push(at);
+            app.reached.push(0);
+            app.last.push(0);
+            net.send_text(publisher, &msg);
+        }
+        let next_boundary = if now < t0 { t0 } else { t1 };
+        let wait = Duration::from_nanos(next_boundary - now).min(Duration::from_millis(50));
+        net.turn(&mut app, wait).map_err(io)?;
+    }
+    let mark0 = mark0.unwrap_or(mark1);
+    let cpu = mark0.until(&mark1);
+    let drain_end = now_ns() + c.drain_ns();
+    while app.incomplete() && now_ns() < drain_end && !net.conns.is_empty() {
+        net.turn(&mut app, Duration::from_millis(10)).map_err(io)?;
+    }
+    let during = net.stats.clone();
+    close_all(&mut net, &mut app).map_err(io)?;
+
+    // Per message in the window: time until the last receiver had it.
+    let mut last_hist = Histogram::new();
+    let mut missing = 0u64;
+    let mut window_msgs = 0u64;
+    let mut incomplete_msgs = 0u64;
+    for (k, &at) in app.sent_at.iter().enumerate() {
+        let reached = app.reached[k] as u64;
+        missing += n as u64 - reached;
+        if at < t0 {
+            continue;
+        }
+        window_msgs += 1;
+        if reached == n as u64 {
+            last_hist.record(app.last[k] - at);
+        } else {
+            incomplete_msgs += 1;
+        }
+    }
+    let sent = app.sent_at.len() as u64;
+    let per_s = app.deliveries_window as f64 / o.duration;
+    let mut r = Report::new(
+        "fanout",
+        format!(
+            "wschat-bench fanout: {n} receivers, {} msg/s public, {} B bodies, {}s window after {}s warmup, {}",
+            o.rate, o.size, o.duration, o.warmup, c.url
+        ),
+    );
+    r.val("receivers", n);
+    r.val("rate", o.rate);
+    r.val("size", o.size);
+    r.val("duration_s", o.duration);
+    r.row(
+        "connect",
+        format!(
+            "{} connections in {connect_secs:.2}s ({:.0} handshakes/s)",
+            names.len(),
+            names.len() as f64 / connect_secs.max(1e-9)
+        ),
+    );
+    r.row(
+        "deliveries",
+        format!(
+            "{per_s:.0} /s in the window (expected {:.0})",
+            o.rate * n as f64
+        ),
+    );
+    r.val("deliveries_per_s", round1(per_s));
+    r.latency("last_receiver", "last receiver (µs)", &last_hist);
+    r.latency("delivery", "each delivery (µs)", &app.delivery);
+    r.latency("send_lag", "send lag (µs)", &lag);
+    r.row(
+        "messages",
+        format!(
+            "{sent} published ({window_msgs} in the window, {incomplete_msgs} of them not reaching everyone), {} deliveries, {missing} missing, {} own copies",
+            app.deliveries, app.own_copies
+        ),
+    );
+    r.row(
+        "errors",
+        format!(
+            "{} misrouted, {} duplicates, {} out of order, {} malformed",
+            app.misrouted, app.duplicates, app.out_of_order, app.malformed
+        ),
+    );
+    r.val("published", sent);
+    r.val("deliveries", app.deliveries);
+    r.val("missing", missing);
+    r.val("own_copies", app.own_copies);
+    r.val("misrouted", app.misrouted);
+    r.val("duplicates", app.duplicates);
+    r.val("out_of_order", app.out_of_order);
+    r.val("malformed", app.malformed);
+    r.row("other messages", app.types.text());
+    r.val("other_types", app.types.json());
+    if missing > 0 {
+        r.warn(format!(
+            "{missing} deliveries missing ({} gap events received)",
+            app.types.get("gap")
+        ));
+    }
+    r.cpu(&cpu, Some((per_s, "delivery")));
+    r.net(&net.stats);
+    let server_errors = app.types.get("error");
+    let ended_early = (during.closed_by_server - before.closed_by_server)
+        + (during.eofs - before.eofs)
+        + (during.io_errors - before.io_errors)
+        + during.protocol_errors;
+    let errors = app.misrouted
+        + app.duplicates
+        + app.out_of_order
+        + app.malformed
+        + server_errors
+        + ended_early;
+    Ok(Outcome { report: r, errors })
+}
