@@ -319,6 +319,7 @@ impl Server {
             self.end_turn(now)?;
             if let Some(by) = self.core.shutdown_by {
                 if self.conns.is_empty() || Instant::now() >= by {
+                    self.core.compact_log();
                     log::info!("shut down ({} connections left)", self.conns.len());
                     log::flush();
                     return Ok(());
@@ -942,6 +943,16 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Rewrites the log to just the live records (at a clean shutdown, so
+    /// the next start reads little and skips no sequence numbers).
+    fn compact_log(&mut self) {
+        if let (App::Chat(router), Some(log)) = (&mut self.app, &mut self.log) {
+            if let Err(e) = log.compact(&router.outboxes.snapshot()) {
+                log::warn!("compacting the outbox log at shutdown: {e}");
+            }
+        }
     }
 
     /// Figures for `/metrics` that live outside `Metrics`.

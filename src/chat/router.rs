@@ -327,6 +327,11 @@ impl Router {
         json: &mut Vec<u8>,
         out: &mut impl Outbox,
     ) {
+        if !username::is_valid(to) {
+            let message = "no user can have that name";
+            self.send_error(slot, "invalid_username", message, reference, out);
+            return;
+        }
         self.stats.private += 1;
         let target = self
             .index
@@ -400,7 +405,10 @@ impl Router {
     pub fn expire(&mut self, now_ms: u64, out: &mut impl Outbox) {
         for (_, entry) in self.outboxes.expire(now_ms) {
             self.stats.expired += 1;
-            self.notify_sender(&entry.from, entry.id, "expired", out);
+            // One the sender already heard was delivered just goes quietly.
+            if !entry.notified {
+                self.notify_sender(&entry.from, entry.id, "expired", out);
+            }
         }
     }
 
@@ -922,5 +930,23 @@ mod tests {
             vec![(1, json!({"type":"receipt","id":1,"status":"expired"}))]
         );
         assert_eq!(r.outboxes.held().0, 0);
+    }
+
+    #[test]
+    fn a_private_to_a_name_no_one_can_hold_is_refused() {
+        let mut r = limited_router(10, 1000);
+        let mut out = Recorder::default();
+        r.join(1, "username=alice", &mut out);
+        out.take();
+        r.handle(
+            1,
+            "alice",
+            r#"{"type":"private","to":"no one","body":"x","ref":1}"#,
+            1,
+            &mut out,
+        );
+        let sent = out.take();
+        assert_eq!(sent[0].1["code"], "invalid_username");
+        assert_eq!(r.outboxes.held(), (0, 0));
     }
 }

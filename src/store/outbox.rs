@@ -15,6 +15,10 @@ const SEQ_BLOCK: u64 = 1024;
 /// Memory counted per held message beyond its strings.
 const ENTRY_OVERHEAD: usize = 64;
 
+/// Memory counted per tracked name beyond the name: its sequence counter is
+/// kept for good, so it counts against `--offline-max-bytes` too.
+const USER_OVERHEAD: usize = 64;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_per_user: usize,
@@ -64,6 +68,8 @@ pub struct Outboxes {
     expiry: VecDeque<(u64, Rc<str>, u64)>,
     held: usize,
     held_bytes: usize,
+    /// What the tracked names themselves cost.
+    names_bytes: usize,
     /// Encoded records not yet handed to the log.
     pending: Vec<u8>,
     /// The largest message id held (ids must keep growing across restarts).
@@ -78,6 +84,7 @@ impl Outboxes {
             expiry: VecDeque::new(),
             held: 0,
             held_bytes: 0,
+            names_bytes: 0,
             pending: Vec::new(),
             max_id: 0,
         }
@@ -88,10 +95,24 @@ impl Outboxes {
         (self.held, self.held_bytes)
     }
 
+    /// The box of `user`, created (and counted) on first use.
+    fn user_box(&mut self, user: &str) -> (Rc<str>, &mut UserBox) {
+        if !self.users.contains_key(user) {
+            self.names_bytes += USER_OVERHEAD + user.len();
+            self.users.insert(Rc::from(user), UserBox::default());
+        }
+        match self.users.get_key_value(user) {
+            Some((k, _)) => {
+                let key = k.clone();
+                (key, self.users.get_mut(user).expect("present"))
+            }
+            None => unreachable!("inserted above"),
+        }
+    }
+
     /// Gives out `user`'s next sequence number.
     pub fn next_seq(&mut self, user: &str) -> u64 {
-        let key = self.key(user);
-        let b = self.users.entry(key.clone()).or_default();
+        let (key, b) = self.user_box(user);
         b.next_seq = b.next_seq.max(1);
         let seq = b.next_seq;
         b.next_seq += 1;
@@ -122,7 +143,14 @@ impl Outboxes {
         {
             return Err(Full::User);
         }
-        if self.held_bytes + body_len + from_len + ENTRY_OVERHEAD > self.limits.max_bytes {
+        let new_name = if self.users.contains_key(user) {
+            0
+        } else {
+            USER_OVERHEAD + user.len()
+        };
+        let after =
+            self.held_bytes + self.names_bytes + new_name + body_len + from_len + ENTRY_OVERHEAD;
+        if after > self.limits.max_bytes {
             return Err(Full::Store);
         }
         Ok(())
@@ -137,24 +165,22 @@ impl Outboxes {
             ts: entry.ts,
             from: entry.from.to_string(),
             body: entry.body.clone(),
+            notified: entry.notified,
         };
         record.encode(&mut self.pending);
         self.insert(user, entry);
     }
 
     fn insert(&mut self, user: &str, entry: Entry) {
-        let key = self.key(user);
         self.held += 1;
         self.held_bytes += entry.cost();
         self.max_id = self.max_id.max(entry.id);
-        self.expiry.push_back((
-            entry.ts.saturating_add(self.limits.ttl_ms),
-            key.clone(),
-            entry.seq,
-        ));
-        let b = self.users.entry(key).or_default();
+        let expires = entry.ts.saturating_add(self.limits.ttl_ms);
+        let seq = entry.seq;
+        let (key, b) = self.user_box(user);
         b.next_seq = b.next_seq.max(entry.seq + 1);
         b.entries.push_back(entry);
+        self.expiry.push_back((expires, key, seq));
     }
 
     /// The messages held for `user` after `seq`, oldest first.
@@ -173,6 +199,11 @@ impl Outboxes {
             .and_then(|b| b.entries.iter_mut().find(|e| e.seq == seq))
         {
             e.notified = true;
+            Record::Notified {
+                user: user.to_owned(),
+                seq,
+            }
+            .encode(&mut self.pending);
         }
     }
 
@@ -248,6 +279,7 @@ impl Outboxes {
                 ts,
                 from,
                 body,
+                notified,
             } => {
                 let entry = Entry {
                     seq,
@@ -255,9 +287,18 @@ impl Outboxes {
                     ts,
                     from: Rc::from(from),
                     body,
-                    notified: false,
+                    notified,
                 };
                 self.insert(&user, entry);
+            }
+            Record::Notified { user, seq } => {
+                if let Some(e) = self
+                    .users
+                    .get_mut(user.as_str())
+                    .and_then(|b| b.entries.iter_mut().find(|e| e.seq == seq))
+                {
+                    e.notified = true;
+                }
             }
             Record::Ack { user, seq } | Record::Expire { user, seq } => {
                 if let Some(b) = self.users.get_mut(user.as_str()) {
@@ -270,7 +311,7 @@ impl Outboxes {
                 }
             }
             Record::SeqFloor { user, next } => {
-                let b = self.users.entry(Rc::from(user)).or_default();
+                let (_, b) = self.user_box(&user);
                 b.floor = b.floor.max(next);
                 b.next_seq = b.next_seq.max(next);
             }
@@ -298,13 +339,17 @@ impl Outboxes {
         self.pending.clear();
     }
 
-    /// The records that rebuild the current state: the compacted log.
-    pub fn snapshot(&self) -> Vec<u8> {
+    /// The records that rebuild the current state: the compacted log. The
+    /// exact next sequence numbers are recorded (so a clean restart skips
+    /// none) and the next number given out reserves a new block first.
+    pub fn snapshot(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        for (user, b) in &self.users {
+        for (user, b) in &mut self.users {
+            b.next_seq = b.next_seq.max(1);
+            b.floor = b.next_seq;
             Record::SeqFloor {
                 user: user.to_string(),
-                next: b.next_seq.max(b.floor),
+                next: b.next_seq,
             }
             .encode(&mut out);
             for e in &b.entries {
@@ -315,6 +360,7 @@ impl Outboxes {
                     ts: e.ts,
                     from: e.from.to_string(),
                     body: e.body.clone(),
+                    notified: e.notified,
                 }
                 .encode(&mut out);
             }
@@ -324,15 +370,7 @@ impl Outboxes {
 
     /// About the size of [`snapshot`](Self::snapshot), for the compaction threshold.
     pub fn live_log_bytes(&self) -> usize {
-        self.held_bytes + self.users.len() * (FRAME_OVERHEAD + 48)
-    }
-
-    /// The shared key for `user`, reusing an existing one.
-    fn key(&self, user: &str) -> Rc<str> {
-        match self.users.get_key_value(user) {
-            Some((k, _)) => k.clone(),
-            None => Rc::from(user),
-        }
+        self.held_bytes + self.names_bytes + self.users.len() * FRAME_OVERHEAD
     }
 }
 
@@ -430,7 +468,7 @@ mod tests {
     fn store_wide_byte_quota() {
         let mut o = Outboxes::new(Limits {
             max_per_user: 100,
-            max_bytes: 200,
+            max_bytes: 300,
             ttl_ms: 1000,
         });
         let e = entry(&mut o, "bob", 1, 1);
@@ -447,7 +485,8 @@ mod tests {
             o.hold(user, e);
         }
         o.ack("bob", 1);
-        let back = replayed(&o.snapshot(), o.limits);
+        let snapshot = o.snapshot();
+        let back = replayed(&snapshot, o.limits);
         assert_eq!(back.held(), o.held());
         assert_eq!(
             back.held_after("bob", 0).map(|e| e.id).collect::<Vec<_>>(),

@@ -15,7 +15,11 @@ pub enum Record {
         ts: u64,
         from: String,
         body: String,
+        /// The sender was already told it was delivered.
+        notified: bool,
     },
+    /// The sender of `user`'s message `seq` was told it was delivered.
+    Notified { user: String, seq: u64 },
     /// Everything for `user` up to `seq` is done with (acknowledged by a
     /// reliable client, or written to a simple client's connection).
     Ack { user: String, seq: u64 },
@@ -29,6 +33,7 @@ const STORE: u8 = 1;
 const ACK: u8 = 2;
 const EXPIRE: u8 = 3;
 const SEQ_FLOOR: u8 = 4;
+const NOTIFIED: u8 = 5;
 
 /// Bytes of framing around each payload.
 pub const FRAME_OVERHEAD: usize = 8;
@@ -55,6 +60,7 @@ impl Record {
                 ts,
                 from,
                 body,
+                notified,
             } => {
                 out.push(STORE);
                 put_str(out, user);
@@ -63,6 +69,12 @@ impl Record {
                 put_u64(out, *ts);
                 put_str(out, from);
                 put_str(out, body);
+                out.push(u8::from(*notified));
+            }
+            Record::Notified { user, seq } => {
+                out.push(NOTIFIED);
+                put_str(out, user);
+                put_u64(out, *seq);
             }
             Record::Ack { user, seq } => {
                 out.push(ACK);
@@ -107,6 +119,11 @@ impl Record {
                 ts: r.u64()?,
                 from: r.string()?,
                 body: r.string()?,
+                notified: r.u8()? != 0,
+            },
+            NOTIFIED => Record::Notified {
+                user: r.string()?,
+                seq: r.u64()?,
             },
             ACK => Record::Ack {
                 user: r.string()?,
@@ -210,6 +227,11 @@ mod tests {
                 ts: 1_764_250_000_123,
                 from: "小明".into(),
                 body: "hello \"world\" 😀".into(),
+                notified: true,
+            },
+            Record::Notified {
+                user: "bob".into(),
+                seq: 7,
             },
             Record::Ack {
                 user: "bob".into(),
