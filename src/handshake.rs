@@ -230,11 +230,22 @@ fn is_valid_key(key: &[u8]) -> bool {
         return false;
     };
     symbols.len() == 22
-        && symbols.iter().all(|b| BASE64.contains(b))
-        && BASE64
-            .iter()
-            .position(|b| Some(b) == symbols.last())
+        && symbols.iter().all(|&b| base64_value(b).is_some())
+        && symbols
+            .last()
+            .and_then(|&b| base64_value(b))
             .is_some_and(|v| v & 0x0F == 0)
+}
+
+fn base64_value(symbol: u8) -> Option<u8> {
+    Some(match symbol {
+        b'A'..=b'Z' => symbol - b'A',
+        b'a'..=b'z' => symbol - b'a' + 26,
+        b'0'..=b'9' => symbol - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => return None,
+    })
 }
 
 fn base64_encode_20(bytes: &[u8; 20]) -> [u8; 28] {

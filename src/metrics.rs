@@ -112,15 +112,17 @@ impl Metrics {
         }
     }
 
-    pub fn observe_routing(&mut self, took: Duration) {
+    /// Records `messages` messages that were all routed within `took` of
+    /// their read (one clock reading per read, not per message).
+    pub fn observe_routing(&mut self, took: Duration, messages: u64) {
         let seconds = took.as_secs_f64();
         let bucket = LATENCY_BOUNDS
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(LATENCY_BOUNDS.len());
-        self.latency_buckets[bucket] += 1;
-        self.latency_count += 1;
-        self.latency_sum += seconds;
+        self.latency_buckets[bucket] += messages;
+        self.latency_count += messages;
+        self.latency_sum += seconds * messages as f64;
     }
 
     pub fn render(&self, s: &Snapshot) -> String {
@@ -291,8 +293,8 @@ mod tests {
         let mut m = Metrics::default();
         m.count_close(CloseReason::ProtocolError(1002));
         m.count_close(CloseReason::HandshakeRejected(404));
-        m.observe_routing(Duration::from_micros(3));
-        m.observe_routing(Duration::from_millis(30));
+        m.observe_routing(Duration::from_micros(3), 1);
+        m.observe_routing(Duration::from_millis(30), 1);
         let text = m.render(&Snapshot {
             users_online: 2,
             ..Snapshot::default()

@@ -800,12 +800,14 @@ impl Core {
         };
         let max_message = self.config.max_message_size;
         let mut pos = 0;
+        let mut routed = 0;
         while pos < data.len() {
             match state.decoder.decode(&mut data[pos..], max_message) {
                 Ok((used, message)) => {
                     pos += used;
                     if let Some(message) = message {
-                        self.on_message(conns, slot, state.username.as_deref(), message, now);
+                        routed += u64::from(matches!(message, Message::Text(_)));
+                        self.on_message(conns, slot, state.username.as_deref(), message);
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
                         }
@@ -825,6 +827,9 @@ impl Core {
                 }
             }
         }
+        if routed > 0 && matches!(self.app, App::Chat(_)) {
+            self.metrics.observe_routing(now.elapsed(), routed);
+        }
         let conn = &mut conns[slot];
         if matches!(conn.phase, Phase::Decoding) {
             conn.phase = Phase::Open(state);
@@ -839,7 +844,6 @@ impl Core {
         slot: usize,
         username: Option<&str>,
         message: Message<'_>,
-        read_at: Instant,
     ) {
         let conn = &mut conns[slot];
         match message {
@@ -871,7 +875,6 @@ impl Core {
                         post: &mut self.post,
                     };
                     router.handle(slot, from, text, self.now_ms, &mut mailer);
-                    self.metrics.observe_routing(read_at.elapsed());
                 }
             },
             Message::Binary(bytes) => match self.app {

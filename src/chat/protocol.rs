@@ -243,6 +243,29 @@ pub mod encode {
         online: usize,
         names: impl Iterator<Item = &'n str>,
     ) {
+        let mut list = Vec::new();
+        for name in names {
+            name_list_push(&mut list, name);
+        }
+        roster_encoded(out, kind, username, online, &list);
+    }
+
+    /// Appends `name` to a comma-separated list of JSON strings.
+    pub fn name_list_push(list: &mut Vec<u8>, name: &str) {
+        if !list.is_empty() {
+            list.push(b',');
+        }
+        string(list, name);
+    }
+
+    /// A roster whose names are already encoded (see [`name_list_push`]).
+    pub fn roster_encoded(
+        out: &mut Vec<u8>,
+        kind: &str,
+        username: Option<&str>,
+        online: usize,
+        names: &[u8],
+    ) {
         out.extend_from_slice(b"{\"type\":");
         string(out, kind);
         if let Some(username) = username {
@@ -252,12 +275,7 @@ pub mod encode {
         out.extend_from_slice(b",\"online\":");
         number(out, online as u64);
         out.extend_from_slice(b",\"users\":[");
-        for (i, name) in names.enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            string(out, name);
-        }
+        out.extend_from_slice(names);
         out.extend_from_slice(b"]}");
     }
 

@@ -90,6 +90,12 @@ pub struct Router {
     /// Everyone online, densely, for fan-out.
     members: Vec<Member>,
     pub outboxes: Outboxes,
+    /// The names of `members[..roster_len]` (at most `LIST_LIMIT`), encoded
+    /// once: every welcome lists up to 1000 names, and re-encoding them per
+    /// handshake would cost more than the handshake.
+    roster: Vec<u8>,
+    /// Members covered by `roster`; `None` after a change that reordered them.
+    roster_len: Option<usize>,
     last_id: u64,
     scratch: Vec<u8>,
     pub stats: RouterStats,
@@ -101,6 +107,8 @@ impl Router {
             limits,
             index: HashMap::new(),
             members: Vec::new(),
+            roster: Vec::new(),
+            roster_len: Some(0),
             last_id: outboxes.max_id,
             outboxes,
             scratch: Vec::with_capacity(256),
@@ -150,24 +158,29 @@ impl Router {
         // `resume=SEQ` opts in to acknowledged delivery; a bad number counts as 0.
         let resume = username::query_param(query, "resume").map(|v| v.parse::<u64>().unwrap_or(0));
         let name: Rc<str> = Rc::from(name);
+        // Everyone already online is listed first in `members`.
+        let online = self.members.len() + 1;
+        let mut json = std::mem::take(&mut self.scratch);
+        json.clear();
+        encode::roster_encoded(
+            &mut json,
+            "welcome",
+            Some(&name),
+            online,
+            self.roster_names(),
+        );
+        out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
+
         self.index.insert(name.clone(), self.members.len());
         self.members.push(Member {
             slot,
             name: name.clone(),
             reliable: resume.is_some(),
         });
-        let online = self.members.len();
-
-        let mut json = std::mem::take(&mut self.scratch);
-        json.clear();
-        let others = self
-            .members
-            .iter()
-            .filter(|m| m.slot != slot)
-            .take(LIST_LIMIT)
-            .map(|m| &*m.name);
-        encode::roster(&mut json, "welcome", Some(&name), online, others);
-        out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
+        if self.roster_len == Some(self.members.len() - 1) && self.members.len() <= LIST_LIMIT {
+            encode::name_list_push(&mut self.roster, &name);
+            self.roster_len = Some(self.members.len());
+        }
         json.clear();
         if online <= self.limits.presence_limit {
             encode::presence(&mut json, "join", &name, online);
@@ -249,6 +262,9 @@ impl Router {
         }
         self.index.remove(name);
         self.members.swap_remove(position);
+        if position < self.roster_len.unwrap_or(0) {
+            self.roster_len = None;
+        }
         if let Some(moved) = self.members.get(position) {
             if let Some(p) = self.index.get_mut(&moved.name) {
                 *p = position;
@@ -295,8 +311,8 @@ impl Router {
                 self.private(slot, from, &to, &body, reference, now_ms, &mut json, out);
             }
             Request::Users => {
-                let names = self.members.iter().take(LIST_LIMIT).map(|m| &*m.name);
-                encode::roster(&mut json, "users", None, self.members.len(), names);
+                let online = self.members.len();
+                encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
                 out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
             }
             Request::Ack { seq } => {
@@ -410,6 +426,20 @@ impl Router {
                 self.notify_sender(&entry.from, entry.id, "expired", out);
             }
         }
+    }
+
+    /// The encoded names of the first `LIST_LIMIT` members, rebuilt only
+    /// after a departure reordered them.
+    fn roster_names(&mut self) -> &[u8] {
+        let wanted = self.members.len().min(LIST_LIMIT);
+        if self.roster_len != Some(wanted) {
+            self.roster.clear();
+            for member in &self.members[..wanted] {
+                encode::name_list_push(&mut self.roster, &member.name);
+            }
+            self.roster_len = Some(wanted);
+        }
+        &self.roster
     }
 
     fn next_id(&mut self) -> u64 {
@@ -948,5 +978,35 @@ mod tests {
         let sent = out.take();
         assert_eq!(sent[0].1["code"], "invalid_username");
         assert_eq!(r.outboxes.held(), (0, 0));
+    }
+
+    #[test]
+    fn rosters_list_at_most_1000_names_and_stay_right_after_departures() {
+        let mut r = router(0);
+        let mut out = Recorder::default();
+        for slot in 0..1002 {
+            r.join(slot, &format!("username=u{slot}"), &mut out);
+        }
+        let welcome = out.take().pop().expect("a welcome").1;
+        assert_eq!(welcome["online"], 1002);
+        let names = welcome["users"].as_array().expect("users").clone();
+        assert_eq!(names.len(), 1000);
+        assert!(
+            !names.contains(&json!("u1001")),
+            "the newcomer is not among the others"
+        );
+        r.leave(5, "u5", &mut out);
+        r.handle(0, "u0", r#"{"type":"users"}"#, 1, &mut out);
+        let users = out.take().pop().expect("users").1;
+        let listed = users["users"].as_array().expect("users");
+        assert_eq!((users["online"].clone(), listed.len()), (json!(1001), 1000));
+        assert!(!listed.contains(&json!("u5")));
+        assert!(
+            listed.contains(&json!("u1001")),
+            "the member moved into the gap is listed"
+        );
+        let mut unique = listed.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), 1000);
     }
 }

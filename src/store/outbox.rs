@@ -44,8 +44,9 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct UserBox {
+    name: Rc<str>,
     /// The next sequence number to give out.
     next_seq: u64,
     /// Numbers below this are reserved on disk.
@@ -96,30 +97,30 @@ impl Outboxes {
     }
 
     /// The box of `user`, created (and counted) on first use.
-    fn user_box(&mut self, user: &str) -> (Rc<str>, &mut UserBox) {
+    fn user_box(&mut self, user: &str) -> &mut UserBox {
         if !self.users.contains_key(user) {
             self.names_bytes += USER_OVERHEAD + user.len();
-            self.users.insert(Rc::from(user), UserBox::default());
+            let name: Rc<str> = Rc::from(user);
+            let b = UserBox {
+                name: name.clone(),
+                next_seq: 1,
+                floor: 0,
+                entries: VecDeque::new(),
+            };
+            self.users.insert(name, b);
         }
-        match self.users.get_key_value(user) {
-            Some((k, _)) => {
-                let key = k.clone();
-                (key, self.users.get_mut(user).expect("present"))
-            }
-            None => unreachable!("inserted above"),
-        }
+        self.users.get_mut(user).expect("inserted above")
     }
 
     /// Gives out `user`'s next sequence number.
     pub fn next_seq(&mut self, user: &str) -> u64 {
-        let (key, b) = self.user_box(user);
-        b.next_seq = b.next_seq.max(1);
+        let b = self.user_box(user);
         let seq = b.next_seq;
         b.next_seq += 1;
         if b.next_seq > b.floor {
             b.floor = b.next_seq + SEQ_BLOCK;
             let record = Record::SeqFloor {
-                user: key.to_string(),
+                user: user.to_owned(),
                 next: b.floor,
             };
             record.encode(&mut self.pending);
@@ -177,10 +178,11 @@ impl Outboxes {
         self.max_id = self.max_id.max(entry.id);
         let expires = entry.ts.saturating_add(self.limits.ttl_ms);
         let seq = entry.seq;
-        let (key, b) = self.user_box(user);
+        let b = self.user_box(user);
         b.next_seq = b.next_seq.max(entry.seq + 1);
         b.entries.push_back(entry);
-        self.expiry.push_back((expires, key, seq));
+        let name = b.name.clone();
+        self.expiry.push_back((expires, name, seq));
     }
 
     /// The messages held for `user` after `seq`, oldest first.
@@ -311,7 +313,7 @@ impl Outboxes {
                 }
             }
             Record::SeqFloor { user, next } => {
-                let (_, b) = self.user_box(&user);
+                let b = self.user_box(&user);
                 b.floor = b.floor.max(next);
                 b.next_seq = b.next_seq.max(next);
             }

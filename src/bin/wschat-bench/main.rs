@@ -7,6 +7,7 @@ mod fanout;
 mod hist;
 mod idle;
 mod net;
+mod offline;
 mod os;
 mod private;
 mod report;
@@ -26,6 +27,8 @@ USAGE:
   wschat-bench fanout  --url URL [options]   one publisher, N receivers of public messages
   wschat-bench idle    --url URL --pid PID [options]   memory per idle connection
   wschat-bench echo    --url URL [options]   raw engine throughput against `wschat --echo`
+  wschat-bench offline --url URL [options]   private messages to offline names: queued
+                                             receipts/s, the cost of durability
   wschat-bench SUBCOMMAND --help             the options of one subcommand
 
 Each run prints a table; with --json the last line is one JSON object.
@@ -101,6 +104,33 @@ Reads the server's VmRSS (/proc/PID/status) before connecting and after the sett
 time: (after - before) / C is reported as KiB per connection. Reports handshakes/s
 while connecting, then closes every connection with a close handshake. The open-file
 soft limit is raised to the hard limit; C must be at most that limit - 64.
+";
+
+const HELP_OFFLINE: &str = "\
+wschat-bench offline: private messages to users who are never online (held on disk)
+
+USAGE: wschat-bench offline --url URL [options]
+
+  --senders S      online senders <prefix>o<i> [default: 10]
+  --window W       messages in flight per sender; a new one is sent when the
+                   server answers one [default: 16]
+  --recipients N   offline names <prefix>off<k> the messages go to, round robin;
+                   nobody ever connects under them [default: 100]
+  --size BYTES     body size: O<sender>Q<seq>X padded with x [default: 64]
+  --duration S     measured window in seconds [default: 5]
+  --warmup S       seconds of load before the window [default: 1]
+
+A message is answered by a `queued` receipt, sent once its record is in the server's
+outbox log (and, with `wschat --fsync always`, synced: one fsync per loop turn for
+all of that turn's messages), or by an `error`. Reports queued receipts/s in the
+window and the latency from send to receipt (p50/p90/p99/p99.9/max, µs); refusals
+by code. offline_queue_full refusals are reported but are not errors unless nothing
+was queued in the window; other refusals, unanswered messages and dropped connections are.
+
+The server's defaults hold at most 1000 messages per recipient and 64 MiB in all:
+start it with room, and a fresh data directory, e.g.
+  wschat --data-dir /tmp/wschat-offline --offline-max-per-user 100000000 \\
+         --offline-max-bytes 4294967296 [--fsync never]
 ";
 
 const HELP_ECHO: &str = "\
@@ -293,6 +323,7 @@ fn run(mut argv: impl Iterator<Item = String>) -> Result<(Outcome, bool), (Strin
         "fanout" => HELP_FANOUT,
         "idle" => HELP_IDLE,
         "echo" => HELP_ECHO,
+        "offline" => HELP_OFFLINE,
         "-h" | "--help" | "help" => {
             print!("{HELP}{COMMON}");
             return Err((String::new(), 0));
@@ -337,6 +368,18 @@ fn run(mut argv: impl Iterator<Item = String>) -> Result<(Outcome, bool), (Strin
             };
             args.finish().map_err(usage)?;
             idle::run(&c, &o)
+        }
+        "offline" => {
+            let o = offline::Opts {
+                senders: args.num("senders", 10).map_err(usage)?,
+                window: args.num("window", 16).map_err(usage)?,
+                size: args.num("size", 64).map_err(usage)?,
+                duration: args.num("duration", 5.0).map_err(usage)?,
+                warmup: args.num("warmup", 1.0).map_err(usage)?,
+                recipients: args.num("recipients", 100).map_err(usage)?,
+            };
+            args.finish().map_err(usage)?;
+            offline::run(&c, &o)
         }
         _ => {
             let o = echo::Opts {

@@ -189,6 +189,10 @@ impl TypeCounts {
         self.0.iter().find(|(t, _)| t == ty).map_or(0, |(_, n)| *n)
     }
 
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|(_, n)| n).sum()
+    }
+
     pub fn text(&self) -> String {
         if self.0.is_empty() {
             return "none".into();
