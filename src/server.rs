@@ -161,7 +161,7 @@ impl Outbox for Mailer<'_> {
         let backlog = conn.out.bytes();
         match class {
             Class::Public if backlog > self.post.shed_above => {
-                conn.shed += 1;
+                conn.shed = conn.shed.saturating_add(1);
                 return Delivery::Shed;
             }
             Class::Private if backlog + frame.as_bytes().len() > self.post.max_outbound => {
@@ -992,7 +992,7 @@ impl Core {
             if matches!(result, Ok(Flushed::All)) && conn.shed > 0 && conn.is_open() {
                 // The backlog drained: tell the reader what it missed.
                 let mut json = Vec::with_capacity(40);
-                protocol::encode::gap(&mut json, conn.shed);
+                protocol::encode::gap(&mut json, u64::from(conn.shed));
                 conn.shed = 0;
                 conn.out.push(Chunk::Owned(text_frame(&json)));
                 result = conn.out.write_to(&mut conn.socket);

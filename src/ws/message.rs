@@ -122,8 +122,9 @@ pub struct Decoder {
     header_len: u8,
     frame: Option<InFrame>,
     assembly: Option<Box<Assembly>>,
-    /// A control frame's payload that spans reads (at most 125 bytes).
-    control: Vec<u8>,
+    /// A control frame's payload that spans reads (at most 125 bytes);
+    /// boxed, since it is rare and every connection carries the field.
+    control: Option<Box<Vec<u8>>>,
     /// What the last message was lent from, to be dropped on the next call.
     lent: Lent,
 }
@@ -158,7 +159,7 @@ impl Decoder {
     ) -> Result<(usize, Option<Message<'a>>), ProtocolError> {
         match std::mem::take(&mut self.lent) {
             Lent::Nothing => {}
-            Lent::Control => self.control = Vec::new(),
+            Lent::Control => self.control = None,
             Lent::Assembly => self.assembly = None,
         }
         let mut pos = 0;
@@ -205,7 +206,9 @@ impl Decoder {
         }
         pos += take;
         if header.opcode.is_control() {
-            self.control.extend_from_slice(piece);
+            self.control
+                .get_or_insert_with(Box::default)
+                .extend_from_slice(piece);
         } else {
             let assembly = self.assembly.get_or_insert_with(|| {
                 Box::new(Assembly {
@@ -235,7 +238,8 @@ impl Decoder {
 
         if header.opcode.is_control() {
             self.lent = Lent::Control;
-            return Ok((pos, Some(control_message(header.opcode, &self.control)?)));
+            let payload = self.control.as_deref().map_or(&[][..], |v| v.as_slice());
+            return Ok((pos, Some(control_message(header.opcode, payload)?)));
         }
         if !header.fin {
             return Ok((pos, None));
@@ -654,6 +658,6 @@ mod tests {
         let (_, none) = decoder.decode(&mut [], LIMIT).unwrap();
         assert!(none.is_none());
         assert!(!decoder.is_mid_message());
-        assert_eq!(decoder.control.capacity(), 0);
+        assert!(decoder.control.is_none());
     }
 }
