@@ -9,7 +9,8 @@
 //! messages the decoder holds nothing but a partial frame header.
 
 use super::frame::{
-    apply_mask, parse_header, FrameHeader, HeaderError, Opcode, Role, MAX_HEADER_LEN,
+    apply_mask, parse_header, FrameHeader, HeaderError, Opcode, Role, MAX_CONTROL_PAYLOAD,
+    MAX_HEADER_LEN,
 };
 use super::utf8::Utf8Validator;
 
@@ -122,11 +123,39 @@ pub struct Decoder {
     header_len: u8,
     frame: Option<InFrame>,
     assembly: Option<Box<Assembly>>,
-    /// A control frame's payload that spans reads (at most 125 bytes);
-    /// boxed, since it is rare and every connection carries the field.
-    control: Option<Box<Vec<u8>>>,
+    /// A control frame's payload that spans reads; boxed, since it is rare
+    /// and every connection carries the field.
+    control: Option<Box<ControlPayload>>,
     /// What the last message was lent from, to be dropped on the next call.
     lent: Lent,
+}
+
+/// Up to 125 bytes of a control frame's payload.
+#[derive(Debug)]
+struct ControlPayload {
+    bytes: [u8; MAX_CONTROL_PAYLOAD],
+    len: u8,
+}
+
+impl ControlPayload {
+    fn empty() -> Box<ControlPayload> {
+        Box::new(ControlPayload {
+            bytes: [0; MAX_CONTROL_PAYLOAD],
+            len: 0,
+        })
+    }
+
+    /// Appends a piece; the header parser already bounded the total.
+    fn push(&mut self, piece: &[u8]) {
+        let start = usize::from(self.len);
+        let end = (start + piece.len()).min(MAX_CONTROL_PAYLOAD);
+        self.bytes[start..end].copy_from_slice(&piece[..end - start]);
+        self.len = end as u8;
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -207,8 +236,8 @@ impl Decoder {
         pos += take;
         if header.opcode.is_control() {
             self.control
-                .get_or_insert_with(Box::default)
-                .extend_from_slice(piece);
+                .get_or_insert_with(ControlPayload::empty)
+                .push(piece);
         } else {
             let assembly = self.assembly.get_or_insert_with(|| {
                 Box::new(Assembly {
@@ -238,7 +267,10 @@ impl Decoder {
 
         if header.opcode.is_control() {
             self.lent = Lent::Control;
-            let payload = self.control.as_deref().map_or(&[][..], |v| v.as_slice());
+            let payload = self
+                .control
+                .as_deref()
+                .map_or(&[][..], ControlPayload::as_slice);
             return Ok((pos, Some(control_message(header.opcode, payload)?)));
         }
         if !header.fin {

@@ -125,7 +125,8 @@ outbox log (and, with `wschat --fsync always`, synced: one fsync per loop turn f
 all of that turn's messages), or by an `error`. Reports queued receipts/s in the
 window and the latency from send to receipt (p50/p90/p99/p99.9/max, µs); refusals
 by code. offline_queue_full refusals are reported but are not errors unless nothing
-was queued in the window; other refusals, unanswered messages and dropped connections are.
+was queued in the window; other refusals, unanswered messages and dropped
+connections are errors.
 
 The server's defaults hold at most 1000 messages per recipient and 64 MiB in all:
 start it with room, and a fresh data directory, e.g.
