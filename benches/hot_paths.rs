@@ -29,6 +29,11 @@ impl Outbox for Counting {
         self.bytes += frame.as_bytes().len();
         Delivery::Queued
     }
+    fn send_text(&mut self, _slot: usize, json: &[u8], _class: Class) -> Delivery {
+        self.frames += 1;
+        self.bytes += json.len() + 2;
+        Delivery::Queued
+    }
     fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
         self.send(slot, frame, Class::Reply);
     }

@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::rc::Rc;
 
+use crate::ws::frame::{header_len, write_header, Opcode};
+
 /// Bytes to send: owned, shared with other connections, or static.
 #[derive(Debug, Clone)]
 pub enum Chunk {
@@ -34,6 +36,11 @@ struct Entry {
     chunk: Chunk,
     control: bool,
 }
+
+/// Small frames are appended to the last queued buffer up to this size
+/// ("corking"), so a turn's replies to one client share one allocation and
+/// one slice; control frames still overtake after at most this much.
+const CORK_BYTES: usize = 16 * 1024;
 
 /// The most slices handed to one `writev` (Linux allows 1024; a few dozen
 /// already fill the socket buffer).
@@ -72,6 +79,31 @@ impl Outbound {
         self.bytes += chunk.as_bytes().len();
         self.queue.push_back(Entry {
             chunk,
+            control: false,
+        });
+    }
+
+    /// Queues a data frame built from `payload`, appended to the last queued
+    /// buffer when that one is ours and small (no allocation per frame).
+    pub fn push_frame(&mut self, opcode: Opcode, payload: &[u8]) {
+        let len = header_len(payload.len()) + payload.len();
+        self.bytes += len;
+        if let Some(Entry {
+            chunk: Chunk::Owned(buffer),
+            control: false,
+        }) = self.queue.back_mut()
+        {
+            if buffer.len() + len <= CORK_BYTES {
+                write_header(buffer, opcode, payload.len());
+                buffer.extend_from_slice(payload);
+                return;
+            }
+        }
+        let mut buffer = Vec::with_capacity(len.max(256));
+        write_header(&mut buffer, opcode, payload.len());
+        buffer.extend_from_slice(payload);
+        self.queue.push_back(Entry {
+            chunk: Chunk::Owned(buffer),
             control: false,
         });
     }
@@ -267,6 +299,28 @@ mod tests {
         s.room = 100;
         q.write_to(&mut s).unwrap();
         assert_eq!(s.out, b"AAAAcc");
+    }
+
+    #[test]
+    fn small_frames_share_a_buffer_and_keep_their_order() {
+        let mut q = Outbound::default();
+        q.push_frame(Opcode::Text, b"one");
+        q.push_frame(Opcode::Text, b"two");
+        q.push(Chunk::Shared(Rc::from(&b"\x81\x05three"[..])));
+        q.push_frame(Opcode::Text, b"four");
+        assert_eq!(q.queue.len(), 3, "the first two share one buffer");
+        let big = vec![b'x'; CORK_BYTES];
+        q.push_frame(Opcode::Binary, &big);
+        assert_eq!(
+            q.queue.len(),
+            4,
+            "a frame that would pass the cork size starts a buffer"
+        );
+        let mut s = sink(usize::MAX, usize::MAX);
+        q.write_to(&mut s).unwrap();
+        let mut expected = b"\x81\x03one\x81\x03two\x81\x05three\x81\x04four".to_vec();
+        expected.extend(crate::ws::frame::encode(Opcode::Binary, &big));
+        assert_eq!(s.out, expected);
     }
 
     #[test]

@@ -150,36 +150,64 @@ struct Mailer<'a> {
     post: &'a mut Post,
 }
 
-impl Outbox for Mailer<'_> {
-    fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery {
+impl Mailer<'_> {
+    /// Applies the slow-reader policy to `len` more bytes for `slot`;
+    /// returns the connection when the frame may be queued.
+    fn admit(
+        &mut self,
+        slot: usize,
+        len: usize,
+        class: Class,
+    ) -> Result<&mut Connection, Delivery> {
         let Some(conn) = self.conns.get_mut(slot) else {
-            return Delivery::Gone;
+            return Err(Delivery::Gone);
         };
         if !conn.is_open() {
-            return Delivery::Gone;
+            return Err(Delivery::Gone);
         }
         let backlog = conn.out.bytes();
         match class {
             Class::Public if backlog > self.post.shed_above => {
                 conn.shed = conn.shed.saturating_add(1);
-                return Delivery::Shed;
+                Err(Delivery::Shed)
             }
-            Class::Private if backlog + frame.as_bytes().len() > self.post.max_outbound => {
+            Class::Private if backlog + len > self.post.max_outbound => {
                 log::warn!(
                     "#{} {}: slow consumer disconnected ({backlog} bytes unsent)",
                     conn.id,
                     conn.peer
                 );
-                let released = conn.take_username();
+                // The router forgets the name itself; don't report it twice.
+                drop(conn.take_username());
                 self.post
                     .close(conn, slot, 1008, "slow consumer", CloseReason::SlowConsumer);
-                // The router forgets the name itself; don't report it twice.
-                drop(released);
-                return Delivery::Disconnected;
+                Err(Delivery::Disconnected)
             }
-            _ => {}
+            _ => Ok(conn),
         }
+    }
+}
+
+impl Outbox for Mailer<'_> {
+    fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery {
+        let conn = match self.admit(slot, frame.as_bytes().len(), class) {
+            Ok(conn) => conn,
+            Err(delivery) => return delivery,
+        };
         conn.out.push(frame);
+        let conn = &mut self.conns[slot];
+        self.post.list_for_flush(slot, conn);
+        Delivery::Queued
+    }
+
+    fn send_text(&mut self, slot: usize, json: &[u8], class: Class) -> Delivery {
+        let len = json.len() + crate::ws::frame::header_len(json.len());
+        let conn = match self.admit(slot, len, class) {
+            Ok(conn) => conn,
+            Err(delivery) => return delivery,
+        };
+        conn.out.push_frame(Opcode::Text, json);
+        let conn = &mut self.conns[slot];
         self.post.list_for_flush(slot, conn);
         Delivery::Queued
     }
@@ -309,8 +337,10 @@ impl Server {
                         if event.is_writable() {
                             self.core.post.list_for_flush(slot, conn);
                         }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read(slot);
+                        if event.is_read_closed() || event.is_error() {
+                            self.read(slot, Drain::UntilWouldBlock);
+                        } else if event.is_readable() {
+                            self.read(slot, Drain::UntilShortRead);
                         }
                         self.core.settle(&mut self.conns, now);
                     }
@@ -357,7 +387,7 @@ impl Server {
         }
         for (slot, id) in std::mem::take(&mut self.core.read_again) {
             if self.conns.get(slot).is_some_and(|c| c.id == id && !c.dead) {
-                self.read(slot);
+                self.read(slot, Drain::UntilWouldBlock);
                 self.core.settle(&mut self.conns, now);
             }
         }
@@ -467,7 +497,7 @@ impl Server {
 
     /// Reads until the socket is drained, the budget is spent, or the
     /// connection stops wanting input.
-    fn read(&mut self, slot: usize) {
+    fn read(&mut self, slot: usize, drain: Drain) {
         let mut budget = READ_BUDGET;
         loop {
             let conn = &mut self.conns[slot];
@@ -502,6 +532,12 @@ impl Server {
                         self.core.read_again.push((slot, id));
                         return;
                     }
+                    if n < room && drain == Drain::UntilShortRead {
+                        // The receive queue was empty at this read: data
+                        // arriving later raises a new edge, so the read that
+                        // would only say WouldBlock is saved.
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -514,6 +550,18 @@ impl Server {
             }
         }
     }
+}
+
+/// How far `Server::read` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// Stop after a read that did not fill the buffer. Safe with
+    /// edge-triggered epoll on Linux, where every arriving segment raises a
+    /// new edge; not when the peer's FIN or an error may already be queued
+    /// behind the data (those come with their own event flags).
+    UntilShortRead,
+    /// Read until `WouldBlock`.
+    UntilWouldBlock,
 }
 
 /// A closing connection ends for the reason it was closing; any other was lost.

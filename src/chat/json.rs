@@ -15,32 +15,56 @@ const NEEDS_ESCAPE: [bool; 256] = {
     table
 };
 
-/// Appends `s` as a JSON string literal (with quotes). Bytes that need no
-/// escaping (nearly all of a chat message) are copied in runs.
+/// True if any of the 8 bytes in `word` needs escaping (a control
+/// character, `"` or `\\`): the classic SWAR zero-byte tests, exact about
+/// whether such a byte exists.
+fn word_needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let has_quote = quote.wrapping_sub(ONES) & !quote;
+    let has_backslash = backslash.wrapping_sub(ONES) & !backslash;
+    (below_space | has_quote | has_backslash) & HIGHS != 0
+}
+
+/// Appends `s` as a JSON string literal (with quotes). Clean runs (nearly
+/// all of a chat message) are checked eight bytes at a time and copied whole.
 pub fn string(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !NEEDS_ESCAPE[usize::from(b)] {
-            continue;
-        }
-        out.extend_from_slice(&bytes[start..i]);
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xF)]);
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            if !word_needs_escape(u64::from_le_bytes(word)) {
+                i += 8;
+                continue;
             }
         }
-        start = i + 1;
+        let b = bytes[i];
+        if NEEDS_ESCAPE[usize::from(b)] {
+            out.extend_from_slice(&bytes[start..i]);
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0xF)]);
+                }
+            }
+            start = i + 1;
+        }
+        i += 1;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
@@ -92,6 +116,34 @@ mod tests {
             string(&mut out, s);
             let back: String = serde_json::from_slice(&out).unwrap();
             assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn the_word_test_agrees_with_the_byte_table() {
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut word = [b'a'; 8];
+                word[at] = b;
+                let expected = NEEDS_ESCAPE[usize::from(b)];
+                assert_eq!(
+                    word_needs_escape(u64::from_le_bytes(word)),
+                    expected,
+                    "byte {b} at {at}"
+                );
+            }
+        }
+        for s in [
+            "",
+            "a",
+            "abcdefgh",
+            "abcdefghi\"",
+            "0123456789abcdef\n",
+            "\u{7f}é\u{1}xxxxxxxx",
+        ] {
+            let mut out = Vec::new();
+            string(&mut out, s);
+            assert_eq!(serde_json::from_slice::<String>(&out).unwrap(), s);
         }
     }
 

@@ -42,7 +42,11 @@ pub enum Delivery {
 
 /// Where the router's frames go.
 pub trait Outbox {
+    /// Queues a ready frame (a shared public frame).
     fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery;
+    /// Queues one text frame holding `json` (framed by the connection,
+    /// straight into its outbound buffer).
+    fn send_text(&mut self, slot: usize, json: &[u8], class: Class) -> Delivery;
     /// Sends a reply once this turn's log records are on disk (a `queued`
     /// receipt promises the message survives a crash).
     fn send_when_durable(&mut self, slot: usize, frame: Chunk);
@@ -169,7 +173,7 @@ impl Router {
             online,
             self.roster_names(),
         );
-        out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
+        out.send_text(slot, &json, Class::Reply);
 
         self.index.insert(name.clone(), self.members.len());
         self.members.push(Member {
@@ -227,7 +231,7 @@ impl Router {
                     offline: true,
                 },
             );
-            out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
+            out.send_text(slot, &json, Class::Reply);
             self.stats.deliveries += 1;
             if !entry.notified {
                 self.outboxes.mark_notified(name, entry.seq);
@@ -244,11 +248,7 @@ impl Router {
         if let Some(&position) = self.index.get(sender) {
             let mut json = Vec::with_capacity(64);
             encode::receipt(&mut json, id, None, status);
-            out.send(
-                self.members[position].slot,
-                Chunk::Owned(text_frame(&json)),
-                Class::Reply,
-            );
+            out.send_text(self.members[position].slot, &json, Class::Reply);
         }
     }
 
@@ -313,7 +313,7 @@ impl Router {
             Request::Users => {
                 let online = self.members.len();
                 encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
-                out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
+                out.send_text(slot, &json, Class::Reply);
             }
             Request::Ack { seq } => {
                 if self
@@ -386,7 +386,7 @@ impl Router {
                 offline: false,
             },
         );
-        let delivery = out.send(target_slot, Chunk::Owned(text_frame(json)), Class::Private);
+        let delivery = out.send_text(target_slot, json, Class::Private);
         json.clear();
         match delivery {
             Delivery::Queued => {
@@ -396,7 +396,7 @@ impl Router {
                 }
                 self.stats.deliveries += 1;
                 encode::receipt(json, id, reference, "delivered");
-                out.send(slot, Chunk::Owned(text_frame(json)), Class::Reply);
+                out.send_text(slot, json, Class::Reply);
             }
             Delivery::Disconnected | Delivery::Gone | Delivery::Shed => {
                 // Not written to a live connection: hold it like any offline message.
@@ -483,7 +483,7 @@ impl Router {
         self.stats.errors += 1;
         let mut json = Vec::with_capacity(64 + message.len());
         encode::error(&mut json, code, message, reference);
-        out.send(slot, Chunk::Owned(text_frame(&json)), Class::Reply);
+        out.send_text(slot, &json, Class::Reply);
     }
 
     fn refuse(
@@ -568,6 +568,9 @@ mod tests {
             let value = serde_json::from_slice(payload).expect("valid JSON");
             self.sent.push((slot, value, class));
             Delivery::Queued
+        }
+        fn send_text(&mut self, slot: usize, json: &[u8], class: Class) -> Delivery {
+            self.send(slot, Chunk::Owned(text_frame(json)), class)
         }
         fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
             let bytes = frame.as_bytes();

@@ -114,7 +114,11 @@ impl Outboxes {
 
     /// Gives out `user`'s next sequence number.
     pub fn next_seq(&mut self, user: &str) -> u64 {
-        let b = self.user_box(user);
+        // One hash lookup on the hot path; the box is created only once.
+        let b = match self.users.get_mut(user) {
+            Some(b) => b,
+            None => self.user_box(user),
+        };
         let seq = b.next_seq;
         b.next_seq += 1;
         if b.next_seq > b.floor {
