@@ -12,9 +12,6 @@ use crate::outbound::{Chunk, Outbound};
 use crate::ws::frame::encode_close;
 use crate::ws::Decoder;
 
-/// Queued data above this is dropped rather than sent ahead of a close frame.
-const CLOSE_AFTER_BACKLOG: usize = 64 * 1024;
-
 /// Where a connection is in its life.
 #[derive(Debug)]
 pub enum Phase {
@@ -190,12 +187,11 @@ impl Connection {
         if !self.is_open() {
             return None;
         }
-        // Replies to what came before still go out first (a peer that breaks
-        // the protocol after a valid message gets that message's echo), unless
-        // the backlog is the problem.
-        if why == CloseReason::SlowConsumer || self.out.bytes() > CLOSE_AFTER_BACKLOG {
-            self.out.drop_unstarted_data();
-        }
+        // What is queued still goes out first: replies to what came before (a
+        // peer that breaks the protocol after a valid message gets that
+        // message's echo) and messages replayed from an outbox, which count
+        // as delivered once queued. The backlog is bounded by --max-outbound;
+        // a peer that never reads it is dropped by the write-stall timeout.
         self.out.push(Chunk::Owned(encode_close(code, reason)));
         self.enter_closing(why)
     }

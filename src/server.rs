@@ -395,8 +395,15 @@ impl Server {
         self.core.expire_held(&mut self.conns);
         self.core.settle(&mut self.conns, now);
         self.core.commit(&mut self.conns)?;
-        self.core.flush(&mut self.conns, now);
-        self.core.settle(&mut self.conns, now);
+        // A connection that dies in the flush departs, and its `leave`
+        // must not wait for the next event: flush again (a few rounds at most).
+        for _ in 0..3 {
+            self.core.flush(&mut self.conns, now);
+            self.core.settle(&mut self.conns, now);
+            if self.core.post.flush_list.is_empty() {
+                break;
+            }
+        }
         for slot in std::mem::take(&mut self.core.dead) {
             if self.conns.get(slot).is_some_and(|c| c.dead) {
                 let conn = self.conns.remove(slot);
@@ -714,7 +721,7 @@ impl Core {
                 }
                 if now >= state.next_ping {
                     state.next_ping = now + config.ping_interval;
-                    conn.out.push_control(Chunk::Static(PING));
+                    conn.out.push_control_latest(Chunk::Static(PING));
                     self.post.list_for_flush(slot, conn);
                 }
                 let next = self.heartbeat_deadline(conn);
@@ -776,7 +783,9 @@ impl Core {
         match handshake::parse(&head, &self.policy) {
             Outcome::Partial => conn.phase = Phase::Handshake(head),
             Outcome::Upgrade(upgrade) => {
-                conn.out.push(Chunk::Owned(upgrade.response));
+                // Queued as a control entry: nothing (a pong to a ping sent
+                // right behind the request) may overtake the 101.
+                conn.out.push_control(Chunk::Owned(upgrade.response));
                 let mut state = Box::new(OpenState::new(now));
                 state.next_ping = now + self.config.ping_interval;
                 conn.phase = Phase::Open(state);
@@ -859,6 +868,19 @@ impl Core {
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
                         }
+                        // A client that keeps asking without reading the answers
+                        // (within one read, before the read pause can act).
+                        if conns[slot].out.bytes() > self.config.max_outbound.saturating_mul(2) {
+                            log::debug!("#{}: replies piled up unread", conns[slot].id);
+                            self.post.close(
+                                &mut conns[slot],
+                                slot,
+                                1008,
+                                "slow consumer",
+                                CloseReason::SlowConsumer,
+                            );
+                            break;
+                        }
                     }
                 }
                 Err(error) => {
@@ -897,7 +919,7 @@ impl Core {
         match message {
             Message::Ping(payload) => {
                 conn.out
-                    .push_control(Chunk::Owned(encode(Opcode::Pong, payload)));
+                    .push_control_latest(Chunk::Owned(encode(Opcode::Pong, payload)));
                 self.post.list_for_flush(slot, conn);
             }
             Message::Pong(_) => {}

@@ -1016,3 +1016,39 @@ fn absurd_declared_lengths_are_1009_even_with_a_big_limit() {
     expect_close(&mut s, 1009, "continuation declaring i64::MAX");
     server.assert_serving();
 }
+
+#[test]
+fn a_ping_sent_with_the_request_is_answered_after_the_101() {
+    let server = Server::echo(&[]);
+    let mut s = connect(server.addr);
+    let mut bytes = upgrade_request("/ws", &[]).into_bytes();
+    bytes.extend(ClientFrame::ping(b"hi".to_vec()).encode());
+    send_raw(&mut s, &bytes);
+    let head = read_response_head(&mut s);
+    assert_eq!(head.status, 101, "the 101 comes first: {head:?}");
+    let pong = expect_frame(&mut s, "pong after the 101");
+    assert_eq!((pong.opcode, pong.payload.as_slice()), (0xA, &b"hi"[..]));
+}
+
+#[test]
+fn a_ping_flood_from_a_client_that_never_reads_does_not_stall_others() {
+    let mut server = Server::start(&["--echo"]);
+    let mut flooder = ws_raw(server.addr);
+    let _ = flooder.set_write_timeout(Some(Duration::from_millis(500)));
+    let ping = ClientFrame::ping(Vec::new()).encode();
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 20_000)
+        .collect();
+    // Up to 2.4 MB of pings; the flooder never reads its pongs.
+    for _ in 0..20 {
+        if flooder.write_all(&burst).is_err() {
+            break;
+        }
+    }
+    // Within the helpers' read timeouts: before pongs were coalesced, the
+    // loop spent many seconds per turn reshuffling millions of queued pongs.
+    server.assert_serving();
+}

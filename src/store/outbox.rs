@@ -227,6 +227,7 @@ impl Outboxes {
             }
         }
         if dropped > 0 {
+            self.prune_expiry();
             Record::Ack {
                 user: user.to_owned(),
                 seq,
@@ -234,6 +235,31 @@ impl Outboxes {
             .encode(&mut self.pending);
         }
         dropped
+    }
+
+    /// The expiry queue keeps entries of acknowledged messages until their
+    /// time comes; rebuild it when those dominate, so a busy reliable client
+    /// cannot grow it without bound.
+    fn prune_expiry(&mut self) {
+        if self.expiry.len() > 2 * self.held + 1024 {
+            self.rebuild_expiry();
+        }
+    }
+
+    /// The expiry queue from the held messages, in time order.
+    fn rebuild_expiry(&mut self) {
+        let ttl = self.limits.ttl_ms;
+        let mut expiry: Vec<_> = self
+            .users
+            .values()
+            .flat_map(|b| {
+                b.entries
+                    .iter()
+                    .map(move |e| (e.ts.saturating_add(ttl), b.name.clone(), e.seq))
+            })
+            .collect();
+        expiry.sort();
+        self.expiry = expiry.into();
     }
 
     /// When the oldest held message expires (Unix ms).
@@ -330,18 +356,7 @@ impl Outboxes {
         for b in self.users.values_mut() {
             b.next_seq = b.next_seq.max(b.floor).max(1);
         }
-        let ttl = self.limits.ttl_ms;
-        let mut expiry: Vec<_> = self
-            .users
-            .iter()
-            .flat_map(|(user, b)| {
-                b.entries
-                    .iter()
-                    .map(move |e| (e.ts.saturating_add(ttl), user.clone(), e.seq))
-            })
-            .collect();
-        expiry.sort();
-        self.expiry = expiry.into();
+        self.rebuild_expiry();
         self.pending.clear();
     }
 
