@@ -125,26 +125,36 @@ impl Outbound {
         );
     }
 
-    /// Queues a pong or a ping, replacing an unsent one of the same kind: a
-    /// pong need only answer the latest ping (RFC 6455 section 5.5.3) and one
-    /// heartbeat ping is enough, so a ping flood queues one pong, not
-    /// millions, and the control prefix of the queue stays a few entries long.
-    pub fn push_control_latest(&mut self, chunk: Chunk) {
+    /// Queues a pong or a ping, keeping at most `keep` unsent frames of the
+    /// same kind: past that, the newest replaces the last one waiting (RFC
+    /// 6455 section 5.5.3 lets a pong answer only the latest ping). So a ping
+    /// flood from a client that does not read queues a few pongs, not
+    /// millions, and the control prefix of the queue stays short, while a
+    /// burst of a few pings still gets every pong (Autobahn 2.10).
+    pub fn push_control_bounded(&mut self, chunk: Chunk, keep: usize) {
         let kind = chunk.as_bytes().first().copied();
         let mut at = usize::from(self.front_written > 0);
-        while let Some(entry) = self.queue.get_mut(at) {
+        let mut same = 0;
+        let mut last_same = None;
+        while let Some(entry) = self.queue.get(at) {
             if !entry.control {
                 break;
             }
             if entry.chunk.as_bytes().first().copied() == kind {
-                self.bytes -= entry.chunk.as_bytes().len();
-                self.bytes += chunk.as_bytes().len();
-                entry.chunk = chunk;
-                return;
+                same += 1;
+                last_same = Some(at);
             }
             at += 1;
         }
-        self.push_control(chunk);
+        match last_same {
+            Some(i) if same >= keep => {
+                let entry = &mut self.queue[i];
+                self.bytes -= entry.chunk.as_bytes().len();
+                self.bytes += chunk.as_bytes().len();
+                entry.chunk = chunk;
+            }
+            _ => self.push_control(chunk),
+        }
     }
 
     /// Drops queued data that has not started to go out, keeping the frame
@@ -297,22 +307,23 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_pongs_queues_only_the_latest() {
+    fn a_flood_of_pongs_keeps_a_few_and_the_latest() {
         let mut q = Outbound::default();
         q.push_control(Chunk::Static(b"HTTP/1.1 101\r\n\r\n"));
         q.push(Chunk::Owned(b"data".to_vec()));
         for i in 0..1000u16 {
-            q.push_control_latest(Chunk::Owned(crate::ws::frame::encode(
-                Opcode::Pong,
-                &i.to_be_bytes(),
-            )));
+            let pong = crate::ws::frame::encode(Opcode::Pong, &i.to_be_bytes());
+            q.push_control_bounded(Chunk::Owned(pong), 2);
         }
-        q.push_control_latest(Chunk::Static(&[0x89, 0x00]));
-        q.push_control_latest(Chunk::Static(&[0x89, 0x00]));
-        assert_eq!(q.queue.len(), 4, "101, one pong, one ping, data");
+        q.push_control_bounded(Chunk::Static(&[0x89, 0x00]), 1);
+        q.push_control_bounded(Chunk::Static(&[0x89, 0x00]), 1);
+        assert_eq!(q.queue.len(), 5, "101, two pongs, one ping, data");
         let mut s = sink(1000, usize::MAX);
         q.write_to(&mut s).unwrap();
-        assert_eq!(s.out, b"HTTP/1.1 101\r\n\r\n\x8a\x02\x03\xe7\x89\x00data");
+        assert_eq!(
+            s.out,
+            b"HTTP/1.1 101\r\n\r\n\x8a\x02\x00\x00\x8a\x02\x03\xe7\x89\x00data"
+        );
         assert_eq!(q.bytes(), 0);
     }
 

@@ -53,6 +53,10 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The chat page, served at `/`.
 const PAGE: &[u8] = include_bytes!("web/index.html");
 
+/// Unsent pongs a connection may have queued; beyond, the newest replaces the
+/// last (see `Outbound::push_control_bounded`).
+const PONGS_QUEUED: usize = 16;
+
 /// An empty ping: the server's heartbeat.
 const PING: &[u8] = &[0x89, 0x00];
 
@@ -721,7 +725,7 @@ impl Core {
                 }
                 if now >= state.next_ping {
                     state.next_ping = now + config.ping_interval;
-                    conn.out.push_control_latest(Chunk::Static(PING));
+                    conn.out.push_control_bounded(Chunk::Static(PING), 1);
                     self.post.list_for_flush(slot, conn);
                 }
                 let next = self.heartbeat_deadline(conn);
@@ -918,8 +922,10 @@ impl Core {
         let conn = &mut conns[slot];
         match message {
             Message::Ping(payload) => {
-                conn.out
-                    .push_control_latest(Chunk::Owned(encode(Opcode::Pong, payload)));
+                conn.out.push_control_bounded(
+                    Chunk::Owned(encode(Opcode::Pong, payload)),
+                    PONGS_QUEUED,
+                );
                 self.post.list_for_flush(slot, conn);
             }
             Message::Pong(_) => {}
