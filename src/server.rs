@@ -872,9 +872,13 @@ impl Core {
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
                         }
-                        // A client that keeps asking without reading the answers
-                        // (within one read, before the read pause can act).
-                        if conns[slot].out.bytes() > self.config.max_outbound.saturating_mul(2) {
+                        // A chat client that keeps asking without reading the
+                        // answers (a `users` reply can be 100 times its request),
+                        // within one read, before the read pause can act. Echo
+                        // replies are never larger than what was read.
+                        let piled_up =
+                            conns[slot].out.bytes() > self.config.max_outbound.saturating_mul(2);
+                        if piled_up && matches!(self.app, App::Chat(_)) {
                             log::debug!("#{}: replies piled up unread", conns[slot].id);
                             self.post.close(
                                 &mut conns[slot],

@@ -276,3 +276,15 @@ fn several_clients_each_get_their_own_echo() {
     }
     server.assert_serving();
 }
+
+#[test]
+fn a_message_larger_than_twice_the_outbound_limit_is_still_echoed() {
+    // The echo of one allowed message may exceed --max-outbound on its own:
+    // that is not a reader falling behind (Autobahn 9.x sends 4-16 MiB).
+    let server = Server::echo(&["--max-message-size", "4194304", "--max-outbound", "1048576"]);
+    let mut ws = ws_client(server.addr, "/ws");
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(data.clone())).expect("send 3 MiB");
+    expect_binary_msg(&mut ws, &data, "3 MiB echo");
+    close_client(ws);
+}

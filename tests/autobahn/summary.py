@@ -2,7 +2,7 @@
 """Summarise an Autobahn|Testsuite fuzzingclient report (reports/servers/index.json).
 
 Prints counts per behavior, then every FAILED / NON-STRICT case (or one whose
-closing behavior is FAILED / NON-STRICT) with its description and the suite's
+closing behavior is anything but OK / INFORMATIONAL) with its description and the suite's
 reason. Exit status 1 if any case FAILED, cases are missing, the suite did not
 finish or the server died; 0 otherwise.
 """
@@ -99,8 +99,11 @@ def main():
 
         bad = [c for c in ids
                if cases[c]["behavior"] in ("FAILED", "NON-STRICT")
-               or cases[c]["behaviorClose"] in ("FAILED", "NON-STRICT")]
-        if counts.get("FAILED", 0) or any(cases[c]["behaviorClose"] == "FAILED" for c in ids):
+               or cases[c]["behaviorClose"] not in ("OK", "INFORMATIONAL")]
+        # A closing behaviour other than OK/INFORMATIONAL (FAILED, WRONG CODE,
+        # UNCLEAN...) fails the run too: the close code is part of conformance.
+        if counts.get("FAILED", 0) or any(
+                cases[c]["behaviorClose"] not in ("OK", "INFORMATIONAL") for c in ids):
             rc = 1
         if bad:
             print("   FAILED / NON-STRICT cases:")
