@@ -157,25 +157,6 @@ impl Outbound {
         }
     }
 
-    /// Drops queued data that has not started to go out, keeping the frame
-    /// being written (a half-sent frame would corrupt the stream) and control
-    /// frames. Returns the bytes dropped.
-    pub fn drop_unstarted_data(&mut self) -> usize {
-        let keep_front = self.front_written > 0;
-        let mut index = 0;
-        let mut dropped = 0;
-        self.queue.retain(|e| {
-            let keep = (index == 0 && keep_front) || e.control;
-            index += 1;
-            if !keep {
-                dropped += e.chunk.as_bytes().len();
-            }
-            keep
-        });
-        self.bytes -= dropped;
-        dropped
-    }
-
     /// Writes as much as the socket takes.
     pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<Flushed> {
         while !self.queue.is_empty() {
@@ -335,23 +316,6 @@ mod tests {
         let mut s = sink(100, usize::MAX);
         q.write_to(&mut s).unwrap();
         assert_eq!(s.out, b"pongdata");
-    }
-
-    #[test]
-    fn dropping_unstarted_data_keeps_the_half_sent_frame_and_controls() {
-        let mut q = Outbound::default();
-        q.push(Chunk::Owned(b"AAAA".to_vec()));
-        q.push(Chunk::Owned(b"BBBB".to_vec()));
-        let mut s = sink(2, 1);
-        q.write_to(&mut s).unwrap();
-        q.push_control(Chunk::Owned(b"cc".to_vec()));
-        q.push(Chunk::Owned(b"DDDD".to_vec()));
-        assert_eq!(q.drop_unstarted_data(), 8);
-        assert_eq!(q.bytes(), 4);
-        s.block_after = usize::MAX;
-        s.room = 100;
-        q.write_to(&mut s).unwrap();
-        assert_eq!(s.out, b"AAAAcc");
     }
 
     #[test]

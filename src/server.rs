@@ -18,7 +18,6 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 
-use crate::chat::router::text_frame;
 use crate::chat::{protocol, Class, Delivery, Limits, Outbox, Router};
 use crate::config::Config;
 use crate::conn::{CloseReason, Connection, OpenState, Phase};
@@ -942,8 +941,7 @@ impl Core {
             }
             Message::Text(text) => match &mut self.app {
                 App::Echo => {
-                    conn.out
-                        .push(Chunk::Owned(encode(Opcode::Text, text.as_bytes())));
+                    conn.out.push_frame(Opcode::Text, text.as_bytes());
                     self.post.list_for_flush(slot, conn);
                 }
                 App::Chat(router) => {
@@ -959,7 +957,7 @@ impl Core {
             },
             Message::Binary(bytes) => match self.app {
                 App::Echo => {
-                    conn.out.push(Chunk::Owned(encode(Opcode::Binary, bytes)));
+                    conn.out.push_frame(Opcode::Binary, bytes);
                     self.post.list_for_flush(slot, conn);
                 }
                 App::Chat(_) => self.post.close(
@@ -1074,7 +1072,7 @@ impl Core {
                 let mut json = Vec::with_capacity(40);
                 protocol::encode::gap(&mut json, u64::from(conn.shed));
                 conn.shed = 0;
-                conn.out.push(Chunk::Owned(text_frame(&json)));
+                conn.out.push_frame(Opcode::Text, &json);
                 result = conn.out.write_to(&mut conn.socket);
             }
             match result {

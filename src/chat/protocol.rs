@@ -235,21 +235,6 @@ pub mod encode {
         out.push(b'}');
     }
 
-    /// `welcome` and `users` share a shape: a count and (some) names.
-    pub fn roster<'n>(
-        out: &mut Vec<u8>,
-        kind: &str,
-        username: Option<&str>,
-        online: usize,
-        names: impl Iterator<Item = &'n str>,
-    ) {
-        let mut list = Vec::new();
-        for name in names {
-            name_list_push(&mut list, name);
-        }
-        roster_encoded(out, kind, username, online, &list);
-    }
-
     /// Appends `name` to a comma-separated list of JSON strings.
     pub fn name_list_push(list: &mut Vec<u8>, name: &str) {
         if !list.is_empty() {
@@ -258,7 +243,8 @@ pub mod encode {
         string(list, name);
     }
 
-    /// A roster whose names are already encoded (see [`name_list_push`]).
+    /// `welcome` and `users` share a shape: a count and (some) names, the
+    /// names already encoded (see [`name_list_push`]).
     pub fn roster_encoded(
         out: &mut Vec<u8>,
         kind: &str,
@@ -443,13 +429,10 @@ mod tests {
             serde_json::json!({"type":"error","code":"user_offline","message":"bob is not online"})
         );
         out.clear();
-        encode::roster(
-            &mut out,
-            "welcome",
-            Some("alice"),
-            3,
-            ["bob", "carol"].into_iter(),
-        );
+        let mut names = Vec::new();
+        encode::name_list_push(&mut names, "bob");
+        encode::name_list_push(&mut names, "carol");
+        encode::roster_encoded(&mut out, "welcome", Some("alice"), 3, &names);
         assert_eq!(
             serde_json::from_slice::<Value>(&out).unwrap(),
             serde_json::json!({"type":"welcome","username":"alice","online":3,"users":["bob","carol"]})

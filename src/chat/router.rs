@@ -102,6 +102,8 @@ pub struct Router {
     roster_len: Option<usize>,
     last_id: u64,
     scratch: Vec<u8>,
+    /// Where a broadcast frame is built before it becomes shared bytes.
+    frame_scratch: Vec<u8>,
     pub stats: RouterStats,
 }
 
@@ -116,6 +118,7 @@ impl Router {
             last_id: outboxes.max_id,
             outboxes,
             scratch: Vec::with_capacity(256),
+            frame_scratch: Vec::with_capacity(256),
             stats: RouterStats::default(),
         }
     }
@@ -449,7 +452,13 @@ impl Router {
 
     /// Frames `json` once and queues the same bytes to every member but `except`.
     fn broadcast(&mut self, json: &[u8], except: Option<usize>, out: &mut impl Outbox) {
-        let frame: Rc<[u8]> = Rc::from(text_frame(json));
+        // Framed in a reused buffer, then copied once into the shared bytes.
+        let mut buffer = std::mem::take(&mut self.frame_scratch);
+        buffer.clear();
+        write_header(&mut buffer, Opcode::Text, json.len());
+        buffer.extend_from_slice(json);
+        let frame: Rc<[u8]> = Rc::from(&buffer[..]);
+        self.frame_scratch = buffer;
         for member in &self.members {
             if Some(member.slot) == except {
                 continue;
