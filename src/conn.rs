@@ -147,6 +147,8 @@ pub struct Connection {
     pub dead: bool,
     /// Listed for this turn's flush.
     pub flush_listed: bool,
+    /// Listed for the next presence flush.
+    pub presence_listed: bool,
     /// Registered for WRITABLE because the socket was full.
     pub wants_writable: bool,
     /// Our side of the TCP connection is shut (after the last bytes).
@@ -170,6 +172,7 @@ impl Connection {
             close_reason: CloseReason::None,
             dead: false,
             flush_listed: false,
+            presence_listed: false,
             wants_writable: false,
             write_shut: false,
             read_paused: false,

@@ -42,6 +42,16 @@ struct Entry {
 /// one slice; control frames still overtake after at most this much.
 const CORK_BYTES: usize = 16 * 1024;
 
+/// A new cork buffer's capacity: room for a turn's worth of small frames.
+const CORK_START: usize = 1024;
+
+/// Emptied buffers and queues kept for reuse, at most this many of each.
+const SPARES_KEPT: usize = 128;
+
+/// Only buffers up to this capacity are kept (so spares hold at most
+/// `SPARES_KEPT` × 4 KiB).
+const SPARE_BUFFER_MAX: usize = 4 * 1024;
+
 /// The most slices handed to one `writev` (Linux allows 1024; a few dozen
 /// already fill the socket buffer).
 const MAX_IOV: usize = 64;
@@ -53,6 +63,39 @@ pub struct Outbound {
     front_written: usize,
     /// Unsent bytes in the queue.
     bytes: usize,
+}
+
+/// Emptied cork buffers and queues, shared by every connection of the loop.
+/// A busy connection fills its queue and empties it every turn; reusing the
+/// memory saves an allocation and a free per connection per turn, while a
+/// connection with nothing to send still owns nothing. Bounded, and only
+/// ever as large as the number of connections that were busy in one turn.
+#[derive(Debug, Default)]
+pub struct Spares {
+    buffers: Vec<Vec<u8>>,
+    queues: Vec<VecDeque<Entry>>,
+}
+
+impl Spares {
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        match self.buffers.last() {
+            Some(buffer) if buffer.capacity() >= len => self.buffers.pop().unwrap_or_default(),
+            _ => Vec::with_capacity(len.max(CORK_START)),
+        }
+    }
+
+    fn keep_buffer(&mut self, mut buffer: Vec<u8>) {
+        if buffer.capacity() <= SPARE_BUFFER_MAX && self.buffers.len() < SPARES_KEPT {
+            buffer.clear();
+            self.buffers.push(buffer);
+        }
+    }
+
+    fn keep_queue(&mut self, queue: VecDeque<Entry>) {
+        if (1..=MAX_IOV).contains(&queue.capacity()) && self.queues.len() < SPARES_KEPT {
+            self.queues.push(queue);
+        }
+    }
 }
 
 /// What a flush achieved.
@@ -70,6 +113,11 @@ impl Outbound {
         self.bytes
     }
 
+    /// Queued buffers (each one slice of a vectored write).
+    pub fn entries(&self) -> usize {
+        self.queue.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -85,7 +133,7 @@ impl Outbound {
 
     /// Queues a data frame built from `payload`, appended to the last queued
     /// buffer when that one is ours and small (no allocation per frame).
-    pub fn push_frame(&mut self, opcode: Opcode, payload: &[u8]) {
+    pub fn push_frame(&mut self, opcode: Opcode, payload: &[u8], spares: &mut Spares) {
         let len = header_len(payload.len()) + payload.len();
         self.bytes += len;
         if let Some(Entry {
@@ -99,7 +147,12 @@ impl Outbound {
                 return;
             }
         }
-        let mut buffer = Vec::with_capacity(len.max(256));
+        if self.queue.capacity() == 0 {
+            if let Some(queue) = spares.queues.pop() {
+                self.queue = queue;
+            }
+        }
+        let mut buffer = spares.buffer(len);
         write_header(&mut buffer, opcode, payload.len());
         buffer.extend_from_slice(payload);
         self.queue.push_back(Entry {
@@ -158,7 +211,7 @@ impl Outbound {
     }
 
     /// Writes as much as the socket takes.
-    pub fn write_to(&mut self, sink: &mut impl Write) -> io::Result<Flushed> {
+    pub fn write_to(&mut self, sink: &mut impl Write, spares: &mut Spares) -> io::Result<Flushed> {
         while !self.queue.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut count = 0;
@@ -178,14 +231,14 @@ impl Outbound {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            self.consume(written);
+            self.consume(written, spares);
         }
         // Give the queue's memory back: an idle connection owns nothing.
-        self.queue = VecDeque::new();
+        spares.keep_queue(std::mem::take(&mut self.queue));
         Ok(Flushed::All)
     }
 
-    fn consume(&mut self, mut written: usize) {
+    fn consume(&mut self, mut written: usize, spares: &mut Spares) {
         self.bytes -= written;
         while let Some(front) = self.queue.front() {
             let left = front.chunk.as_bytes().len() - self.front_written;
@@ -195,7 +248,13 @@ impl Outbound {
             }
             written -= left;
             self.front_written = 0;
-            self.queue.pop_front();
+            if let Some(Entry {
+                chunk: Chunk::Owned(buffer),
+                ..
+            }) = self.queue.pop_front()
+            {
+                spares.keep_buffer(buffer);
+            }
         }
     }
 }
@@ -250,7 +309,10 @@ mod tests {
         q.push(Chunk::Shared(Rc::from(&b"two "[..])));
         q.push(Chunk::Static(b"three"));
         let mut s = sink(1000, usize::MAX);
-        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::All);
+        assert_eq!(
+            q.write_to(&mut s, &mut Spares::default()).unwrap(),
+            Flushed::All
+        );
         assert_eq!(s.out, b"one two three");
         assert_eq!(s.calls, 1);
         assert_eq!(q.bytes(), 0);
@@ -264,11 +326,17 @@ mod tests {
             q.push(Chunk::Owned(word.as_bytes().to_vec()));
         }
         let mut s = sink(4, 2);
-        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::Blocked);
+        assert_eq!(
+            q.write_to(&mut s, &mut Spares::default()).unwrap(),
+            Flushed::Blocked
+        );
         assert_eq!(s.out, b"alpha be");
         assert_eq!(q.bytes(), 8);
         s.block_after = usize::MAX;
-        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::All);
+        assert_eq!(
+            q.write_to(&mut s, &mut Spares::default()).unwrap(),
+            Flushed::All
+        );
         assert_eq!(s.out, b"alpha beta gamma");
     }
 
@@ -278,12 +346,15 @@ mod tests {
         q.push(Chunk::Owned(b"AAAA".to_vec()));
         q.push(Chunk::Owned(b"BBBB".to_vec()));
         let mut s = sink(2, 1);
-        assert_eq!(q.write_to(&mut s).unwrap(), Flushed::Blocked);
+        assert_eq!(
+            q.write_to(&mut s, &mut Spares::default()).unwrap(),
+            Flushed::Blocked
+        );
         q.push_control(Chunk::Owned(b"p1".to_vec()));
         q.push_control(Chunk::Owned(b"p2".to_vec()));
         s.block_after = usize::MAX;
         s.room = 100;
-        q.write_to(&mut s).unwrap();
+        q.write_to(&mut s, &mut Spares::default()).unwrap();
         assert_eq!(s.out, b"AAAAp1p2BBBB");
     }
 
@@ -300,7 +371,7 @@ mod tests {
         q.push_control_bounded(Chunk::Static(&[0x89, 0x00]), 1);
         assert_eq!(q.queue.len(), 5, "101, two pongs, one ping, data");
         let mut s = sink(1000, usize::MAX);
-        q.write_to(&mut s).unwrap();
+        q.write_to(&mut s, &mut Spares::default()).unwrap();
         assert_eq!(
             s.out,
             b"HTTP/1.1 101\r\n\r\n\x8a\x02\x00\x00\x8a\x02\x03\xe7\x89\x00data"
@@ -314,30 +385,64 @@ mod tests {
         q.push(Chunk::Owned(b"data".to_vec()));
         q.push_control(Chunk::Owned(b"pong".to_vec()));
         let mut s = sink(100, usize::MAX);
-        q.write_to(&mut s).unwrap();
+        q.write_to(&mut s, &mut Spares::default()).unwrap();
         assert_eq!(s.out, b"pongdata");
     }
 
     #[test]
     fn small_frames_share_a_buffer_and_keep_their_order() {
         let mut q = Outbound::default();
-        q.push_frame(Opcode::Text, b"one");
-        q.push_frame(Opcode::Text, b"two");
+        q.push_frame(Opcode::Text, b"one", &mut Spares::default());
+        q.push_frame(Opcode::Text, b"two", &mut Spares::default());
         q.push(Chunk::Shared(Rc::from(&b"\x81\x05three"[..])));
-        q.push_frame(Opcode::Text, b"four");
+        q.push_frame(Opcode::Text, b"four", &mut Spares::default());
         assert_eq!(q.queue.len(), 3, "the first two share one buffer");
         let big = vec![b'x'; CORK_BYTES];
-        q.push_frame(Opcode::Binary, &big);
+        q.push_frame(Opcode::Binary, &big, &mut Spares::default());
         assert_eq!(
             q.queue.len(),
             4,
             "a frame that would pass the cork size starts a buffer"
         );
         let mut s = sink(usize::MAX, usize::MAX);
-        q.write_to(&mut s).unwrap();
+        q.write_to(&mut s, &mut Spares::default()).unwrap();
         let mut expected = b"\x81\x03one\x81\x03two\x81\x05three\x81\x04four".to_vec();
         expected.extend(crate::ws::frame::encode(Opcode::Binary, &big));
         assert_eq!(s.out, expected);
+    }
+
+    #[test]
+    fn emptied_buffers_are_reused_and_the_connection_keeps_nothing() {
+        let mut spares = Spares::default();
+        let mut q = Outbound::default();
+        q.push_frame(Opcode::Text, b"one", &mut spares);
+        let mut s = sink(usize::MAX, usize::MAX);
+        q.write_to(&mut s, &mut spares).unwrap();
+        assert_eq!(q.queue.capacity(), 0, "an empty queue owns nothing");
+        assert_eq!((spares.buffers.len(), spares.queues.len()), (1, 1));
+        let kept = spares.buffers[0].as_ptr();
+
+        q.push_frame(Opcode::Text, b"two", &mut spares);
+        assert_eq!((spares.buffers.len(), spares.queues.len()), (0, 0));
+        let Some(Entry {
+            chunk: Chunk::Owned(buffer),
+            ..
+        }) = q.queue.front()
+        else {
+            panic!("a cork buffer is queued");
+        };
+        assert_eq!(buffer.as_ptr(), kept, "the spare buffer was reused");
+        q.write_to(&mut s, &mut spares).unwrap();
+        assert_eq!(s.out, b"\x81\x03one\x81\x03two");
+
+        // Large buffers are freed, and spares stay bounded.
+        q.push_frame(Opcode::Binary, &[0; SPARE_BUFFER_MAX + 1], &mut spares);
+        q.write_to(&mut s, &mut spares).unwrap();
+        assert_eq!(spares.buffers.len(), 1, "only the small buffer is kept");
+        for _ in 0..SPARES_KEPT + 10 {
+            spares.keep_buffer(Vec::with_capacity(64));
+        }
+        assert_eq!(spares.buffers.len(), SPARES_KEPT);
     }
 
     #[test]
@@ -347,7 +452,7 @@ mod tests {
             q.push(Chunk::Owned(vec![i]));
         }
         let mut s = sink(usize::MAX, usize::MAX);
-        q.write_to(&mut s).unwrap();
+        q.write_to(&mut s, &mut Spares::default()).unwrap();
         assert_eq!(s.out, (0..200u8).collect::<Vec<_>>());
         assert_eq!(s.calls, 200usize.div_ceil(MAX_IOV));
     }

@@ -146,6 +146,52 @@ fn welcome_lists_the_others_and_counts_everyone() {
 // public and private messages
 // ---------------------------------------------------------------------------
 
+/// Presence events may be held for a few milliseconds to batch a burst of
+/// arrivals; they must still arrive complete, in order, and never behind a
+/// newcomer's first message.
+#[test]
+fn a_burst_of_arrivals_reaches_a_watcher_in_order_before_their_messages() {
+    let server = ChatServer::start(&[]);
+    let mut watcher = Chat::joined(server.addr, "watcher");
+    // More than the server holds per connection, so both ways out are used.
+    let newcomers: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+    let mut clients = Vec::new();
+    for name in &newcomers {
+        let mut client = Chat::joined(server.addr, name);
+        client.public(&format!("hello from {name}"));
+        clients.push(client);
+    }
+    let mut joined = BTreeSet::new();
+    let mut online = 1;
+    let mut said = 0;
+    while said < newcomers.len() {
+        let v = watcher.recv("burst of arrivals");
+        match v["type"].as_str() {
+            Some("join") => {
+                online += 1;
+                let name = newcomers[online - 2].as_str();
+                assert_presence(&v, "join", name, online as u64, "joins in order");
+                joined.insert(name.to_owned());
+            }
+            Some("public") => {
+                let from = v["from"].as_str().unwrap_or_default().to_owned();
+                assert!(
+                    joined.contains(&from),
+                    "{from}'s message arrived before its join: {v}"
+                );
+                assert_eq!(v["body"], format!("hello from {from}"));
+                said += 1;
+            }
+            _ => panic!("unexpected event {v}"),
+        }
+    }
+    assert_eq!(joined.len(), newcomers.len());
+    // A lone arrival with no traffic after it still arrives.
+    let _last = Chat::joined(server.addr, "last");
+    let v = watcher.recv("a lone join");
+    assert_presence(&v, "join", "last", newcomers.len() as u64 + 2, "lone join");
+}
+
 #[test]
 fn public_messages_reach_everyone_including_the_sender() {
     let server = ChatServer::start(&[]);

@@ -70,6 +70,20 @@ pub fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends a string that needs no escaping as a JSON string: a username
+/// (letters, digits and `_-.`, checked at the handshake) or one of the
+/// server's own words. Skips the scan that user-supplied text needs.
+pub fn plain(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(
+        !s.bytes().any(|b| NEEDS_ESCAPE[usize::from(b)]),
+        "{s:?} needs escaping"
+    );
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
 /// Appends an unsigned integer, two digits at a time.
 pub fn number(out: &mut Vec<u8>, n: u64) {
     const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
@@ -158,7 +172,11 @@ mod tests {
             100,
             101,
             12345,
+            99_999_999,
+            100_000_000,
+            100_000_001,
             1_764_250_000_123,
+            10_000_000_000_000_000,
             u64::MAX,
         ] {
             let mut out = Vec::new();

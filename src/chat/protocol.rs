@@ -174,7 +174,7 @@ pub struct PrivateMessage<'a> {
 
 /// Encoders for everything the server sends. Each writes one JSON object.
 pub mod encode {
-    use super::json::{number, string};
+    use super::json::{number, plain, string};
 
     pub fn public(out: &mut Vec<u8>, id: u64, ts: u64, from: &str, body: &str) {
         out.extend_from_slice(b"{\"type\":\"public\",\"id\":");
@@ -182,7 +182,7 @@ pub mod encode {
         out.extend_from_slice(b",\"ts\":");
         number(out, ts);
         out.extend_from_slice(b",\"from\":");
-        string(out, from);
+        plain(out, from);
         out.extend_from_slice(b",\"body\":");
         string(out, body);
         out.push(b'}');
@@ -205,10 +205,13 @@ pub mod encode {
         number(out, ts);
         out.extend_from_slice(b",\"seq\":");
         number(out, seq);
+        // Names replayed from the log are escaped like any stored text, so a
+        // damaged log cannot break the JSON; live names were validated.
+        let name = if offline { string } else { plain };
         out.extend_from_slice(b",\"from\":");
-        string(out, from);
+        name(out, from);
         out.extend_from_slice(b",\"to\":");
-        string(out, to);
+        name(out, to);
         out.extend_from_slice(b",\"body\":");
         string(out, body);
         if offline {
@@ -222,13 +225,13 @@ pub mod encode {
         number(out, id);
         reference_field(out, reference);
         out.extend_from_slice(b",\"status\":");
-        string(out, status);
+        plain(out, status);
         out.push(b'}');
     }
 
     pub fn error(out: &mut Vec<u8>, code: &str, message: &str, reference: Option<&str>) {
         out.extend_from_slice(b"{\"type\":\"error\",\"code\":");
-        string(out, code);
+        plain(out, code);
         out.extend_from_slice(b",\"message\":");
         string(out, message);
         reference_field(out, reference);
@@ -240,7 +243,7 @@ pub mod encode {
         if !list.is_empty() {
             list.push(b',');
         }
-        string(list, name);
+        plain(list, name);
     }
 
     /// `welcome` and `users` share a shape: a count and (some) names, the
@@ -253,10 +256,10 @@ pub mod encode {
         names: &[u8],
     ) {
         out.extend_from_slice(b"{\"type\":");
-        string(out, kind);
+        plain(out, kind);
         if let Some(username) = username {
             out.extend_from_slice(b",\"username\":");
-            string(out, username);
+            plain(out, username);
         }
         out.extend_from_slice(b",\"online\":");
         number(out, online as u64);
@@ -268,9 +271,9 @@ pub mod encode {
     /// `join` or `leave`.
     pub fn presence(out: &mut Vec<u8>, kind: &str, username: &str, online: usize) {
         out.extend_from_slice(b"{\"type\":");
-        string(out, kind);
+        plain(out, kind);
         out.extend_from_slice(b",\"username\":");
-        string(out, username);
+        plain(out, username);
         out.extend_from_slice(b",\"online\":");
         number(out, online as u64);
         out.push(b'}');

@@ -20,8 +20,12 @@ pub const LIST_LIMIT: usize = 1000;
 /// How a frame may be treated by a recipient that cannot keep up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Public messages and presence: shed above the soft mark, reported by `gap`.
+    /// Public messages: shed above the soft mark, reported by `gap`.
     Public,
+    /// `join` and `leave`: shed like public messages, and never urgent, so
+    /// the server may hold them briefly to send a burst of arrivals to each
+    /// user in one write.
+    Presence,
     /// Never shed: a recipient that cannot take it is disconnected.
     Private,
     /// An answer to the connection's own request (welcome, receipt, error).
@@ -191,7 +195,7 @@ impl Router {
         json.clear();
         if online <= self.limits.presence_limit {
             encode::presence(&mut json, "join", &name, online);
-            self.broadcast(&json, Some(slot), out);
+            self.broadcast(&json, Some(slot), Class::Presence, out);
         }
         self.scratch = json;
         self.replay_held(slot, &name, resume, out);
@@ -278,7 +282,7 @@ impl Router {
             let mut json = std::mem::take(&mut self.scratch);
             json.clear();
             encode::presence(&mut json, "leave", name, online);
-            self.broadcast(&json, None, out);
+            self.broadcast(&json, None, Class::Presence, out);
             json.clear();
             self.scratch = json;
         }
@@ -308,7 +312,7 @@ impl Router {
                 let id = self.next_id();
                 encode::public(&mut json, id, now_ms, from, &body);
                 self.stats.public += 1;
-                self.broadcast(&json, None, out);
+                self.broadcast(&json, None, Class::Public, out);
             }
             Request::Private { to, body } => {
                 self.private(slot, from, &to, &body, reference, now_ms, &mut json, out);
@@ -346,16 +350,17 @@ impl Router {
         json: &mut Vec<u8>,
         out: &mut impl Outbox,
     ) {
-        if !username::is_valid(to) {
+        let target = self
+            .index
+            .get(to)
+            .map(|&p| (self.members[p].slot, self.members[p].reliable));
+        // Only valid names are online, so only a miss needs the check.
+        if target.is_none() && !username::is_valid(to) {
             let message = "no user can have that name";
             self.send_error(slot, "invalid_username", message, reference, out);
             return;
         }
         self.stats.private += 1;
-        let target = self
-            .index
-            .get(to)
-            .map(|&p| (self.members[p].slot, self.members[p].reliable));
         let hold = !matches!(target, Some((_, false)));
         if hold {
             if let Err(full) = self.outboxes.check_room(to, from.len(), body.len()) {
@@ -451,7 +456,13 @@ impl Router {
     }
 
     /// Frames `json` once and queues the same bytes to every member but `except`.
-    fn broadcast(&mut self, json: &[u8], except: Option<usize>, out: &mut impl Outbox) {
+    fn broadcast(
+        &mut self,
+        json: &[u8],
+        except: Option<usize>,
+        class: Class,
+        out: &mut impl Outbox,
+    ) {
         // Framed in a reused buffer, then copied once into the shared bytes.
         let mut buffer = std::mem::take(&mut self.frame_scratch);
         buffer.clear();
@@ -463,7 +474,7 @@ impl Router {
             if Some(member.slot) == except {
                 continue;
             }
-            match out.send(member.slot, Chunk::Shared(frame.clone()), Class::Public) {
+            match out.send(member.slot, Chunk::Shared(frame.clone()), class) {
                 Delivery::Queued => self.stats.deliveries += 1,
                 Delivery::Shed => self.stats.shed += 1,
                 Delivery::Gone | Delivery::Disconnected => {}
@@ -560,7 +571,7 @@ mod tests {
             }
             if self.full.contains(&slot) {
                 return match class {
-                    Class::Public => Delivery::Shed,
+                    Class::Public | Class::Presence => Delivery::Shed,
                     _ => Delivery::Disconnected,
                 };
             }
