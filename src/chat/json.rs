@@ -19,6 +19,13 @@ const NEEDS_ESCAPE: [bool; 256] = {
 /// character, `"` or `\\`): the classic SWAR zero-byte tests, exact about
 /// whether such a byte exists.
 fn word_needs_escape(word: u64) -> bool {
+    escape_mask(word) != 0
+}
+
+/// The high bit of each byte of `word` that may need escaping. Borrows only
+/// carry upward from a byte that does, so the lowest marked byte is exact
+/// (in a little-endian load, the first one in memory).
+fn escape_mask(word: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let below_space = word.wrapping_sub(ONES * 0x20) & !word;
@@ -26,7 +33,7 @@ fn word_needs_escape(word: u64) -> bool {
     let backslash = word ^ (ONES * u64::from(b'\\'));
     let has_quote = quote.wrapping_sub(ONES) & !quote;
     let has_backslash = backslash.wrapping_sub(ONES) & !backslash;
-    (below_space | has_quote | has_backslash) & HIGHS != 0
+    (below_space | has_quote | has_backslash) & HIGHS
 }
 
 /// Appends `s` as a JSON string literal (with quotes). Clean runs (nearly
@@ -82,6 +89,28 @@ pub fn plain(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     out.extend_from_slice(s.as_bytes());
     out.push(b'"');
+}
+
+/// How many leading bytes need no escaping: where a JSON string without
+/// escapes would end, found eight bytes at a time. Out of line because,
+/// inlined into the parser, its loop ran short of registers (measured).
+#[inline(never)]
+pub(super) fn clean_prefix(bytes: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let mask = escape_mask(u64::from_le_bytes(word));
+        if mask != 0 {
+            return i + (mask.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    let tail = &bytes[i..];
+    i + tail
+        .iter()
+        .position(|&b| NEEDS_ESCAPE[usize::from(b)])
+        .unwrap_or(tail.len())
 }
 
 /// Appends an unsigned integer, two digits at a time.
@@ -152,12 +181,25 @@ mod tests {
             "a",
             "abcdefgh",
             "abcdefghi\"",
+            "abcdefgh\\",
             "0123456789abcdef\n",
             "\u{7f}é\u{1}xxxxxxxx",
         ] {
             let mut out = Vec::new();
             string(&mut out, s);
             assert_eq!(serde_json::from_slice::<String>(&out).unwrap(), s);
+            let expected = s.bytes().position(|b| NEEDS_ESCAPE[usize::from(b)]);
+            assert_eq!(clean_prefix(s.as_bytes()), expected.unwrap_or(s.len()));
+        }
+        // Bytes that need escaping after the first must not move it.
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut bytes = [0u8; 16];
+                bytes[..at].fill(b'a');
+                bytes[at] = b;
+                let expected = at + usize::from(!NEEDS_ESCAPE[usize::from(b)]);
+                assert_eq!(clean_prefix(&bytes), expected, "byte {b} at {at}");
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod json;
 pub mod protocol;
 pub mod router;
+mod scan;
 pub mod username;
 
 pub use router::{Class, Delivery, Limits, Outbox, Router};

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::json;
+use super::{json, scan};
 
 /// The most bytes a string `ref` may have.
 pub const MAX_REF_BYTES: usize = 64;
@@ -84,14 +84,45 @@ struct Wire<'a> {
 #[derive(Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
-/// Parses one text message. On error, returns the `ref` too when it could
-/// be read, so the error can carry it.
+/// A message's fields, from whichever reader took it.
+pub(super) struct Fields<'a> {
+    pub(super) kind: Option<Cow<'a, str>>,
+    pub(super) to: Option<Cow<'a, str>>,
+    pub(super) body: Option<Cow<'a, str>>,
+    pub(super) reference: Option<&'a str>,
+    pub(super) seq: Option<u64>,
+}
+
+/// serde_json's reading, which the fast path in [`scan`] must agree with.
+pub(super) fn read_with_serde(text: &str) -> Result<Fields<'_>, serde_json::Error> {
+    let wire: Wire<'_> = serde_json::from_str(text)?;
+    Ok(Fields {
+        kind: wire.kind.map(|Text(s)| s),
+        to: wire.to.map(|Text(s)| s),
+        body: wire.body.map(|Text(s)| s),
+        reference: wire.reference.map(RawValue::get),
+        seq: wire.seq,
+    })
+}
+
+/// Parses one text message: a plain one in one pass by [`scan`], any other
+/// by serde_json. On error, returns the `ref` too when it could be read, so
+/// the error can carry it.
 pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, Option<&str>)> {
-    let wire: Wire<'_> = serde_json::from_str(text)
-        .map_err(|e| (RequestError::InvalidJson(short_reason(&e)), None))?;
-    let reference = match wire.reference {
+    let fields = match scan::scan(text) {
+        Some(f) => Fields {
+            kind: f.kind.map(Cow::Borrowed),
+            to: f.to.map(Cow::Borrowed),
+            body: f.body.map(Cow::Borrowed),
+            reference: f.reference,
+            seq: f.seq,
+        },
+        None => read_with_serde(text)
+            .map_err(|e| (RequestError::InvalidJson(short_reason(&e)), None))?,
+    };
+    let reference = match fields.reference {
         None => None,
-        Some(raw) if is_valid_ref(raw.get()) => Some(raw.get()),
+        Some(raw) if is_valid_ref(raw) => Some(raw),
         Some(_) => {
             return Err((
                 RequestError::InvalidJson(format!(
@@ -102,12 +133,12 @@ pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, O
         }
     };
     let fail = |e| Err((e, reference));
-    let Some(Text(kind)) = wire.kind else {
+    let Some(kind) = fields.kind else {
         return fail(RequestError::MissingField("type"));
     };
     let request = match kind.as_ref() {
         "public" => {
-            let Some(Text(body)) = wire.body else {
+            let Some(body) = fields.body else {
                 return fail(RequestError::MissingField("body"));
             };
             if body.len() > max_body {
@@ -116,10 +147,10 @@ pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, O
             Request::Public { body }
         }
         "private" => {
-            let Some(Text(to)) = wire.to else {
+            let Some(to) = fields.to else {
                 return fail(RequestError::MissingField("to"));
             };
-            let Some(Text(body)) = wire.body else {
+            let Some(body) = fields.body else {
                 return fail(RequestError::MissingField("body"));
             };
             if body.len() > max_body {
@@ -129,7 +160,7 @@ pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, O
         }
         "users" => Request::Users,
         "ack" => {
-            let Some(seq) = wire.seq else {
+            let Some(seq) = fields.seq else {
                 return fail(RequestError::MissingField("seq"));
             };
             Request::Ack { seq }
