@@ -147,8 +147,8 @@ pub struct Connection {
     pub dead: bool,
     /// Listed for this turn's flush.
     pub flush_listed: bool,
-    /// Listed for the next presence flush.
-    pub presence_listed: bool,
+    /// Owed the presence window's events from this offset on.
+    pub presence_from: Option<u32>,
     /// Registered for WRITABLE because the socket was full.
     pub wants_writable: bool,
     /// Our side of the TCP connection is shut (after the last bytes).
@@ -172,7 +172,7 @@ impl Connection {
             close_reason: CloseReason::None,
             dead: false,
             flush_listed: false,
-            presence_listed: false,
+            presence_from: None,
             wants_writable: false,
             write_shut: false,
             read_paused: false,
@@ -243,7 +243,7 @@ mod tests {
     /// connection (the README's budget is 0.5 KiB in all).
     #[test]
     fn per_connection_state_stays_small() {
-        assert!(std::mem::size_of::<super::Connection>() <= 176);
+        assert!(std::mem::size_of::<super::Connection>() <= 184);
         assert!(std::mem::size_of::<super::OpenState>() <= 112);
     }
 }

@@ -11,6 +11,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod outbound;
+pub mod presence;
 pub mod server;
 pub mod store;
 pub mod sys;

@@ -18,6 +18,8 @@ use crate::ws::frame::{header_len, write_header, Opcode};
 pub enum Chunk {
     Owned(Vec<u8>),
     Shared(Rc<[u8]>),
+    /// Shared bytes from an offset on (one user's part of a presence batch).
+    Tail(Rc<[u8]>, usize),
     Static(&'static [u8]),
 }
 
@@ -26,6 +28,7 @@ impl Chunk {
         match self {
             Chunk::Owned(v) => v,
             Chunk::Shared(r) => r,
+            Chunk::Tail(r, from) => r.get(*from..).unwrap_or_default(),
             Chunk::Static(s) => s,
         }
     }
@@ -111,11 +114,6 @@ impl Outbound {
     /// Unsent bytes.
     pub fn bytes(&self) -> usize {
         self.bytes
-    }
-
-    /// Queued buffers (each one slice of a vectored write).
-    pub fn entries(&self) -> usize {
-        self.queue.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -26,6 +26,7 @@ use crate::http::{self, Response, Status};
 use crate::log;
 use crate::metrics::{Metrics, Snapshot};
 use crate::outbound::{Chunk, Flushed, Spares};
+use crate::presence::PresenceBatch;
 use crate::store::log::Log;
 use crate::store::Outboxes;
 use crate::sys::ShutdownSignal;
@@ -48,13 +49,6 @@ const LISTEN_BACKLOG: i32 = 4096;
 
 /// How long to stop accepting when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-
-/// How long presence events may be held to batch them (see
-/// `Core::release_presence`); short enough that nobody sees it.
-const PRESENCE_DELAY: Duration = Duration::from_millis(10);
-
-/// At most this many queued frames are held for a presence flush.
-const PRESENCE_HELD: usize = 32;
 
 /// The chat page, served at `/`.
 const PAGE: &[u8] = include_bytes!("web/index.html");
@@ -101,8 +95,6 @@ struct Core {
     handshakes: VecDeque<(usize, u64)>,
     next_id: u64,
     accept_paused_until: Option<Instant>,
-    /// When the held presence events go out.
-    presence_due: Option<Instant>,
     /// Log the first refusal of an episode only.
     refusing: bool,
     /// Set once SIGINT/SIGTERM arrived: exit by then at the latest.
@@ -117,8 +109,8 @@ struct Core {
 /// Bookkeeping that delivering a message touches beside the connections.
 struct Post {
     flush_list: Vec<usize>,
-    /// Connections holding only presence events, flushed by `presence_due`.
-    presence_list: Vec<usize>,
+    /// `join`/`leave` events of the current window (see `presence`).
+    presence: PresenceBatch,
     /// Names whose connections stopped being open; the router forgets them
     /// in `settle`, within the same turn.
     departures: Vec<(usize, Rc<str>)>,
@@ -140,12 +132,19 @@ impl Post {
         }
     }
 
-    /// Lists a connection that got only presence events for the next
-    /// presence flush (anything else it gets sooner carries them along).
-    fn list_for_presence(&mut self, slot: usize, conn: &mut Connection) {
-        if !conn.presence_listed && !conn.flush_listed {
-            conn.presence_listed = true;
-            self.presence_list.push(slot);
+    /// Queues what `conn` is owed of the presence window so far, before
+    /// anything else is queued for it (events keep their place).
+    fn pay_presence(&mut self, conn: &mut Connection) {
+        let upto = self.presence.end();
+        self.pay_presence_upto(conn, upto);
+    }
+
+    fn pay_presence_upto(&mut self, conn: &mut Connection, upto: usize) {
+        if let Some(from) = conn.presence_from.take() {
+            let owed = self.presence.copy(from as usize, upto);
+            if !owed.is_empty() {
+                conn.out.push(Chunk::Owned(owed));
+            }
         }
     }
 
@@ -212,20 +211,43 @@ impl Mailer<'_> {
     }
 }
 
+impl Mailer<'_> {
+    /// A presence event joins the window; the recipient is owed it.
+    fn owe_presence(&mut self, slot: usize, frame: &Rc<[u8]>) -> Delivery {
+        let start = self.post.presence.append(frame);
+        let len = frame.len();
+        let conn = match Self::admit(self.conns, self.post, slot, len, Class::Presence) {
+            Ok(conn) => conn,
+            Err(Delivery::Shed) => {
+                // A hole in what it is owed: what came before goes now.
+                if let Some(conn) = self.conns.get_mut(slot) {
+                    self.post.pay_presence_upto(conn, start);
+                }
+                return Delivery::Shed;
+            }
+            Err(delivery) => return delivery,
+        };
+        if conn.presence_from.is_none() {
+            conn.presence_from = u32::try_from(start).ok();
+            self.post.presence.owed.push(slot);
+        }
+        Delivery::Queued
+    }
+}
+
 impl Outbox for Mailer<'_> {
     fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery {
+        if let (Class::Presence, Chunk::Shared(shared)) = (class, &frame) {
+            return self.owe_presence(slot, shared);
+        }
         let len = frame.as_bytes().len();
         let conn = match Self::admit(self.conns, self.post, slot, len, class) {
             Ok(conn) => conn,
             Err(delivery) => return delivery,
         };
+        self.post.pay_presence(conn);
         conn.out.push(frame);
-        // Held presence stays bounded: a long queue goes out this turn.
-        if class == Class::Presence && conn.out.entries() < PRESENCE_HELD {
-            self.post.list_for_presence(slot, conn);
-        } else {
-            self.post.list_for_flush(slot, conn);
-        }
+        self.post.list_for_flush(slot, conn);
         Delivery::Queued
     }
 
@@ -235,6 +257,7 @@ impl Outbox for Mailer<'_> {
             Ok(conn) => conn,
             Err(delivery) => return delivery,
         };
+        self.post.pay_presence(conn);
         conn.out
             .push_frame(Opcode::Text, json, &mut self.post.spares);
         self.post.list_for_flush(slot, conn);
@@ -297,7 +320,7 @@ impl Server {
         };
         let post = Post {
             flush_list: Vec::new(),
-            presence_list: Vec::new(),
+            presence: PresenceBatch::default(),
             departures: Vec::new(),
             began_closing: Vec::new(),
             after_sync: Vec::new(),
@@ -324,7 +347,6 @@ impl Server {
                 handshakes: VecDeque::new(),
                 next_id: 1,
                 accept_paused_until: None,
-                presence_due: None,
                 refusing: false,
                 shutdown_by: None,
                 log,
@@ -398,7 +420,7 @@ impl Server {
         let next = [
             self.core.timers.next(),
             self.core.accept_paused_until,
-            self.core.presence_due,
+            self.core.post.presence.due,
             self.core.shutdown_by,
             self.core.next_expiry(now),
         ]
@@ -1056,6 +1078,7 @@ impl Core {
         for (slot, frame) in std::mem::take(&mut self.post.after_sync) {
             if let Some(conn) = conns.get_mut(slot) {
                 if conn.is_open() {
+                    self.post.pay_presence(conn);
                     conn.out.push(frame);
                     self.post.list_for_flush(slot, conn);
                 }
@@ -1092,25 +1115,24 @@ impl Core {
         s
     }
 
-    /// Presence events wait up to `PRESENCE_DELAY` from the first one held,
-    /// so a burst of arrivals reaches each user in one write instead of one
-    /// write per user per turn (1000 users joining one by one would
-    /// otherwise cost half a million writes).
+    /// Closes the presence window when due (see `presence`): each user
+    /// owed events gets its slice of the shared bytes.
     fn release_presence(&mut self, conns: &mut Slab<Connection>, now: Instant) {
-        if self.post.presence_list.is_empty() {
-            self.presence_due = None;
+        if !self.post.presence.should_close(now) {
             return;
         }
-        let due = *self.presence_due.get_or_insert(now + PRESENCE_DELAY);
-        if due > now {
-            return;
-        }
-        self.presence_due = None;
-        for slot in std::mem::take(&mut self.post.presence_list) {
-            if let Some(conn) = conns.get_mut(slot) {
-                if conn.presence_listed {
-                    self.post.list_for_flush(slot, conn);
-                }
+        let (shared, owed) = self.post.presence.close();
+        for slot in owed {
+            let Some(conn) = conns.get_mut(slot) else {
+                continue;
+            };
+            // Cleared when paid by copy, or by a new connection in the slot.
+            let Some(from) = conn.presence_from.take() else {
+                continue;
+            };
+            if conn.is_open() && (from as usize) < shared.len() {
+                conn.out.push(Chunk::Tail(shared.clone(), from as usize));
+                self.post.list_for_flush(slot, conn);
             }
         }
     }
@@ -1122,7 +1144,6 @@ impl Core {
                 continue;
             };
             conn.flush_listed = false;
-            conn.presence_listed = false;
             if conn.dead || conn.write_shut {
                 continue;
             }

@@ -190,6 +190,18 @@ fn a_burst_of_arrivals_reaches_a_watcher_in_order_before_their_messages() {
     let _last = Chat::joined(server.addr, "last");
     let v = watcher.recv("a lone join");
     assert_presence(&v, "join", "last", newcomers.len() as u64 + 2, "lone join");
+
+    // Departures: each one's last message comes before its leave.
+    let mut online = newcomers.len() as u64 + 2;
+    for (name, mut client) in newcomers.iter().zip(clients).take(10) {
+        client.public(&format!("bye from {name}"));
+        client.close();
+        let v = watcher.recv("last words");
+        assert_public(&v, name, &format!("bye from {name}"), 0, "last words");
+        online -= 1;
+        let v = watcher.recv("a leave");
+        assert_presence(&v, "leave", name, online, "leave after last words");
+    }
 }
 
 #[test]
