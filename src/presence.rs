@@ -61,14 +61,19 @@ impl PresenceBatch {
         self.bytes.len()
     }
 
-    /// Whether the window should close at the end of this turn.
-    pub fn should_close(&mut self, now: Instant) -> bool {
+    /// Starts the window's clock once someone is owed events.
+    pub fn arm(&mut self, now: Instant) {
         if self.owed.is_empty() {
             self.due = None;
-            return false;
+        } else if self.due.is_none() {
+            self.due = Some(now + WINDOW);
         }
-        let due = *self.due.get_or_insert(now + WINDOW);
-        due <= now || self.bytes.len() >= MAX_BYTES
+    }
+
+    /// Whether the window should close now (arming it first).
+    pub fn should_close(&mut self, now: Instant) -> bool {
+        self.arm(now);
+        self.due.is_some_and(|due| due <= now) || self.bytes.len() >= MAX_BYTES
     }
 
     /// Closes the window: its bytes, to be shared, and who is owed them.

@@ -209,9 +209,7 @@ impl Mailer<'_> {
             _ => Ok(conn),
         }
     }
-}
 
-impl Mailer<'_> {
     /// A presence event joins the window; the recipient is owed it.
     fn owe_presence(&mut self, slot: usize, frame: &Rc<[u8]>) -> Delivery {
         let start = self.post.presence.append(frame);
@@ -450,16 +448,18 @@ impl Server {
         self.core.expire_held(&mut self.conns);
         self.core.settle(&mut self.conns, now);
         self.core.commit(&mut self.conns)?;
-        self.core.release_presence(&mut self.conns, now);
         // A connection that dies in the flush departs, and its `leave`
         // must not wait for the next event: flush again (a few rounds at most).
         for _ in 0..3 {
+            self.core.release_presence(&mut self.conns, now);
             self.core.flush(&mut self.conns, now);
             self.core.settle(&mut self.conns, now);
             if self.core.post.flush_list.is_empty() {
                 break;
             }
         }
+        // Events owed since the last release wait for the window's deadline.
+        self.core.post.presence.arm(now);
         for slot in std::mem::take(&mut self.core.dead) {
             if self.conns.get(slot).is_some_and(|c| c.dead) {
                 let conn = self.conns.remove(slot);
