@@ -1,0 +1,73 @@
+//! One private message parsed, routed and encoded, N times, for counting
+//! instructions with callgrind (repeatable where timings are not):
+//!
+//! ```sh
+//! cargo bench --bench route_count --no-run   # prints the binary's path
+//! valgrind --tool=callgrind target/release/deps/route_count-HASH 10000
+//! valgrind --tool=callgrind target/release/deps/route_count-HASH 110000
+//! ```
+//!
+//! Instructions per message = (Ir at 110000 − Ir at 10000) / 100000. Run
+//! without valgrind (`cargo bench --bench route_count`) it only times itself.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use wschat::chat::router::unlimited_outboxes;
+use wschat::chat::{Class, Delivery, Limits, Outbox, Router};
+use wschat::outbound::Chunk;
+
+/// Counts what the router hands out, so only the router's work is measured.
+#[derive(Default)]
+struct Counting {
+    frames: usize,
+    bytes: usize,
+}
+
+impl Outbox for Counting {
+    fn send(&mut self, _slot: usize, frame: Chunk, _class: Class) -> Delivery {
+        self.frames += 1;
+        self.bytes += frame.as_bytes().len();
+        Delivery::Queued
+    }
+    fn send_text(&mut self, _slot: usize, json: &[u8], _class: Class) -> Delivery {
+        self.frames += 1;
+        self.bytes += json.len() + 2;
+        Delivery::Queued
+    }
+    fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
+        self.send(slot, frame, Class::Reply);
+    }
+    fn close(&mut self, _slot: usize, _code: u16, _reason: &'static str) {}
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a number is the message count.
+    let count = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse::<u64>().ok())
+        .unwrap_or(1_000_000);
+    let mut out = Counting::default();
+    let limits = Limits {
+        max_body: 8192,
+        presence_limit: 0,
+    };
+    let mut router = Router::new(limits, unlimited_outboxes());
+    for slot in 0..100 {
+        router.join(slot, &format!("username=u{slot}"), &mut out);
+    }
+    // The shape the shared load generator sends (a 64-byte body).
+    let message = r#"{"type":"private","from":"u7","to":"u42","body":"P7Q123T1764250000123456789Xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
+    let started = Instant::now();
+    for i in 0..count {
+        let now_ms = 1_764_250_000_123 + i / 1000;
+        router.handle(7, "u7", black_box(message), now_ms, &mut out);
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "route_count: {count} private messages, {} frames, {} bytes out, {:.0} ns/message",
+        out.frames,
+        out.bytes,
+        elapsed.as_nanos() as f64 / count.max(1) as f64
+    );
+}
