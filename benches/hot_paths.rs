@@ -5,54 +5,16 @@
 //! `cargo bench --bench hot_paths`; the end-to-end figures come from
 //! `wschat-bench` against a running server (see the README).
 
+mod support;
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use wschat::chat::router::unlimited_outboxes;
-use wschat::chat::{Class, Delivery, Limits, Outbox, Router};
+use support::{router_with, Counting};
 use wschat::handshake::{self, Policy};
-use wschat::outbound::Chunk;
 use wschat::ws::frame::{apply_mask, encode_masked, parse_header, Opcode, Role};
 use wschat::ws::utf8::Utf8Validator;
 use wschat::ws::Decoder;
-
-/// An outbox that only counts bytes, so the router's own cost is measured.
-#[derive(Default)]
-struct Counting {
-    frames: usize,
-    bytes: usize,
-}
-
-impl Outbox for Counting {
-    fn send(&mut self, _slot: usize, frame: Chunk, _class: Class) -> Delivery {
-        self.frames += 1;
-        self.bytes += frame.as_bytes().len();
-        Delivery::Queued
-    }
-    fn send_text(&mut self, _slot: usize, json: &[u8], _class: Class) -> Delivery {
-        self.frames += 1;
-        self.bytes += json.len() + 2;
-        Delivery::Queued
-    }
-    fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
-        self.send(slot, frame, Class::Reply);
-    }
-    fn close(&mut self, _slot: usize, _code: u16, _reason: &'static str) {}
-}
-
-fn router_with(users: usize, out: &mut Counting) -> Router {
-    let mut router = Router::new(
-        Limits {
-            max_body: 8192,
-            presence_limit: 0,
-        },
-        unlimited_outboxes(),
-    );
-    for slot in 0..users {
-        router.join(slot, &format!("username=u{slot}"), out);
-    }
-    router
-}
 
 fn frames(c: &mut Criterion) {
     let frame = encode_masked(Opcode::Text, &[b'x'; 100], [1, 2, 3, 4]);

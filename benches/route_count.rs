@@ -10,36 +10,12 @@
 //! Instructions per message = (Ir at 110000 − Ir at 10000) / 100000. Run
 //! without valgrind (`cargo bench --bench route_count`) it only times itself.
 
+mod support;
+
 use std::hint::black_box;
 use std::time::Instant;
 
-use wschat::chat::router::unlimited_outboxes;
-use wschat::chat::{Class, Delivery, Limits, Outbox, Router};
-use wschat::outbound::Chunk;
-
-/// Counts what the router hands out, so only the router's work is measured.
-#[derive(Default)]
-struct Counting {
-    frames: usize,
-    bytes: usize,
-}
-
-impl Outbox for Counting {
-    fn send(&mut self, _slot: usize, frame: Chunk, _class: Class) -> Delivery {
-        self.frames += 1;
-        self.bytes += frame.as_bytes().len();
-        Delivery::Queued
-    }
-    fn send_text(&mut self, _slot: usize, json: &[u8], _class: Class) -> Delivery {
-        self.frames += 1;
-        self.bytes += json.len() + 2;
-        Delivery::Queued
-    }
-    fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
-        self.send(slot, frame, Class::Reply);
-    }
-    fn close(&mut self, _slot: usize, _code: u16, _reason: &'static str) {}
-}
+use support::{router_with, Counting};
 
 fn main() {
     // `cargo bench` passes `--bench`; a number is the message count.
@@ -48,14 +24,7 @@ fn main() {
         .find_map(|a| a.parse::<u64>().ok())
         .unwrap_or(1_000_000);
     let mut out = Counting::default();
-    let limits = Limits {
-        max_body: 8192,
-        presence_limit: 0,
-    };
-    let mut router = Router::new(limits, unlimited_outboxes());
-    for slot in 0..100 {
-        router.join(slot, &format!("username=u{slot}"), &mut out);
-    }
+    let mut router = router_with(100, &mut out);
     // The shape the shared load generator sends (a 64-byte body).
     let message = r#"{"type":"private","from":"u7","to":"u42","body":"P7Q123T1764250000123456789Xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
     let started = Instant::now();
