@@ -18,17 +18,23 @@ use crate::ws::frame::{header_len, write_header, Opcode};
 pub enum Chunk {
     Owned(Vec<u8>),
     Shared(Rc<[u8]>),
-    /// Shared bytes from an offset on (one user's part of a presence batch).
-    Tail(Rc<[u8]>, usize),
+    /// A range of shared bytes (one user's part of a presence window).
+    Part(Rc<[u8]>, u32, u32),
     Static(&'static [u8]),
 }
 
 impl Chunk {
+    /// `bytes[start..end]`, shared (windows are far below 4 GiB).
+    pub fn part(bytes: Rc<[u8]>, start: usize, end: usize) -> Chunk {
+        let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Chunk::Part(bytes, to_u32(start), to_u32(end))
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             Chunk::Owned(v) => v,
             Chunk::Shared(r) => r,
-            Chunk::Tail(r, from) => r.get(*from..).unwrap_or_default(),
+            Chunk::Part(r, start, end) => r.get(*start as usize..*end as usize).unwrap_or_default(),
             Chunk::Static(s) => s,
         }
     }

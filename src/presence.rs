@@ -10,9 +10,9 @@
 //! buffer becomes shared bytes and each user gets one slice of it, so a
 //! burst of arrivals costs one queue entry and one write per user.
 //!
-//! A user that gets anything else before the window closes is first handed
-//! a copy of what it is owed, so events never overtake or trail other
-//! messages.
+//! A user that is about to get anything else closes the window early (so
+//! events never overtake or trail other messages); a user that is shed in
+//! the middle of a window gets its part up to the shed event.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -53,6 +53,7 @@ impl PresenceBatch {
 
     /// The window's bytes from `from` up to `to` (a copy for one user).
     pub fn copy(&self, from: usize, to: usize) -> Vec<u8> {
+        debug_assert!(from <= to && to <= self.bytes.len(), "{from}..{to}");
         self.bytes.get(from..to).unwrap_or_default().to_vec()
     }
 
@@ -80,6 +81,10 @@ impl PresenceBatch {
     pub fn close(&mut self) -> (Rc<[u8]>, Vec<usize>) {
         let shared = Rc::from(&self.bytes[..]);
         self.bytes.clear();
+        // A mass departure can leave a large buffer behind: don't keep it.
+        if self.bytes.capacity() > MAX_BYTES {
+            self.bytes = Vec::new();
+        }
         self.last = None;
         self.due = None;
         (shared, std::mem::take(&mut self.owed))

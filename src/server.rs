@@ -132,16 +132,42 @@ impl Post {
         }
     }
 
-    /// Queues what `conn` is owed of the presence window so far, before
-    /// anything else is queued for it (events keep their place).
-    fn pay_presence(&mut self, conn: &mut Connection) {
-        let upto = self.presence.end();
-        self.pay_presence_upto(conn, upto);
+    /// Closes the presence window now: everyone owed events gets its part
+    /// of the window's bytes, shared, behind what it already has queued.
+    /// Returns the bytes, for a caller that set a connection's part aside.
+    fn release_presence(&mut self, conns: &mut Slab<Connection>) -> Rc<[u8]> {
+        let (shared, owed) = self.presence.close();
+        let end = shared.len();
+        for slot in owed {
+            let Some(conn) = conns.get_mut(slot) else {
+                continue;
+            };
+            // None: paid already, or a new connection in a reused slot.
+            let Some(from) = conn.presence_from.take() else {
+                continue;
+            };
+            if conn.is_open() {
+                conn.out
+                    .push(Chunk::part(shared.clone(), from as usize, end));
+                self.list_for_flush(slot, conn);
+            }
+        }
+        shared
     }
 
-    fn pay_presence_upto(&mut self, conn: &mut Connection, upto: usize) {
+    /// Before anything else is queued for `slot`: if it is owed presence
+    /// events, the window closes now, so the events keep their place.
+    fn settle_presence(&mut self, conns: &mut Slab<Connection>, slot: usize) {
+        if conns.get(slot).is_some_and(|c| c.presence_from.is_some()) {
+            self.release_presence(conns);
+        }
+    }
+
+    /// Queues a copy of what one connection is owed, for the rare paths
+    /// that only hold that connection (its close, its `gap`).
+    fn pay_presence_copy(&mut self, conn: &mut Connection) {
         if let Some(from) = conn.presence_from.take() {
-            let owed = self.presence.copy(from as usize, upto);
+            let owed = self.presence.copy(from as usize, self.presence.end());
             if !owed.is_empty() {
                 conn.out.push(Chunk::Owned(owed));
             }
@@ -159,6 +185,8 @@ impl Post {
         if !conn.is_open() {
             return;
         }
+        // What it is owed came before the close.
+        self.pay_presence_copy(conn);
         if let Some(name) = conn.start_close(code, reason, why) {
             self.departures.push((slot, name));
         }
@@ -217,9 +245,19 @@ impl Mailer<'_> {
         let conn = match Self::admit(self.conns, self.post, slot, len, Class::Presence) {
             Ok(conn) => conn,
             Err(Delivery::Shed) => {
-                // A hole in what it is owed: what came before goes now.
-                if let Some(conn) = self.conns.get_mut(slot) {
-                    self.post.pay_presence_upto(conn, start);
+                // A hole in what it is owed: the window closes here, and this
+                // connection's part ends before the shed frame (the others'
+                // include it; later recipients find it in a new window).
+                let owed = self
+                    .conns
+                    .get_mut(slot)
+                    .and_then(|c| c.presence_from.take());
+                if let Some(from) = owed {
+                    let shared = self.post.release_presence(self.conns);
+                    if let Some(conn) = self.conns.get_mut(slot) {
+                        conn.out.push(Chunk::part(shared, from as usize, start));
+                        self.post.list_for_flush(slot, conn);
+                    }
                 }
                 return Delivery::Shed;
             }
@@ -238,24 +276,24 @@ impl Outbox for Mailer<'_> {
         if let (Class::Presence, Chunk::Shared(shared)) = (class, &frame) {
             return self.owe_presence(slot, shared);
         }
+        self.post.settle_presence(self.conns, slot);
         let len = frame.as_bytes().len();
         let conn = match Self::admit(self.conns, self.post, slot, len, class) {
             Ok(conn) => conn,
             Err(delivery) => return delivery,
         };
-        self.post.pay_presence(conn);
         conn.out.push(frame);
         self.post.list_for_flush(slot, conn);
         Delivery::Queued
     }
 
     fn send_text(&mut self, slot: usize, json: &[u8], class: Class) -> Delivery {
+        self.post.settle_presence(self.conns, slot);
         let len = json.len() + crate::ws::frame::header_len(json.len());
         let conn = match Self::admit(self.conns, self.post, slot, len, class) {
             Ok(conn) => conn,
             Err(delivery) => return delivery,
         };
-        self.post.pay_presence(conn);
         conn.out
             .push_frame(Opcode::Text, json, &mut self.post.spares);
         self.post.list_for_flush(slot, conn);
@@ -537,6 +575,8 @@ impl Server {
             return;
         }
         log::info!("shutting down: closing {} connections", self.conns.len());
+        // Owed presence goes out shared now, not copied once per close.
+        self.core.post.release_presence(&mut self.conns);
         if let Some(mut listener) = self.listener.take() {
             let _ = self.core.registry.deregister(&mut listener);
         }
@@ -991,6 +1031,10 @@ impl Core {
             }
             Message::Pong(_) => {}
             Message::Close(frame) => {
+                if conn.is_open() {
+                    // What it is owed came before its close.
+                    self.post.pay_presence_copy(conn);
+                }
                 if let Some(name) = conn.answer_close(frame.map(|f| f.code)) {
                     self.post.departures.push((slot, name));
                 }
@@ -1076,9 +1120,9 @@ impl Core {
             }
         }
         for (slot, frame) in std::mem::take(&mut self.post.after_sync) {
+            self.post.settle_presence(conns, slot);
             if let Some(conn) = conns.get_mut(slot) {
                 if conn.is_open() {
-                    self.post.pay_presence(conn);
                     conn.out.push(frame);
                     self.post.list_for_flush(slot, conn);
                 }
@@ -1115,25 +1159,10 @@ impl Core {
         s
     }
 
-    /// Closes the presence window when due (see `presence`): each user
-    /// owed events gets its slice of the shared bytes.
+    /// Closes the presence window when due (see `presence`).
     fn release_presence(&mut self, conns: &mut Slab<Connection>, now: Instant) {
-        if !self.post.presence.should_close(now) {
-            return;
-        }
-        let (shared, owed) = self.post.presence.close();
-        for slot in owed {
-            let Some(conn) = conns.get_mut(slot) else {
-                continue;
-            };
-            // Cleared when paid by copy, or by a new connection in the slot.
-            let Some(from) = conn.presence_from.take() else {
-                continue;
-            };
-            if conn.is_open() && (from as usize) < shared.len() {
-                conn.out.push(Chunk::Tail(shared.clone(), from as usize));
-                self.post.list_for_flush(slot, conn);
-            }
+        if self.post.presence.should_close(now) {
+            self.post.release_presence(conns);
         }
     }
 
@@ -1154,6 +1183,8 @@ impl Core {
             if matches!(result, Ok(Flushed::All)) && conn.shed > 0 && conn.is_open() {
                 // The backlog drained: tell the reader what it missed.
                 let mut json = Vec::with_capacity(40);
+                self.post.pay_presence_copy(conn);
+                let spares = &mut self.post.spares;
                 protocol::encode::gap(&mut json, u64::from(conn.shed));
                 conn.shed = 0;
                 conn.out.push_frame(Opcode::Text, &json, spares);

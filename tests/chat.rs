@@ -153,7 +153,8 @@ fn welcome_lists_the_others_and_counts_everyone() {
 fn a_burst_of_arrivals_reaches_a_watcher_in_order_before_their_messages() {
     let server = ChatServer::start(&[]);
     let mut watcher = Chat::joined(server.addr, "watcher");
-    // More than the server holds per connection, so both ways out are used.
+    // Each newcomer's message closes the watcher's presence window early;
+    // the lone arrival below is released by the window's deadline.
     let newcomers: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
     let mut clients = Vec::new();
     for name in &newcomers {
@@ -202,6 +203,44 @@ fn a_burst_of_arrivals_reaches_a_watcher_in_order_before_their_messages() {
         let v = watcher.recv("a leave");
         assert_presence(&v, "leave", name, online, "leave after last words");
     }
+}
+
+/// A `join` still held in the presence window when the connection is
+/// closed goes out before the close frame.
+#[test]
+fn a_join_held_at_shutdown_still_comes_before_the_close() {
+    let server = ChatServer::start(&[]);
+    let mut watcher = Chat::joined(server.addr, "watcher");
+    let _newcomer = Chat::joined(server.addr, "newcomer");
+    server.signal("TERM");
+    let v = watcher.recv("the newcomer's join before the shutdown close");
+    assert_presence(&v, "join", "newcomer", 2, "join before 1001");
+    watcher.expect_close(1001, None, "shutdown");
+}
+
+/// A client that closes while a `join` is held for it still gets the join
+/// before the server's close reply (the join may also have left already).
+#[test]
+fn a_join_held_when_the_client_closes_comes_before_the_close_reply() {
+    let server = ChatServer::start(&[]);
+    let mut watcher = Chat::joined(server.addr, "watcher");
+    let _newcomer = Chat::joined(server.addr, "newcomer");
+    watcher.ws.close(None).expect("start the close");
+    let mut saw_join = false;
+    loop {
+        match watcher.ws.read() {
+            Ok(Message::Text(text)) => {
+                let v: Value = serde_json::from_str(&text).expect("JSON");
+                assert_presence(&v, "join", "newcomer", 2, "join before the close reply");
+                saw_join = true;
+            }
+            Ok(Message::Close(_)) => assert!(saw_join, "the close reply came before the join"),
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("closing handshake failed: {e}"),
+        }
+    }
+    assert!(saw_join, "the join never came");
 }
 
 #[test]
