@@ -1275,3 +1275,89 @@ fn is_out_of_resources(e: &io::Error) -> bool {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! The presence window's bookkeeping, in process: real (idle) sockets
+    //! only to build connections; queues are read back without sending.
+    use super::*;
+
+    fn open_connection(keep: &mut Vec<std::net::TcpStream>) -> Connection {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        keep.push(
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect"),
+        );
+        let (socket, peer) = listener.accept().expect("accept");
+        socket.set_nonblocking(true).expect("nonblocking");
+        let mut conn = Connection::new(1, peer, TcpStream::from_std(socket));
+        conn.phase = Phase::Open(Box::new(OpenState::new(Instant::now())));
+        conn
+    }
+
+    fn post(shed_above: usize) -> Post {
+        Post {
+            flush_list: Vec::new(),
+            presence: PresenceBatch::default(),
+            departures: Vec::new(),
+            began_closing: Vec::new(),
+            after_sync: Vec::new(),
+            max_outbound: 1 << 20,
+            spares: Spares::default(),
+            shed_above,
+        }
+    }
+
+    fn queued(conn: &mut Connection) -> Vec<u8> {
+        let mut sink = Vec::new();
+        conn.out
+            .write_to(&mut sink, &mut Spares::default())
+            .expect("a Vec takes everything");
+        sink
+    }
+
+    fn event(text: &str) -> Rc<[u8]> {
+        Rc::from(text.as_bytes())
+    }
+
+    #[test]
+    fn presence_is_owed_then_released_in_order_and_a_shed_event_is_left_out() {
+        let mut keep = Vec::new();
+        let mut conns = Slab::new();
+        let (a, b, c) = (
+            conns.insert(open_connection(&mut keep)),
+            conns.insert(open_connection(&mut keep)),
+            conns.insert(open_connection(&mut keep)),
+        );
+        let mut post = post(4);
+        let mut mailer = Mailer {
+            conns: &mut conns,
+            post: &mut post,
+        };
+        let (one, two, three) = (event("[1]"), event("[2]"), event("[3]"));
+        for slot in [a, b] {
+            let sent = mailer.send(slot, Chunk::Shared(one.clone()), Class::Presence);
+            assert_eq!(sent, Delivery::Queued);
+        }
+        assert!(mailer.conns[a].out.is_empty(), "owed, not queued yet");
+
+        // b falls behind: it is shed from event two, which a still gets.
+        mailer.conns[b].out.push(Chunk::Static(b"backlog"));
+        let to_a = mailer.send(a, Chunk::Shared(two.clone()), Class::Presence);
+        let to_b = mailer.send(b, Chunk::Shared(two.clone()), Class::Presence);
+        assert_eq!((to_a, to_b), (Delivery::Queued, Delivery::Shed));
+        assert_eq!(queued(&mut mailer.conns[b]), b"backlog[1]");
+        assert_eq!(queued(&mut mailer.conns[a]), b"[1][2]");
+
+        // A new window: c is owed three; a message for c takes it along first.
+        mailer.send(c, Chunk::Shared(three.clone()), Class::Presence);
+        mailer.send_text(c, b"{}", Class::Reply);
+        assert_eq!(queued(&mut mailer.conns[c]), b"[3]\x81\x02{}");
+
+        // Owed events go out before a close frame.
+        mailer.send(a, Chunk::Shared(event("[4]")), Class::Presence);
+        let conn = &mut conns[a];
+        post.close(conn, a, 1000, "", CloseReason::Normal);
+        let bytes = queued(conn);
+        assert!(bytes.starts_with(b"[4]\x88"), "{bytes:?}");
+    }
+}
