@@ -91,6 +91,24 @@ pub fn plain(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends a millisecond timestamp. Every message of a loop turn carries
+/// the same one, so the digits of the last timestamp are kept (per thread;
+/// the server has one) and copied instead of being worked out again.
+pub fn timestamp(out: &mut Vec<u8>, ms: u64) {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
+    }
+    LAST.with_borrow_mut(|(last, digits)| {
+        if *last != ms || digits.is_empty() {
+            digits.clear();
+            number(digits, ms);
+            *last = ms;
+        }
+        out.extend_from_slice(digits);
+    });
+}
+
 /// How many leading bytes need no escaping: where a JSON string without
 /// escapes would end, found eight bytes at a time. Out of line because,
 /// inlined into the parser, its loop ran short of registers (measured).
@@ -200,6 +218,22 @@ mod tests {
                 let expected = at + usize::from(!NEEDS_ESCAPE[usize::from(b)]);
                 assert_eq!(clean_prefix(&bytes), expected, "byte {b} at {at}");
             }
+        }
+    }
+
+    #[test]
+    fn timestamps_are_numbers_even_when_repeated_or_changed() {
+        for ms in [
+            0u64,
+            0,
+            1_764_250_000_123,
+            1_764_250_000_123,
+            7,
+            1_764_250_000_124,
+        ] {
+            let mut out = b"x".to_vec();
+            timestamp(&mut out, ms);
+            assert_eq!(out, format!("x{ms}").into_bytes());
         }
     }
 

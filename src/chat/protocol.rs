@@ -200,22 +200,44 @@ pub struct PrivateMessage<'a> {
     pub from: &'a str,
     pub to: &'a str,
     pub body: &'a str,
+    /// `body` was read from a JSON string without escapes, so it needs none.
+    pub body_is_plain: bool,
     pub offline: bool,
+}
+
+/// Whether text read from a client's JSON needs no escaping to be written
+/// back: both readers borrow a string only when it had no escape, and JSON
+/// strings hold no raw control characters, so a borrowed one has nothing
+/// that JSON escapes.
+#[allow(clippy::ptr_arg)] // which variant it is is the point
+pub fn is_plain(text: &Cow<'_, str>) -> bool {
+    matches!(text, Cow::Borrowed(_))
 }
 
 /// Encoders for everything the server sends. Each writes one JSON object.
 pub mod encode {
-    use super::json::{number, plain, string};
+    use super::json::{number, plain, string, timestamp};
 
-    pub fn public(out: &mut Vec<u8>, id: u64, ts: u64, from: &str, body: &str) {
+    pub fn public(
+        out: &mut Vec<u8>,
+        id: u64,
+        ts: u64,
+        from: &str,
+        body: &str,
+        body_is_plain: bool,
+    ) {
         out.extend_from_slice(b"{\"type\":\"public\",\"id\":");
         number(out, id);
         out.extend_from_slice(b",\"ts\":");
-        number(out, ts);
+        timestamp(out, ts);
         out.extend_from_slice(b",\"from\":");
         plain(out, from);
         out.extend_from_slice(b",\"body\":");
-        string(out, body);
+        if body_is_plain {
+            plain(out, body);
+        } else {
+            string(out, body);
+        }
         out.push(b'}');
     }
 
@@ -228,12 +250,13 @@ pub mod encode {
             from,
             to,
             body,
+            body_is_plain,
             offline,
         } = *m;
         out.extend_from_slice(b"{\"type\":\"private\",\"id\":");
         number(out, id);
         out.extend_from_slice(b",\"ts\":");
-        number(out, ts);
+        timestamp(out, ts);
         out.extend_from_slice(b",\"seq\":");
         number(out, seq);
         // Names replayed from the log are escaped like any stored text, so a
@@ -244,7 +267,11 @@ pub mod encode {
         out.extend_from_slice(b",\"to\":");
         name(out, to);
         out.extend_from_slice(b",\"body\":");
-        string(out, body);
+        if body_is_plain {
+            plain(out, body);
+        } else {
+            string(out, body);
+        }
         if offline {
             out.extend_from_slice(b",\"offline\":true");
         }
@@ -426,6 +453,48 @@ mod tests {
     }
 
     #[test]
+    fn a_body_written_back_unescaped_only_when_it_was_read_without_escapes() {
+        for (input, plain) in [
+            (r#"{"type":"private","to":"b","body":"plain words"}"#, true),
+            (
+                r#"{"type":"private","to":"b","body":"小明 😀 </script>"}"#,
+                true,
+            ),
+            (
+                r#"{"type": "private", "to": "b", "body": "spaced out"}"#,
+                true,
+            ),
+            (r#"{"type":"private","to":"b","body":"q\"uote"}"#, false),
+            (
+                r#"{"type":"private","to":"b","body":"nul \u0000 nl \n"}"#,
+                false,
+            ),
+            (r#"{"type":"private","to":"b","body":"\u00e9"}"#, false),
+            (r#"{"type":"private","to":"b","body":"x","n":[1]}"#, true),
+        ] {
+            let parsed = parse(input, 100).expect("valid");
+            let Request::Private { body, .. } = parsed.request else {
+                panic!("a private message: {input}");
+            };
+            assert_eq!(is_plain(&body), plain, "{input}");
+            let mut out = Vec::new();
+            let m = PrivateMessage {
+                id: 1,
+                ts: 2,
+                seq: 3,
+                from: "a",
+                to: "b",
+                body: &body,
+                body_is_plain: is_plain(&body),
+                offline: false,
+            };
+            encode::private(&mut out, &m);
+            let back: Value = serde_json::from_slice(&out).expect("valid JSON out");
+            assert_eq!(back["body"], *body, "{input}");
+        }
+    }
+
+    #[test]
     fn encoded_messages_are_the_documented_json() {
         let mut out = Vec::new();
         let mut m = PrivateMessage {
@@ -435,6 +504,7 @@ mod tests {
             from: "alice",
             to: "bob",
             body: "say \"hi\"\n",
+            body_is_plain: false,
             offline: false,
         };
         encode::private(&mut out, &m);

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::protocol::{self, encode, PrivateMessage, Request, RequestError};
+use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::outbound::Chunk;
 use crate::store::{self, Entry, Full, Outboxes};
@@ -235,6 +235,7 @@ impl Router {
                     from: &entry.from,
                     to: name,
                     body: &entry.body,
+                    body_is_plain: false,
                     offline: true,
                 },
             );
@@ -310,12 +311,22 @@ impl Router {
         match parsed.request {
             Request::Public { body } => {
                 let id = self.next_id();
-                encode::public(&mut json, id, now_ms, from, &body);
+                encode::public(&mut json, id, now_ms, from, &body, is_plain(&body));
                 self.stats.public += 1;
                 self.broadcast(&json, None, Class::Public, out);
             }
             Request::Private { to, body } => {
-                self.private(slot, from, &to, &body, reference, now_ms, &mut json, out);
+                let body_is_plain = is_plain(&body);
+                self.private(
+                    slot,
+                    from,
+                    &to,
+                    (&body, body_is_plain),
+                    reference,
+                    now_ms,
+                    &mut json,
+                    out,
+                );
             }
             Request::Users => {
                 let online = self.members.len();
@@ -344,7 +355,7 @@ impl Router {
         slot: usize,
         from: &str,
         to: &str,
-        body: &str,
+        (body, body_is_plain): (&str, bool),
         reference: Option<&str>,
         now_ms: u64,
         json: &mut Vec<u8>,
@@ -391,6 +402,7 @@ impl Router {
                 from,
                 to,
                 body,
+                body_is_plain,
                 offline: false,
             },
         );
