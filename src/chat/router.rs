@@ -11,7 +11,7 @@ use std::rc::Rc;
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::outbound::Chunk;
-use crate::store::{self, Entry, Full, Outboxes};
+use crate::store::{self, BoxId, Entry, Full, Outboxes};
 use crate::ws::frame::{header_len, write_header, Opcode};
 
 /// At most this many names are listed in `welcome` and `users`.
@@ -84,6 +84,9 @@ struct Member {
     name: Rc<str>,
     /// Opted in with `resume`: its messages stay held until acknowledged.
     reliable: bool,
+    /// Its outbox, once it was sent a private message: the next `seq`
+    /// without a second lookup by name.
+    outbox: Option<BoxId>,
 }
 
 /// Close codes of the chat protocol (4000-4999 is for applications).
@@ -187,6 +190,7 @@ impl Router {
             slot,
             name: name.clone(),
             reliable: resume.is_some(),
+            outbox: None,
         });
         if self.roster_len == Some(self.members.len() - 1) && self.members.len() <= LIST_LIMIT {
             encode::name_list_push(&mut self.roster, &name);
@@ -361,10 +365,8 @@ impl Router {
         json: &mut Vec<u8>,
         out: &mut impl Outbox,
     ) {
-        let target = self
-            .index
-            .get(to)
-            .map(|&p| (self.members[p].slot, self.members[p].reliable));
+        let position = self.index.get(to).copied();
+        let target = position.map(|p| (self.members[p].slot, self.members[p].reliable));
         // Only valid names are online, so only a miss needs the check.
         if target.is_none() && !username::is_valid(to) {
             let message = "no user can have that name";
@@ -384,7 +386,16 @@ impl Router {
             }
         }
         let id = self.next_id();
-        let seq = self.outboxes.next_seq(to);
+        let seq = match position {
+            Some(p) => {
+                let member = &mut self.members[p];
+                let outbox = *member
+                    .outbox
+                    .get_or_insert_with(|| self.outboxes.box_id(to));
+                self.outboxes.next_seq_in(outbox)
+            }
+            None => self.outboxes.next_seq(to),
+        };
         let Some((target_slot, _)) = target else {
             self.outboxes
                 .hold(to, held_entry(seq, id, now_ms, from, body, false));
@@ -701,6 +712,40 @@ mod tests {
         );
         r.leave(3, "c", &mut out);
         assert_eq!(out.take().len(), 2, "back at the limit: leave is announced");
+    }
+
+    #[test]
+    fn seq_counts_on_across_online_offline_and_rejoining() {
+        let mut r = router(10);
+        let mut out = Recorder::default();
+        r.join(1, "username=alice", &mut out);
+        r.join(2, "username=bob", &mut out);
+        let send = |r: &mut Router, out: &mut Recorder| {
+            r.handle(
+                1,
+                "alice",
+                r#"{"type":"private","to":"bob","body":"x"}"#,
+                1,
+                out,
+            );
+        };
+        let seqs = |out: &mut Recorder| -> Vec<u64> {
+            let mut sent: Vec<Value> = out.take().into_iter().map(|(_, v)| v).collect();
+            sent.retain(|v| v["type"] == "private");
+            sent.iter().filter_map(|v| v["seq"].as_u64()).collect()
+        };
+        out.take();
+        send(&mut r, &mut out);
+        send(&mut r, &mut out);
+        assert_eq!(seqs(&mut out), vec![1, 2], "online: the member's own box");
+        r.leave(2, "bob", &mut out);
+        send(&mut r, &mut out);
+        out.take();
+        r.join(3, "username=bob", &mut out);
+        assert_eq!(seqs(&mut out), vec![3], "held while offline, replayed");
+        send(&mut r, &mut out);
+        assert_eq!(seqs(&mut out), vec![4], "online again");
+        assert_eq!(r.outboxes.last_seq("bob"), 4);
     }
 
     #[test]

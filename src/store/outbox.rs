@@ -54,6 +54,10 @@ struct UserBox {
     entries: VecDeque<Entry>,
 }
 
+/// A user's box, for a caller that keeps it to skip the name lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoxId(usize);
+
 /// Why a message could not be held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Full {
@@ -64,7 +68,9 @@ pub enum Full {
 #[derive(Debug)]
 pub struct Outboxes {
     limits: Limits,
-    users: HashMap<Rc<str>, UserBox>,
+    /// Every user's box; boxes are never removed, so a [`BoxId`] stays valid.
+    boxes: Vec<UserBox>,
+    by_name: HashMap<Rc<str>, usize>,
     /// (expires at, user, seq) in expiry order.
     expiry: VecDeque<(u64, Rc<str>, u64)>,
     held: usize,
@@ -81,7 +87,8 @@ impl Outboxes {
     pub fn new(limits: Limits) -> Outboxes {
         Outboxes {
             limits,
-            users: HashMap::new(),
+            boxes: Vec::new(),
+            by_name: HashMap::new(),
             expiry: VecDeque::new(),
             held: 0,
             held_bytes: 0,
@@ -97,34 +104,55 @@ impl Outboxes {
     }
 
     /// The box of `user`, created (and counted) on first use.
-    fn user_box(&mut self, user: &str) -> &mut UserBox {
-        if !self.users.contains_key(user) {
-            self.names_bytes += USER_OVERHEAD + user.len();
-            let name: Rc<str> = Rc::from(user);
-            let b = UserBox {
-                name: name.clone(),
-                next_seq: 1,
-                floor: 0,
-                entries: VecDeque::new(),
-            };
-            self.users.insert(name, b);
+    pub fn box_id(&mut self, user: &str) -> BoxId {
+        if let Some(&at) = self.by_name.get(user) {
+            return BoxId(at);
         }
-        self.users.get_mut(user).expect("inserted above")
+        self.names_bytes += USER_OVERHEAD + user.len();
+        let name: Rc<str> = Rc::from(user);
+        self.boxes.push(UserBox {
+            name: name.clone(),
+            next_seq: 1,
+            floor: 0,
+            entries: VecDeque::new(),
+        });
+        self.by_name.insert(name, self.boxes.len() - 1);
+        BoxId(self.boxes.len() - 1)
+    }
+
+    fn user_box(&mut self, user: &str) -> &mut UserBox {
+        let BoxId(at) = self.box_id(user);
+        &mut self.boxes[at]
+    }
+
+    fn find(&self, user: &str) -> Option<&UserBox> {
+        self.by_name.get(user).and_then(|&at| self.boxes.get(at))
+    }
+
+    fn find_mut(&mut self, user: &str) -> Option<&mut UserBox> {
+        let at = *self.by_name.get(user)?;
+        self.boxes.get_mut(at)
     }
 
     /// Gives out `user`'s next sequence number.
     pub fn next_seq(&mut self, user: &str) -> u64 {
-        // One hash lookup on the hot path; the box is created only once.
-        let b = match self.users.get_mut(user) {
-            Some(b) => b,
-            None => self.user_box(user),
+        let id = self.box_id(user);
+        self.next_seq_in(id)
+    }
+
+    /// Gives out the next sequence number of the box `id` (no name lookup:
+    /// the router keeps the ids of online users' boxes).
+    pub fn next_seq_in(&mut self, BoxId(at): BoxId) -> u64 {
+        let Some(b) = self.boxes.get_mut(at) else {
+            debug_assert!(false, "boxes are never removed");
+            return 0;
         };
         let seq = b.next_seq;
         b.next_seq += 1;
         if b.next_seq > b.floor {
             b.floor = b.next_seq + SEQ_BLOCK;
             let record = Record::SeqFloor {
-                user: user.to_owned(),
+                user: b.name.to_string(),
                 next: b.floor,
             };
             record.encode(&mut self.pending);
@@ -134,21 +162,18 @@ impl Outboxes {
 
     /// The last sequence number given out for `user` (0: none).
     pub fn last_seq(&self, user: &str) -> u64 {
-        self.users
-            .get(user)
-            .map_or(0, |b| b.next_seq.saturating_sub(1))
+        self.find(user).map_or(0, |b| b.next_seq.saturating_sub(1))
     }
 
     /// Checks the quotas for one more message of `body_len` bytes.
     pub fn check_room(&self, user: &str, from_len: usize, body_len: usize) -> Result<(), Full> {
         if self
-            .users
-            .get(user)
+            .find(user)
             .is_some_and(|b| b.entries.len() >= self.limits.max_per_user)
         {
             return Err(Full::User);
         }
-        let new_name = if self.users.contains_key(user) {
+        let new_name = if self.by_name.contains_key(user) {
             0
         } else {
             USER_OVERHEAD + user.len()
@@ -191,8 +216,7 @@ impl Outboxes {
 
     /// The messages held for `user` after `seq`, oldest first.
     pub fn held_after(&self, user: &str, seq: u64) -> impl Iterator<Item = &Entry> {
-        self.users
-            .get(user)
+        self.find(user)
             .into_iter()
             .flat_map(move |b| b.entries.iter().filter(move |e| e.seq > seq))
     }
@@ -200,8 +224,7 @@ impl Outboxes {
     /// Records that the sender of `user`'s message `seq` was told it arrived.
     pub fn mark_notified(&mut self, user: &str, seq: u64) {
         if let Some(e) = self
-            .users
-            .get_mut(user)
+            .find_mut(user)
             .and_then(|b| b.entries.iter_mut().find(|e| e.seq == seq))
         {
             e.notified = true;
@@ -215,7 +238,12 @@ impl Outboxes {
 
     /// Drops `user`'s messages up to `seq`. Returns how many.
     pub fn ack(&mut self, user: &str, seq: u64) -> usize {
-        let Some(b) = self.users.get_mut(user) else {
+        // Field by field: the counters below change while `b` is held.
+        let Some(b) = self
+            .by_name
+            .get(user)
+            .and_then(|&at| self.boxes.get_mut(at))
+        else {
             return 0;
         };
         let mut dropped = 0;
@@ -250,8 +278,8 @@ impl Outboxes {
     fn rebuild_expiry(&mut self) {
         let ttl = self.limits.ttl_ms;
         let mut expiry: Vec<_> = self
-            .users
-            .values()
+            .boxes
+            .iter()
             .flat_map(|b| {
                 b.entries
                     .iter()
@@ -276,7 +304,7 @@ impl Outboxes {
                 break;
             }
             self.expiry.pop_front();
-            let Some(b) = self.users.get_mut(&user) else {
+            let Some(b) = self.find_mut(&user) else {
                 continue;
             };
             // A user's messages expire in order, so a live one is at the front.
@@ -325,15 +353,15 @@ impl Outboxes {
             }
             Record::Notified { user, seq } => {
                 if let Some(e) = self
-                    .users
-                    .get_mut(user.as_str())
+                    .find_mut(&user)
                     .and_then(|b| b.entries.iter_mut().find(|e| e.seq == seq))
                 {
                     e.notified = true;
                 }
             }
             Record::Ack { user, seq } | Record::Expire { user, seq } => {
-                if let Some(b) = self.users.get_mut(user.as_str()) {
+                let found = self.by_name.get(user.as_str());
+                if let Some(b) = found.and_then(|&at| self.boxes.get_mut(at)) {
                     while b.entries.front().is_some_and(|e| e.seq <= seq) {
                         if let Some(e) = b.entries.pop_front() {
                             self.held -= 1;
@@ -353,7 +381,7 @@ impl Outboxes {
     /// After replay: give out numbers from the reserved floor on (some below
     /// it may have been used before a crash) and put expiries in time order.
     pub fn finish_replay(&mut self) {
-        for b in self.users.values_mut() {
+        for b in &mut self.boxes {
             b.next_seq = b.next_seq.max(b.floor).max(1);
         }
         self.rebuild_expiry();
@@ -365,7 +393,8 @@ impl Outboxes {
     /// none) and the next number given out reserves a new block first.
     pub fn snapshot(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        for (user, b) in &mut self.users {
+        for b in &mut self.boxes {
+            let user = &b.name;
             b.next_seq = b.next_seq.max(1);
             b.floor = b.next_seq;
             Record::SeqFloor {
@@ -391,7 +420,7 @@ impl Outboxes {
 
     /// About the size of [`snapshot`](Self::snapshot), for the compaction threshold.
     pub fn live_log_bytes(&self) -> usize {
-        self.held_bytes + self.names_bytes + self.users.len() * FRAME_OVERHEAD
+        self.held_bytes + self.names_bytes + self.boxes.len() * FRAME_OVERHEAD
     }
 }
 
@@ -463,7 +492,7 @@ mod tests {
         let log = o.take_pending();
         let mut back = replayed(&log, o.limits);
         assert!(back.next_seq("bob") > 5);
-        assert_eq!(replayed(&[], o.limits).users.len(), 0);
+        assert_eq!(replayed(&[], o.limits).boxes.len(), 0);
         let mut fresh = outboxes();
         assert_eq!(fresh.next_seq("carol"), 1);
         assert_eq!(fresh.next_seq("carol"), 2);
