@@ -164,7 +164,7 @@ impl Post {
     }
 
     /// Queues a copy of what one connection is owed, for the rare paths
-    /// that only hold that connection (its close, its `gap`).
+    /// that only hold that connection (a close not settled first, a `gap`).
     fn pay_presence_copy(&mut self, conn: &mut Connection) {
         if let Some(from) = conn.presence_from.take() {
             let owed = self.presence.copy(from as usize, self.presence.end());
@@ -783,7 +783,12 @@ impl Core {
             match conn.deadline {
                 Some(deadline) if deadline <= now => {
                     conn.deadline = None;
-                    self.on_deadline(conn, slot, now);
+                    // It may close: what it is owed goes first, shared (many
+                    // idle users can time out in one turn).
+                    self.post.settle_presence(conns, slot);
+                    if let Some(conn) = conns.get_mut(slot) {
+                        self.on_deadline(conn, slot, now);
+                    }
                 }
                 Some(later) => {
                     conn.armed = Some(later);
@@ -991,6 +996,7 @@ impl Core {
                 Err(error) => {
                     log::debug!("#{} protocol error: {}", conns[slot].id, error.reason());
                     let code = error.close_code();
+                    self.post.settle_presence(conns, slot);
                     self.post.close(
                         &mut conns[slot],
                         slot,
@@ -1031,10 +1037,10 @@ impl Core {
             }
             Message::Pong(_) => {}
             Message::Close(frame) => {
-                if conn.is_open() {
-                    // What it is owed came before its close.
-                    self.post.pay_presence_copy(conn);
-                }
+                // What it is owed came before its close: the window closes
+                // now, shared (a crowd leaving must not copy it per leaver).
+                self.post.settle_presence(conns, slot);
+                let conn = &mut conns[slot];
                 if let Some(name) = conn.answer_close(frame.map(|f| f.code)) {
                     self.post.departures.push((slot, name));
                 }
