@@ -1,12 +1,10 @@
 //! `echo`: C connections to `wschat --echo`, W text messages in flight each;
 //! raw engine throughput and round-trip latency.
 
-use std::time::Duration;
-
 use crate::hist::Histogram;
 use crate::net::{App, Net};
-use crate::os::{now_ns, CpuMark};
-use crate::private::{close_all, settle};
+use crate::os::now_ns;
+use crate::phases::{close_all, drain, open_every, run_window, settle, Window};
 use crate::report::{round1, Report};
 use crate::scan::{parse_body, push_body};
 use crate::{Common, Outcome};
@@ -117,57 +115,26 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     };
     let mut net = Net::new(c.target.clone()).map_err(io)?;
     let names: Vec<String> = (0..o.conns).map(|i| format!("{}e{i}", c.prefix)).collect();
-    let ids = net
-        .open_all(&mut app, &names, c.batch, now_ns() + c.timeout_ns())
-        .map_err(io)?;
-    let opened = ids.iter().filter(|i| i.is_some()).count();
-    if opened < names.len() {
-        return Err(format!(
-            "only {opened} of {} connections opened: {}",
-            names.len(),
-            net.stats.failures.join("; ")
-        ));
-    }
-    for (slot, id) in app.slots.iter_mut().zip(&ids) {
-        slot.id = id.expect("opened");
+    let (ids, _) = open_every(&mut net, &mut app, &names, c)?;
+    for (slot, &id) in app.slots.iter_mut().zip(&ids) {
+        slot.id = id;
     }
     settle(&mut net, &mut app, 0.1).map_err(io)?;
     let foreign_before = app.foreign;
     let before = net.stats.clone();
 
-    let t_start = now_ns();
-    let t0 = t_start + (o.warmup * 1e9) as u64;
-    let t1 = t0 + (o.duration * 1e9) as u64;
-    app.t0 = t0;
-    app.t1 = t1;
+    let w = Window::starting_now(o.warmup, o.duration);
+    app.t0 = w.t0;
+    app.t1 = w.t1;
     app.sending = true;
     for conn in 0..o.conns {
         for _ in 0..o.window {
             app.send_one(&mut net, conn);
         }
     }
-    let mut mark0 = None;
-    let mark1;
-    loop {
-        let now = now_ns();
-        if mark0.is_none() && now >= t0 {
-            mark0 = Some(CpuMark::take(c.pid));
-        }
-        if now >= t1 {
-            mark1 = CpuMark::take(c.pid);
-            app.sending = false;
-            break;
-        }
-        let next = if now < t0 { t0 } else { t1 };
-        let wait = Duration::from_nanos(next - now).min(Duration::from_millis(50));
-        net.turn(&mut app, wait).map_err(io)?;
-    }
-    let mark0 = mark0.unwrap_or(mark1);
-    let cpu = mark0.until(&mark1);
-    let drain_end = now_ns() + c.drain_ns();
-    while app.in_flight() > 0 && now_ns() < drain_end && !net.conns.is_empty() {
-        net.turn(&mut app, Duration::from_millis(10)).map_err(io)?;
-    }
+    let cpu = run_window(&mut net, &mut app, c, w, |_, _| {})?;
+    app.sending = false;
+    drain(&mut net, &mut app, c, EchoApp::in_flight)?;
     let during = net.stats.clone();
     close_all(&mut net, &mut app).map_err(io)?;
 

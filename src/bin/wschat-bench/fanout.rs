@@ -1,12 +1,10 @@
 //! `fanout`: N idle receivers and one publisher sending public messages at a
 //! fixed rate; per message, the time until the last receiver had it.
 
-use std::time::Duration;
-
 use crate::hist::Histogram;
 use crate::net::{App, Net};
-use crate::os::{now_ns, set_timer_slack_ns, CpuMark};
-use crate::private::{close_all, settle};
+use crate::os::{now_ns, set_timer_slack_ns};
+use crate::phases::{close_all, connect_row, drain, open_every, run_window, settle, Window};
 use crate::report::{round1, Report, TypeCounts};
 use crate::scan::{field, parse_body, push_body};
 use crate::{Common, Outcome};
@@ -131,76 +129,44 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     let io = |e: std::io::Error| format!("event loop: {e}");
     let mut net = Net::new(c.target.clone()).map_err(io)?;
     net.enable_timer().map_err(io)?;
-    let connect_start = now_ns();
-    let ids = net
-        .open_all(&mut app, &names, c.batch, connect_start + c.timeout_ns())
-        .map_err(io)?;
-    let connect_secs = (now_ns() - connect_start) as f64 / 1e9;
-    let opened = ids.iter().filter(|i| i.is_some()).count();
-    if opened < names.len() {
-        return Err(format!(
-            "only {opened} of {} connections opened: {}",
-            names.len(),
-            net.stats.failures.join("; ")
-        ));
-    }
-    let publisher = ids[n].expect("opened");
+    let (ids, connect_secs) = open_every(&mut net, &mut app, &names, c)?;
+    let publisher = ids[n];
     // Presence events from connecting go to everyone: let them drain.
     settle(&mut net, &mut app, 0.3 + n as f64 / 20_000.0).map_err(io)?;
     let before = net.stats.clone();
 
-    let t_start = now_ns();
-    let t0 = t_start + (o.warmup * 1e9) as u64;
-    let t1 = t0 + (o.duration * 1e9) as u64;
-    app.t0 = t0;
-    app.t1 = t1;
+    let w = Window::starting_now(o.warmup, o.duration);
+    let t0 = w.t0;
+    app.t0 = w.t0;
+    app.t1 = w.t1;
     let interval = 1e9 / o.rate;
     let mut msg = Vec::with_capacity(o.size + 64);
-    let mut mark0 = None;
-    let mark1;
     let mut lag = Histogram::new();
-    loop {
-        let now = now_ns();
-        if mark0.is_none() && now >= t0 {
-            mark0 = Some(CpuMark::take(c.pid));
-        }
-        if now >= t1 {
-            mark1 = CpuMark::take(c.pid);
+    let cpu = run_window(&mut net, &mut app, c, w, |net, app| loop {
+        // Each message at its scheduled time (open loop).
+        let k = app.sent_at.len();
+        let at = w.start + (k as f64 * interval) as u64;
+        if at >= w.t1 {
             break;
         }
-        loop {
-            let k = app.sent_at.len();
-            let at = t_start + (k as f64 * interval) as u64;
-            if at >= t1 {
-                break;
-            }
-            let now = now_ns();
-            if at > now {
-                net.wake_at(at);
-                break;
-            }
-            if at >= t0 {
-                lag.record(now - at);
-            }
-            msg.clear();
-            msg.extend_from_slice(br#"{"type":"public","body":""#);
-            push_body(&mut msg, &[(b'K', k as u64), (b'T', at)], o.size);
-            msg.extend_from_slice(br#""}"#);
-            app.sent_at.push(at);
-            app.reached.push(0);
-            app.last.push(0);
-            net.send_text(publisher, &msg);
+        let now = now_ns();
+        if at > now {
+            net.wake_at(at);
+            break;
         }
-        let next_boundary = if now < t0 { t0 } else { t1 };
-        let wait = Duration::from_nanos(next_boundary - now).min(Duration::from_millis(50));
-        net.turn(&mut app, wait).map_err(io)?;
-    }
-    let mark0 = mark0.unwrap_or(mark1);
-    let cpu = mark0.until(&mark1);
-    let drain_end = now_ns() + c.drain_ns();
-    while app.incomplete() && now_ns() < drain_end && !net.conns.is_empty() {
-        net.turn(&mut app, Duration::from_millis(10)).map_err(io)?;
-    }
+        if at >= w.t0 {
+            lag.record(now - at);
+        }
+        msg.clear();
+        msg.extend_from_slice(br#"{"type":"public","body":""#);
+        push_body(&mut msg, &[(b'K', k as u64), (b'T', at)], o.size);
+        msg.extend_from_slice(br#""}"#);
+        app.sent_at.push(at);
+        app.reached.push(0);
+        app.last.push(0);
+        net.send_text(publisher, &msg);
+    })?;
+    drain(&mut net, &mut app, c, |app| u64::from(app.incomplete()))?;
     let during = net.stats.clone();
     close_all(&mut net, &mut app).map_err(io)?;
 
@@ -235,14 +201,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     r.val("rate", o.rate);
     r.val("size", o.size);
     r.val("duration_s", o.duration);
-    r.row(
-        "connect",
-        format!(
-            "{} connections in {connect_secs:.2}s ({:.0} handshakes/s)",
-            names.len(),
-            names.len() as f64 / connect_secs.max(1e-9)
-        ),
-    );
+    connect_row(&mut r, names.len(), connect_secs);
     r.row(
         "deliveries",
         format!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::net::{App, Net};
 use crate::os::{now_ns, proc_rss_kib, CpuMark};
-use crate::private::settle;
+use crate::phases::settle;
 use crate::report::{round1, Report, TypeCounts};
 use crate::scan::field;
 use crate::{Common, Outcome};

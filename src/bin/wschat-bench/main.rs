@@ -9,6 +9,7 @@ mod idle;
 mod net;
 mod offline;
 mod os;
+mod phases;
 mod private;
 mod report;
 mod scan;

@@ -4,12 +4,10 @@
 //! durable (one fsync per loop turn: group commit), so the receipt rate and
 //! latency measure the cost of durability (compare `wschat --fsync never`).
 
-use std::time::Duration;
-
 use crate::hist::Histogram;
 use crate::net::{App, Net};
-use crate::os::{now_ns, CpuMark};
-use crate::private::{close_all, settle};
+use crate::os::now_ns;
+use crate::phases::{close_all, connect_row, drain, open_every, run_window, settle, Window};
 use crate::report::{round1, Report, TypeCounts};
 use crate::scan::{field, parse_body, push_body};
 use crate::{Common, Outcome};
@@ -178,58 +176,25 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     let names: Vec<String> = (0..o.senders)
         .map(|i| format!("{}o{i}", c.prefix))
         .collect();
-    let connect_start = now_ns();
-    let ids = net
-        .open_all(&mut app, &names, c.batch, connect_start + c.timeout_ns())
-        .map_err(io)?;
-    let connect_secs = (now_ns() - connect_start) as f64 / 1e9;
-    let opened = ids.iter().filter(|i| i.is_some()).count();
-    if opened < names.len() {
-        return Err(format!(
-            "only {opened} of {} connections opened: {}",
-            names.len(),
-            net.stats.failures.join("; ")
-        ));
-    }
-    for (s, id) in app.senders.iter_mut().zip(&ids) {
-        s.id = id.expect("opened");
+    let (ids, connect_secs) = open_every(&mut net, &mut app, &names, c)?;
+    for (s, &id) in app.senders.iter_mut().zip(&ids) {
+        s.id = id;
     }
     settle(&mut net, &mut app, 0.2).map_err(io)?;
     let before = net.stats.clone();
 
-    let t_start = now_ns();
-    let t0 = t_start + (o.warmup * 1e9) as u64;
-    let t1 = t0 + (o.duration * 1e9) as u64;
-    app.t0 = t0;
-    app.t1 = t1;
+    let w = Window::starting_now(o.warmup, o.duration);
+    app.t0 = w.t0;
+    app.t1 = w.t1;
     app.sending = true;
     for sender in 0..o.senders {
         for _ in 0..o.window {
             app.send_one(&mut net, sender);
         }
     }
-    let mut mark0 = None;
-    let mark1;
-    loop {
-        let now = now_ns();
-        if mark0.is_none() && now >= t0 {
-            mark0 = Some(CpuMark::take(c.pid));
-        }
-        if now >= t1 {
-            mark1 = CpuMark::take(c.pid);
-            app.sending = false;
-            break;
-        }
-        let next = if now < t0 { t0 } else { t1 };
-        let wait = Duration::from_nanos(next - now).min(Duration::from_millis(50));
-        net.turn(&mut app, wait).map_err(io)?;
-    }
-    let mark0 = mark0.unwrap_or(mark1);
-    let cpu = mark0.until(&mark1);
-    let drain_end = now_ns() + c.drain_ns();
-    while app.in_flight() > 0 && now_ns() < drain_end && !net.conns.is_empty() {
-        net.turn(&mut app, Duration::from_millis(10)).map_err(io)?;
-    }
+    let cpu = run_window(&mut net, &mut app, c, w, |_, _| {})?;
+    app.sending = false;
+    drain(&mut net, &mut app, c, OfflineApp::in_flight)?;
     let during = net.stats.clone();
     close_all(&mut net, &mut app).map_err(io)?;
 
@@ -248,14 +213,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     r.val("size", o.size);
     r.val("recipients", o.recipients);
     r.val("duration_s", o.duration);
-    r.row(
-        "connect",
-        format!(
-            "{} connections in {connect_secs:.2}s ({:.0} handshakes/s)",
-            names.len(),
-            names.len() as f64 / connect_secs.max(1e-9)
-        ),
-    );
+    connect_row(&mut r, names.len(), connect_secs);
     r.row("queued", format!("{per_s:.0} receipts/s in the window"));
     r.val("queued_per_s", round1(per_s));
     r.val("queued_in_window", app.queued_window);

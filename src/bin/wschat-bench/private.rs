@@ -1,11 +1,10 @@
 //! `private`: P pairs s<i> → r<i>, closed loop (W in flight per sender) or
 //! open loop at a fixed total rate (latency from the scheduled send time).
 
-use std::time::Duration;
-
 use crate::hist::Histogram;
 use crate::net::{App, Net};
-use crate::os::{now_ns, set_timer_slack_ns, CpuMark};
+use crate::os::{now_ns, set_timer_slack_ns};
+use crate::phases::{close_all, connect_row, drain, open_every, run_window, settle, Window};
 use crate::report::{round1, Report, TypeCounts};
 use crate::scan::{field, parse_body, push_body};
 use crate::{Common, Outcome};
@@ -168,31 +167,17 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         .chain(&app.sender_names)
         .cloned()
         .collect();
-    let connect_start = now_ns();
-    let ids = net
-        .open_all(&mut app, &names, c.batch, connect_start + c.timeout_ns())
-        .map_err(io)?;
-    let connect_secs = (now_ns() - connect_start) as f64 / 1e9;
-    let opened = ids.iter().filter(|i| i.is_some()).count();
-    if opened < names.len() {
-        return Err(format!(
-            "only {opened} of {} connections opened: {}",
-            names.len(),
-            net.stats.failures.join("; ")
-        ));
-    }
-    for (i, pair) in app.pairs.iter_mut().enumerate() {
-        pair.sender = ids[p + i].expect("opened");
+    let (ids, connect_secs) = open_every(&mut net, &mut app, &names, c)?;
+    for (pair, &id) in app.pairs.iter_mut().zip(&ids[p..]) {
+        pair.sender = id;
     }
     // Let welcome and presence events settle.
     settle(&mut net, &mut app, 0.2).map_err(io)?;
     let before = net.stats.clone();
 
-    let t_start = now_ns();
-    let t0 = t_start + (o.warmup * 1e9) as u64;
-    let t1 = t0 + (o.duration * 1e9) as u64;
-    app.t0 = t0;
-    app.t1 = t1;
+    let w = Window::starting_now(o.warmup, o.duration);
+    app.t0 = w.t0;
+    app.t1 = w.t1;
     app.sending = true;
     if app.closed_loop {
         for pair in 0..p {
@@ -203,48 +188,32 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     }
     let interval = o.rate.map(|r| 1e9 / r);
     let mut k: u64 = 0;
-    let mut mark0 = None;
-    let mark1;
-    loop {
-        let now = now_ns();
-        if mark0.is_none() && now >= t0 {
-            mark0 = Some(CpuMark::take(c.pid));
-        }
-        if now >= t1 {
-            mark1 = CpuMark::take(c.pid);
-            app.sending = false;
-            break;
-        }
-        if let Some(interval) = interval {
-            loop {
-                let at = t_start + (k as f64 * interval) as u64;
-                if at >= t1 {
-                    break;
-                }
-                let now = now_ns();
-                if at > now {
-                    net.wake_at(at);
-                    break;
-                }
-                if at >= t0 {
-                    app.lag.record(now - at);
-                }
-                app.send_one(&mut net, (k % p as u64) as usize, at);
-                k += 1;
+    let cpu = run_window(&mut net, &mut app, c, w, |net, app| {
+        // Open loop: send what is due, each message at its scheduled time.
+        let Some(interval) = interval else {
+            return;
+        };
+        loop {
+            let at = w.start + (k as f64 * interval) as u64;
+            if at >= w.t1 {
+                break;
             }
+            let now = now_ns();
+            if at > now {
+                net.wake_at(at);
+                break;
+            }
+            if at >= w.t0 {
+                app.lag.record(now - at);
+            }
+            app.send_one(net, (k % p as u64) as usize, at);
+            k += 1;
         }
-        let next_boundary = if now < t0 { t0 } else { t1 };
-        let wait = Duration::from_nanos(next_boundary - now).min(Duration::from_millis(50));
-        net.turn(&mut app, wait).map_err(io)?;
-    }
-    let mark0 = mark0.unwrap_or(mark1);
-    let cpu = mark0.until(&mark1);
+    })?;
+    app.sending = false;
 
     // Drain what is in flight.
-    let drain_end = now_ns() + c.drain_ns();
-    while app.in_flight() > 0 && now_ns() < drain_end && !net.conns.is_empty() {
-        net.turn(&mut app, Duration::from_millis(10)).map_err(io)?;
-    }
+    drain(&mut net, &mut app, c, PrivateApp::in_flight)?;
     let during = net.stats.clone();
     close_all(&mut net, &mut app).map_err(io)?;
 
@@ -270,14 +239,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     r.val("size", o.size);
     r.val("duration_s", o.duration);
     r.val("rate", o.rate);
-    r.row(
-        "connect",
-        format!(
-            "{} connections in {connect_secs:.2}s ({:.0} handshakes/s)",
-            names.len(),
-            names.len() as f64 / connect_secs.max(1e-9)
-        ),
-    );
+    connect_row(&mut r, names.len(), connect_secs);
     r.row("delivered", format!("{rate:.0} msg/s in the window"));
     r.val("delivered_per_s", round1(rate));
     r.val("delivered_in_window", app.delivered_window);
@@ -314,32 +276,4 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     let errors =
         lost + app.misrouted + app.out_of_order + app.malformed + server_errors + ended_early;
     Ok(Outcome { report: r, errors })
-}
-
-/// Runs the loop for `secs` seconds.
-pub fn settle(net: &mut Net, app: &mut impl App, secs: f64) -> std::io::Result<()> {
-    let end = now_ns() + (secs * 1e9) as u64;
-    loop {
-        let now = now_ns();
-        if now >= end {
-            return Ok(());
-        }
-        net.turn(
-            app,
-            Duration::from_nanos(end - now).min(Duration::from_millis(50)),
-        )?;
-    }
-}
-
-/// Closes every connection with a close handshake (bounded: 5 s).
-pub fn close_all(net: &mut Net, app: &mut impl App) -> std::io::Result<()> {
-    let ids: Vec<usize> = net.conns.iter().map(|(id, _)| id).collect();
-    for id in ids {
-        net.close(id);
-    }
-    let end = now_ns() + 5_000_000_000;
-    while !net.conns.is_empty() && now_ns() < end {
-        net.turn(app, Duration::from_millis(10))?;
-    }
-    Ok(())
 }
