@@ -95,6 +95,9 @@ struct Core {
     handshakes: VecDeque<(usize, u64)>,
     next_id: u64,
     accept_paused_until: Option<Instant>,
+    /// Accepted sockets come with TCP_NODELAY from the listener (Linux);
+    /// otherwise `admit` sets it on each.
+    nodelay_inherited: bool,
     /// Log the first refusal of an episode only.
     refusing: bool,
     /// Set once SIGINT/SIGTERM arrived: exit by then at the latest.
@@ -334,6 +337,7 @@ impl Server {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let nodelay_inherited = crate::sys::set_listener_nodelay(&listener);
         let signal = ShutdownSignal::install()?;
         poll.registry()
             .register(&mut SourceFd(&signal.fd()), SIGNAL, Interest::READABLE)?;
@@ -383,6 +387,7 @@ impl Server {
                 handshakes: VecDeque::new(),
                 next_id: 1,
                 accept_paused_until: None,
+                nodelay_inherited,
                 refusing: false,
                 shutdown_by: None,
                 log,
@@ -689,7 +694,9 @@ impl Core {
         now: Instant,
     ) {
         // Small frames must not wait for Nagle's algorithm.
-        let _ = socket.set_nodelay(true);
+        if !self.nodelay_inherited {
+            let _ = socket.set_nodelay(true);
+        }
         self.forget_finished_handshakes(conns);
         let entry = conns.vacant_entry();
         let slot = entry.key();
@@ -1263,7 +1270,8 @@ impl Core {
         if conn.close_reason == CloseReason::None {
             conn.close_reason = why;
         }
-        let _ = self.registry.deregister(&mut conn.socket);
+        // No deregister: the socket is closed at the end of the turn, which
+        // takes it out of the epoll set, and until then its events find it dead.
         self.dead.push(slot);
     }
 }

@@ -36,6 +36,23 @@ pub fn set_listen_backlog(listener: &impl AsRawFd, backlog: i32) {
         libc::listen(listener.as_raw_fd(), backlog);
     }
 }
+/// Sets TCP_NODELAY on the listening socket. Linux copies it to every
+/// socket accepted from it, which saves a `setsockopt` per connection.
+/// Returns whether it took.
+pub fn set_listener_nodelay(listener: &impl AsRawFd) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid local.
+    unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The write end of the signal pipe, for the handler (which may only make
@@ -98,5 +115,22 @@ impl ShutdownSignal {
         // SAFETY: reading into a local buffer of the given length.
         while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Core::admit` skips its own `setsockopt` on this inheritance.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert!(set_listener_nodelay(&listener));
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.nodelay().expect("read TCP_NODELAY"));
+        assert!(!client.nodelay().expect("read TCP_NODELAY"));
     }
 }
