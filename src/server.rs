@@ -1374,4 +1374,24 @@ mod tests {
         let bytes = queued(conn);
         assert!(bytes.starts_with(b"[4]\x88"), "{bytes:?}");
     }
+
+    #[test]
+    fn a_slow_consumer_gets_its_owed_presence_then_the_close_and_not_the_private() {
+        let mut keep = Vec::new();
+        let mut conns = Slab::new();
+        let slot = conns.insert(open_connection(&mut keep));
+        let mut post = post(1 << 20);
+        post.max_outbound = 16;
+        let mut mailer = Mailer {
+            conns: &mut conns,
+            post: &mut post,
+        };
+        mailer.send(slot, Chunk::Shared(event("[1]")), Class::Presence);
+        let private = Chunk::Owned(b"\x81\x20 a private of 32 bytes .........".to_vec());
+        let sent = mailer.send(slot, private, Class::Private);
+        assert_eq!(sent, Delivery::Disconnected);
+        let bytes = queued(&mut conns[slot]);
+        assert!(bytes.starts_with(b"[1]\x88"), "{bytes:?}");
+        assert!(!bytes.windows(9).any(|w| w == b"a private"), "{bytes:?}");
+    }
 }
