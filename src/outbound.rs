@@ -122,6 +122,21 @@ impl Outbound {
         self.bytes
     }
 
+    /// Chunks queued, and the bytes of those owned rather than shared
+    /// (tests bound what a crowd of readers costs).
+    #[cfg(test)]
+    pub fn footprint(&self) -> (usize, usize) {
+        let owned = self
+            .queue
+            .iter()
+            .filter_map(|entry| match &entry.chunk {
+                Chunk::Owned(bytes) => Some(bytes.len()),
+                _ => None,
+            })
+            .sum();
+        (self.queue.len(), owned)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }

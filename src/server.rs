@@ -57,6 +57,11 @@ const PAGE: &[u8] = include_bytes!("web/index.html");
 /// last (see `Outbound::push_control_bounded`).
 const PONGS_QUEUED: usize = 16;
 
+/// Presence owed to a connection that gets something else is copied for it
+/// up to this many bytes; more closes the window for everyone (see
+/// `Post::settle_presence`).
+const COPY_OWED_MAX: usize = 2048;
+
 /// An empty ping: the server's heartbeat.
 const PING: &[u8] = &[0x89, 0x00];
 
@@ -158,16 +163,29 @@ impl Post {
         shared
     }
 
-    /// Before anything else is queued for `slot`: if it is owed presence
-    /// events, the window closes now, so the events keep their place.
+    /// Before anything else is queued for `slot`, what it is owed goes
+    /// first: a small debt as its own copy, a large one by closing the window
+    /// for everyone, shared. Releasing for every reader that gets something
+    /// else would queue a part for all owed readers each time (a crowd
+    /// leaving in one turn, each leave owed to the rest: quadratic memory);
+    /// copying every debt would copy a growing window per reader. The bound
+    /// keeps both linear.
     fn settle_presence(&mut self, conns: &mut Slab<Connection>, slot: usize) {
-        if conns.get(slot).is_some_and(|c| c.presence_from.is_some()) {
+        let Some(conn) = conns.get_mut(slot) else {
+            return;
+        };
+        let Some(from) = conn.presence_from else {
+            return;
+        };
+        if self.presence.end() - from as usize <= COPY_OWED_MAX {
+            self.pay_presence_copy(conn);
+        } else {
             self.release_presence(conns);
         }
     }
 
-    /// Queues a copy of what one connection is owed, for the rare paths
-    /// that only hold that connection (a close not settled first, a `gap`).
+    /// Queues a copy of what one connection is owed (a small debt, or a
+    /// path that holds only that connection: a close not settled first, a `gap`).
     fn pay_presence_copy(&mut self, conn: &mut Connection) {
         if let Some(from) = conn.presence_from.take() {
             let owed = self.presence.copy(from as usize, self.presence.end());
@@ -790,8 +808,7 @@ impl Core {
             match conn.deadline {
                 Some(deadline) if deadline <= now => {
                     conn.deadline = None;
-                    // It may close: what it is owed goes first, shared (many
-                    // idle users can time out in one turn).
+                    // It may close, and many idle users can time out in one turn.
                     self.post.settle_presence(conns, slot);
                     if let Some(conn) = conns.get_mut(slot) {
                         self.on_deadline(conn, slot, now);
@@ -1044,8 +1061,7 @@ impl Core {
             }
             Message::Pong(_) => {}
             Message::Close(frame) => {
-                // What it is owed came before its close: the window closes
-                // now, shared (a crowd leaving must not copy it per leaver).
+                // What it is owed came before its close.
                 self.post.settle_presence(conns, slot);
                 let conn = &mut conns[slot];
                 if let Some(name) = conn.answer_close(frame.map(|f| f.code)) {
@@ -1373,6 +1389,57 @@ mod tests {
         post.close(conn, a, 1000, "", CloseReason::Normal);
         let bytes = queued(conn);
         assert!(bytes.starts_with(b"[4]\x88"), "{bytes:?}");
+    }
+
+    #[test]
+    fn a_crowd_closing_in_one_turn_gets_its_presence_with_linear_bookkeeping() {
+        let leavers = 200;
+        let mut keep = Vec::new();
+        let mut conns = Slab::new();
+        let slots: Vec<usize> = (0..leavers)
+            .map(|_| conns.insert(open_connection(&mut keep)))
+            .collect();
+        let mut post = post(usize::MAX);
+        let text = r#"{"type":"leave","username":"someone","online":100}"#;
+        // Each leaver closes, then its `leave` is owed to everyone still open.
+        for (i, &slot) in slots.iter().enumerate() {
+            let leave = event(text);
+            post.settle_presence(&mut conns, slot);
+            post.close(&mut conns[slot], slot, 1000, "", CloseReason::Normal);
+            let mut mailer = Mailer {
+                conns: &mut conns,
+                post: &mut post,
+            };
+            for &other in &slots[i + 1..] {
+                mailer.send(other, Chunk::Shared(leave.clone()), Class::Presence);
+            }
+        }
+        let (chunks, copied) = slots
+            .iter()
+            .map(|&s| conns[s].out.footprint())
+            .fold((0, 0), |(c, b), (chunks, owned)| (c + chunks, b + owned));
+        // Releasing the window at every close would queue ~leavers²/2 parts
+        // (20,100 here); copying every debt, ~leavers²/2 events (~1 MB).
+        assert!(
+            chunks < 10 * leavers,
+            "{chunks} chunks for {leavers} leavers"
+        );
+        assert!(
+            copied < 256 * 1024,
+            "{copied} bytes copied for {leavers} leavers"
+        );
+        for (i, &slot) in slots.iter().enumerate() {
+            let bytes = queued(&mut conns[slot]);
+            let close_at = bytes
+                .iter()
+                .position(|&b| b == 0x88)
+                .expect("a close frame");
+            assert_eq!(
+                bytes[..close_at].len(),
+                i * text.len(),
+                "leaver {i} gets every earlier leave before its close"
+            );
+        }
     }
 
     #[test]
