@@ -91,22 +91,67 @@ pub fn plain(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// Appends a millisecond timestamp. Every message of a loop turn carries
-/// the same one, so the digits of the last timestamp are kept (per thread;
-/// the server has one) and copied instead of being worked out again.
-pub fn timestamp(out: &mut Vec<u8>, ms: u64) {
-    use std::cell::RefCell;
-    thread_local! {
-        static LAST: RefCell<(u64, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
-    }
-    LAST.with_borrow_mut(|(last, digits)| {
-        if *last != ms || digits.is_empty() {
-            digits.clear();
-            number(digits, ms);
-            *last = ms;
+/// The digits of the last number written of one kind, kept because the
+/// next is usually the same (a turn's timestamp) or one more (message ids:
+/// a private message and its receipt share one, and the next message has
+/// the next).
+struct LastNumber {
+    value: u64,
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl LastNumber {
+    const fn new() -> LastNumber {
+        LastNumber {
+            value: 0,
+            digits: *b"00000000000000000000",
+            start: 19,
         }
-        out.extend_from_slice(digits);
-    });
+    }
+
+    fn write(&mut self, out: &mut Vec<u8>, n: u64) {
+        if n != self.value && !(self.value.checked_add(1) == Some(n) && self.increment()) {
+            let mut fresh = Vec::with_capacity(20);
+            number(&mut fresh, n);
+            self.start = 20 - fresh.len();
+            self.digits[self.start..].copy_from_slice(&fresh);
+        }
+        self.value = n;
+        out.extend_from_slice(&self.digits[self.start..]);
+    }
+
+    /// Adds one to the digits in place; false if that needs a new digit.
+    fn increment(&mut self) -> bool {
+        for digit in self.digits[self.start..].iter_mut().rev() {
+            if *digit == b'9' {
+                *digit = b'0';
+            } else {
+                *digit += 1;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+thread_local! {
+    static LAST_TIMESTAMP: std::cell::RefCell<LastNumber> =
+        const { std::cell::RefCell::new(LastNumber::new()) };
+    static LAST_ID: std::cell::RefCell<LastNumber> =
+        const { std::cell::RefCell::new(LastNumber::new()) };
+}
+
+/// Appends a millisecond timestamp: every message of a loop turn carries
+/// the same one, so its digits are kept (per thread; the server has one).
+pub fn timestamp(out: &mut Vec<u8>, ms: u64) {
+    LAST_TIMESTAMP.with_borrow_mut(|last| last.write(out, ms));
+}
+
+/// Appends a message id: ids go up by one, and a message and its receipt
+/// carry the same, so the digits are kept and counted up in place.
+pub fn message_id(out: &mut Vec<u8>, id: u64) {
+    LAST_ID.with_borrow_mut(|last| last.write(out, id));
 }
 
 /// How many leading bytes need no escaping: where a JSON string without
@@ -271,6 +316,19 @@ mod tests {
             let mut out = b"x".to_vec();
             timestamp(&mut out, ms);
             assert_eq!(out, format!("x{ms}").into_bytes());
+        }
+    }
+
+    #[test]
+    fn ids_counted_up_in_place_stay_right_across_carries() {
+        let steps = [0u64, 1, 1, 9, 10, 11, 98, 99, 100, 5, 999, 1000, 1001]
+            .into_iter()
+            .chain(1_764_250_000_000_998..=1_764_250_000_001_001)
+            .chain([u64::MAX - 1, u64::MAX, 0, 1]);
+        for id in steps {
+            let mut out = b"x".to_vec();
+            message_id(&mut out, id);
+            assert_eq!(out, format!("x{id}").into_bytes());
         }
     }
 

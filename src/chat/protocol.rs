@@ -216,7 +216,7 @@ pub fn is_plain(text: &Cow<'_, str>) -> bool {
 
 /// Encoders for everything the server sends. Each writes one JSON object.
 pub mod encode {
-    use super::json::{number, plain, string, timestamp};
+    use super::json::{message_id, number, plain, string, timestamp};
 
     pub fn public(
         out: &mut Vec<u8>,
@@ -227,7 +227,7 @@ pub mod encode {
         body_is_plain: bool,
     ) {
         out.extend_from_slice(b"{\"type\":\"public\",\"id\":");
-        number(out, id);
+        message_id(out, id);
         out.extend_from_slice(b",\"ts\":");
         timestamp(out, ts);
         out.extend_from_slice(b",\"from\":");
@@ -254,7 +254,7 @@ pub mod encode {
             offline,
         } = *m;
         out.extend_from_slice(b"{\"type\":\"private\",\"id\":");
-        number(out, id);
+        message_id(out, id);
         out.extend_from_slice(b",\"ts\":");
         timestamp(out, ts);
         out.extend_from_slice(b",\"seq\":");
@@ -280,7 +280,7 @@ pub mod encode {
 
     pub fn receipt(out: &mut Vec<u8>, id: u64, reference: Option<&str>, status: &str) {
         out.extend_from_slice(b"{\"type\":\"receipt\",\"id\":");
-        number(out, id);
+        message_id(out, id);
         reference_field(out, reference);
         out.extend_from_slice(b",\"status\":");
         plain(out, status);
