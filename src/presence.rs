@@ -30,7 +30,8 @@ pub struct PresenceBatch {
     /// The last frame appended (kept alive, so its address is not reused
     /// while it identifies the broadcast in progress) and where it starts.
     last: Option<(Rc<[u8]>, usize)>,
-    /// Connections owed a suffix; each appears once (see `Connection::presence_from`).
+    /// Connections owed a suffix (see `Connection::presence_from`). One paid
+    /// a copy and then owed again appears twice; the first entry pays it.
     pub owed: Vec<usize>,
     /// When the window closes.
     pub due: Option<Instant>,

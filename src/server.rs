@@ -179,6 +179,9 @@ impl Post {
         };
         if self.presence.end() - from as usize <= COPY_OWED_MAX {
             self.pay_presence_copy(conn);
+            // It goes out this turn even if nothing follows (a deadline
+            // that settles but then sends nothing).
+            self.list_for_flush(slot, conn);
         } else {
             self.release_presence(conns);
         }
@@ -1440,6 +1443,23 @@ mod tests {
                 "leaver {i} gets every earlier leave before its close"
             );
         }
+    }
+
+    #[test]
+    fn a_settled_debt_is_listed_for_this_turns_flush() {
+        let mut keep = Vec::new();
+        let mut conns = Slab::new();
+        let slot = conns.insert(open_connection(&mut keep));
+        let mut post = post(1 << 20);
+        let mut mailer = Mailer {
+            conns: &mut conns,
+            post: &mut post,
+        };
+        mailer.send(slot, Chunk::Shared(event("[1]")), Class::Presence);
+        post.settle_presence(&mut conns, slot);
+        assert!(conns[slot].flush_listed);
+        assert_eq!(post.flush_list, [slot]);
+        assert_eq!(queued(&mut conns[slot]), b"[1]");
     }
 
     #[test]
