@@ -100,9 +100,7 @@ struct Core {
     handshakes: VecDeque<(usize, u64)>,
     next_id: u64,
     accept_paused_until: Option<Instant>,
-    /// Accepted sockets come with TCP_NODELAY from the listener (Linux);
-    /// otherwise `admit` sets it on each.
-    nodelay_inherited: bool,
+    nodelay: Nodelay,
     /// Log the first refusal of an episode only.
     refusing: bool,
     /// Set once SIGINT/SIGTERM arrived: exit by then at the latest.
@@ -112,6 +110,21 @@ struct Core {
     /// Wall-clock milliseconds, read once per turn for message timestamps.
     now_ms: u64,
     metrics: Metrics,
+}
+
+/// Where accepted sockets get TCP_NODELAY (small frames must not wait for
+/// Nagle's algorithm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nodelay {
+    /// `admit` sets it on each socket.
+    PerSocket,
+    /// Linux copies it from the listener to a connection when its handshake
+    /// completes. Those completed before the listener had it wait in the
+    /// accept queue, so until the queue is first found empty `admit` still
+    /// sets it on each.
+    FromListenerAfterFirstDrain,
+    /// Copied from the listener: no `setsockopt` per connection.
+    FromListener,
 }
 
 /// Bookkeeping that delivering a message touches beside the connections.
@@ -341,6 +354,9 @@ impl Server {
     /// anything else is touched).
     pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
         let listener = TcpListener::bind(addr)?;
+        // As early as possible: only connections completed after this get it
+        // from the listener (see `Nodelay`).
+        crate::sys::set_listener_nodelay(&listener);
         crate::sys::set_listen_backlog(&listener, LISTEN_BACKLOG);
         Ok(listener)
     }
@@ -358,7 +374,12 @@ impl Server {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let nodelay_inherited = crate::sys::set_listener_nodelay(&listener);
+        // Set again (it is idempotent) to learn whether the listener has it.
+        let nodelay = if cfg!(target_os = "linux") && crate::sys::set_listener_nodelay(&listener) {
+            Nodelay::FromListenerAfterFirstDrain
+        } else {
+            Nodelay::PerSocket
+        };
         let signal = ShutdownSignal::install()?;
         poll.registry()
             .register(&mut SourceFd(&signal.fd()), SIGNAL, Interest::READABLE)?;
@@ -408,7 +429,7 @@ impl Server {
                 handshakes: VecDeque::new(),
                 next_id: 1,
                 accept_paused_until: None,
-                nodelay_inherited,
+                nodelay,
                 refusing: false,
                 shutdown_by: None,
                 log,
@@ -544,7 +565,14 @@ impl Server {
         loop {
             let (socket, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The queue was empty once: every later connection
+                    // completed after the listener had TCP_NODELAY.
+                    if self.core.nodelay == Nodelay::FromListenerAfterFirstDrain {
+                        self.core.nodelay = Nodelay::FromListener;
+                    }
+                    return;
+                }
                 Err(e) if is_out_of_resources(&e) => {
                     // Retrying at once would spin: the pending connection
                     // stays in the backlog and the listener stays readable.
@@ -715,7 +743,7 @@ impl Core {
         now: Instant,
     ) {
         // Small frames must not wait for Nagle's algorithm.
-        if !self.nodelay_inherited {
+        if self.nodelay != Nodelay::FromListener {
             let _ = socket.set_nodelay(true);
         }
         self.forget_finished_handshakes(conns);
