@@ -160,8 +160,7 @@ pub fn message_id(out: &mut Vec<u8>, id: u64) {
 #[inline(never)]
 pub(super) fn clean_prefix(bytes: &[u8]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: every x86_64 processor has SSE2.
-    let mut i = match unsafe { clean_prefix_sse2(bytes) } {
+    let mut i = match clean_prefix_sse2(bytes) {
         Ok(found) => return found,
         Err(checked) => checked,
     };
@@ -187,23 +186,23 @@ pub(super) fn clean_prefix(bytes: &[u8]) -> usize {
 /// first byte that needs escaping, or `Err` with how many bytes are clean
 /// (fewer than 16 are left for the word-wise loop).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse2")]
 fn clean_prefix_sse2(bytes: &[u8]) -> Result<usize, usize> {
     use std::arch::x86_64::{
         __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
         _mm_set1_epi8,
     };
-    let quote = _mm_set1_epi8(b'"' as i8);
-    let backslash = _mm_set1_epi8(b'\\' as i8);
-    let last_control = _mm_set1_epi8(0x1f);
     let mut i = 0;
     while let Some(chunk) = bytes.get(i..i + 16) {
-        // SAFETY: `chunk` is 16 readable bytes; the load is unaligned.
-        let v = unsafe { _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>()) };
-        // A control character is one that 0x1f does not lower.
-        let control = _mm_cmpeq_epi8(_mm_min_epu8(v, last_control), v);
-        let special = _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash));
-        let mask = _mm_movemask_epi8(_mm_or_si128(control, special)) as u32;
+        // SAFETY: SSE2 is part of every x86_64 processor, and `chunk` is 16
+        // readable bytes (the load is unaligned).
+        let mask = unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
+            // A control character is one that 0x1f does not lower.
+            let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+            let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+            _mm_movemask_epi8(_mm_or_si128(control, _mm_or_si128(quote, backslash))) as u32
+        };
         if mask != 0 {
             return Ok(i + mask.trailing_zeros() as usize);
         }
