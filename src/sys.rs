@@ -36,6 +36,7 @@ pub fn set_listen_backlog(listener: &impl AsRawFd, backlog: i32) {
         libc::listen(listener.as_raw_fd(), backlog);
     }
 }
+
 /// Sets TCP_NODELAY on the listening socket. Linux copies it to each
 /// connection whose handshake completes afterwards, which saves a
 /// `setsockopt` per connection. Returns whether it took.

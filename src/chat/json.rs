@@ -112,10 +112,7 @@ impl LastNumber {
 
     fn write(&mut self, out: &mut Vec<u8>, n: u64) {
         if n != self.value && !(self.value.checked_add(1) == Some(n) && self.increment()) {
-            let mut fresh = Vec::with_capacity(20);
-            number(&mut fresh, n);
-            self.start = 20 - fresh.len();
-            self.digits[self.start..].copy_from_slice(&fresh);
+            (self.digits, self.start) = decimal(n);
         }
         self.value = n;
         out.extend_from_slice(&self.digits[self.start..]);
@@ -211,8 +208,15 @@ fn clean_prefix_sse2(bytes: &[u8]) -> Result<usize, usize> {
     Err(i)
 }
 
-/// Appends an unsigned integer, two digits at a time.
+/// Appends an unsigned integer.
 pub fn number(out: &mut Vec<u8>, n: u64) {
+    let (digits, start) = decimal(n);
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// The decimal digits of `n`, right-aligned, worked out two at a time, and
+/// where they start.
+fn decimal(n: u64) -> ([u8; 20], usize) {
     const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
 2021222324252627282930313233343536373839\
 4041424344454647484950515253545556575859\
@@ -235,7 +239,7 @@ pub fn number(out: &mut Vec<u8>, n: u64) {
         i -= 1;
         digits[i] = b'0' + n as u8;
     }
-    out.extend_from_slice(&digits[i..]);
+    (digits, i)
 }
 
 #[cfg(test)]
