@@ -107,6 +107,10 @@ pub struct Router {
     roster: Vec<u8>,
     /// Members covered by `roster`; `None` after a change that reordered them.
     roster_len: Option<usize>,
+    /// The last private message's target and its position: messages in one
+    /// read mostly come from one sender to one user, and comparing a name
+    /// costs less than hashing it. Cleared when a departure moves members.
+    last_target: Option<(Rc<str>, usize)>,
     last_id: u64,
     scratch: Vec<u8>,
     /// Where a broadcast frame is built before it becomes shared bytes.
@@ -122,6 +126,7 @@ impl Router {
             members: Vec::new(),
             roster: Vec::new(),
             roster_len: Some(0),
+            last_target: None,
             last_id: outboxes.max_id,
             outboxes,
             scratch: Vec::with_capacity(256),
@@ -206,6 +211,18 @@ impl Router {
         Some(name)
     }
 
+    /// Where `name` is in `members`, if online.
+    fn position_of(&mut self, name: &str) -> Option<usize> {
+        if let Some((last, position)) = &self.last_target {
+            if **last == *name {
+                return Some(*position);
+            }
+        }
+        let position = self.index.get(name).copied()?;
+        self.last_target = Some((self.members[position].name.clone(), position));
+        Some(position)
+    }
+
     /// Sends what the outbox holds for a user who just connected, before
     /// any live message. A reliable client gets what follows its `resume`
     /// and keeps it held until it acknowledges; a simple client gets it all,
@@ -274,6 +291,7 @@ impl Router {
         }
         self.index.remove(name);
         self.members.swap_remove(position);
+        self.last_target = None;
         if position < self.roster_len.unwrap_or(0) {
             self.roster_len = None;
         }
@@ -365,7 +383,7 @@ impl Router {
         json: &mut Vec<u8>,
         out: &mut impl Outbox,
     ) {
-        let position = self.index.get(to).copied();
+        let position = self.position_of(to);
         let target = position.map(|p| (self.members[p].slot, self.members[p].reliable));
         // Only valid names are online, so only a miss needs the check.
         if target.is_none() && !username::is_valid(to) {
@@ -746,6 +764,29 @@ mod tests {
         send(&mut r, &mut out);
         assert_eq!(seqs(&mut out), vec![4], "online again");
         assert_eq!(r.outboxes.last_seq("bob"), 4);
+    }
+
+    #[test]
+    fn a_private_reaches_the_right_user_after_a_departure_moves_members() {
+        let mut r = router(10);
+        let mut out = Recorder::default();
+        for (slot, name) in [(1, "alice"), (2, "bob"), (3, "carol"), (4, "dave")] {
+            r.join(slot, &format!("username={name}"), &mut out);
+        }
+        let to = |name: &str| format!(r#"{{"type":"private","to":"{name}","body":"x"}}"#);
+        r.handle(1, "alice", &to("bob"), 1, &mut out);
+        // bob leaves; dave moves into bob's place in the member list.
+        r.leave(2, "bob", &mut out);
+        out.take();
+        r.handle(1, "alice", &to("bob"), 2, &mut out);
+        r.handle(1, "alice", &to("dave"), 3, &mut out);
+        let sent = out.take();
+        // dave's message and its receipt; bob's is stored, its receipt waits for the disk.
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!(sent[0].0, 4);
+        assert_eq!(sent[0].1["to"], "dave");
+        assert_eq!(out.durable.len(), 1);
+        assert_eq!(out.durable[0].1["status"], "queued");
     }
 
     #[test]
