@@ -187,6 +187,29 @@ pub fn apply_mask(payload: &mut [u8], mask: [u8; 4], offset: u64) {
     }
 }
 
+/// [`apply_mask`] for a whole payload (offset 0) that also tells whether
+/// the unmasked bytes are all ASCII: a text message almost always is, and
+/// ASCII is valid UTF-8, so the separate validation pass can be skipped.
+pub fn unmask_reporting_ascii(payload: &mut [u8], mask: [u8; 4]) -> bool {
+    let word = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut high_bits = 0u64;
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        let plain = u64::from_ne_bytes(bytes) ^ word;
+        high_bits |= plain;
+        chunk.copy_from_slice(&plain.to_ne_bytes());
+    }
+    for (byte, key) in chunks.into_remainder().iter_mut().zip(mask.iter().cycle()) {
+        *byte ^= key;
+        high_bits |= u64::from(*byte);
+    }
+    high_bits & 0x8080_8080_8080_8080 == 0
+}
+
 /// Writes the header of an unmasked, final server frame carrying `len` bytes.
 pub fn write_header(out: &mut Vec<u8>, opcode: Opcode, len: usize) {
     out.push(0x80 | opcode.bits());
@@ -358,6 +381,26 @@ mod tests {
                     let key = mask[(i + offset as usize) % 4];
                     assert_eq!(*got, orig ^ key, "start {start} offset {offset} byte {i}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn unmasking_reports_ascii_exactly_at_every_length_and_position() {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        for len in 0..40 {
+            let plain: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            // All ASCII, then one byte with the high bit at each position.
+            for high_at in std::iter::once(None).chain((0..len).map(Some)) {
+                let mut expected = plain.clone();
+                if let Some(at) = high_at {
+                    expected[at] = 0xc3;
+                }
+                let mut masked = expected.clone();
+                apply_mask(&mut masked, mask, 0);
+                let ascii = unmask_reporting_ascii(&mut masked, mask);
+                assert_eq!(masked, expected, "len {len} high byte at {high_at:?}");
+                assert_eq!(ascii, high_at.is_none(), "len {len} high byte at {high_at:?}");
             }
         }
     }

@@ -9,8 +9,8 @@
 //! messages the decoder holds nothing but a partial frame header.
 
 use super::frame::{
-    apply_mask, parse_header, FrameHeader, HeaderError, Opcode, Role, MAX_CONTROL_PAYLOAD,
-    MAX_HEADER_LEN,
+    apply_mask, parse_header, unmask_reporting_ascii, FrameHeader, HeaderError, Opcode, Role,
+    MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
 };
 use super::utf8::Utf8Validator;
 
@@ -214,10 +214,17 @@ impl Decoder {
             let end = pos + header.payload_len as usize;
             self.frame = None;
             let payload = &mut input[pos..end];
-            if let Some(mask) = header.mask {
-                apply_mask(payload, mask, 0);
-            }
+            // Unmasking reads every byte anyway: it also says whether all
+            // are ASCII, which spares a text message its UTF-8 pass.
+            let ascii = match header.mask {
+                Some(mask) => unmask_reporting_ascii(payload, mask),
+                None => false,
+            };
             let message = match header.opcode {
+                // SAFETY: ASCII is valid UTF-8.
+                Opcode::Text if ascii => {
+                    Message::Text(unsafe { std::str::from_utf8_unchecked(payload) })
+                }
                 Opcode::Text => Message::Text(
                     std::str::from_utf8(payload).map_err(|_| ProtocolError::InvalidUtf8)?,
                 ),
