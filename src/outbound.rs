@@ -243,7 +243,13 @@ impl Outbound {
                 });
                 count += 1;
             }
-            let written = match sink.write_vectored(&slices[..count]) {
+            // One slice (the usual case: frames are corked into one buffer,
+            // or one shared frame) takes plain `write`.
+            let result = match &slices[..count] {
+                [only] => sink.write(only),
+                many => sink.write_vectored(many),
+            };
+            let written = match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
