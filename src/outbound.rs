@@ -54,8 +54,14 @@ const CORK_BYTES: usize = 16 * 1024;
 /// A new cork buffer's capacity: room for a turn's worth of small frames.
 const CORK_START: usize = 1024;
 
-/// Emptied buffers and queues kept for reuse, at most this many of each.
+/// Emptied cork buffers kept for reuse.
 const SPARES_KEPT: usize = 128;
+
+/// Emptied queues kept for reuse: enough for a public message to a thousand
+/// readers to queue without a `malloc` and a `free` per reader. Only small
+/// ones are kept, so spares hold at most about 1024 × 8 entries (320 KiB).
+const SPARE_QUEUES_KEPT: usize = 1024;
+const SPARE_QUEUE_MAX: usize = 8;
 
 /// Only buffers up to this capacity are kept (so spares hold at most
 /// `SPARES_KEPT` × 4 KiB).
@@ -101,7 +107,9 @@ impl Spares {
     }
 
     fn keep_queue(&mut self, queue: VecDeque<Entry>) {
-        if (1..=MAX_IOV).contains(&queue.capacity()) && self.queues.len() < SPARES_KEPT {
+        if (1..=SPARE_QUEUE_MAX).contains(&queue.capacity())
+            && self.queues.len() < SPARE_QUEUES_KEPT
+        {
             self.queues.push(queue);
         }
     }
@@ -150,6 +158,21 @@ impl Outbound {
         });
     }
 
+    /// [`push`](Self::push) into a spare queue if this one owns no memory
+    /// (the hot paths: a public message to every reader, presence).
+    pub fn push_reusing(&mut self, chunk: Chunk, spares: &mut Spares) {
+        self.reuse_queue(spares);
+        self.push(chunk);
+    }
+
+    fn reuse_queue(&mut self, spares: &mut Spares) {
+        if self.queue.capacity() == 0 {
+            if let Some(queue) = spares.queues.pop() {
+                self.queue = queue;
+            }
+        }
+    }
+
     /// Queues a data frame built from `payload`, appended to the last queued
     /// buffer when that one is ours and small (no allocation per frame).
     pub fn push_frame(&mut self, opcode: Opcode, payload: &[u8], spares: &mut Spares) {
@@ -166,11 +189,7 @@ impl Outbound {
                 return;
             }
         }
-        if self.queue.capacity() == 0 {
-            if let Some(queue) = spares.queues.pop() {
-                self.queue = queue;
-            }
-        }
+        self.reuse_queue(spares);
         let mut buffer = spares.buffer(len);
         write_header(&mut buffer, opcode, payload.len());
         buffer.extend_from_slice(payload);
@@ -468,6 +487,22 @@ mod tests {
             spares.keep_buffer(Vec::with_capacity(64));
         }
         assert_eq!(spares.buffers.len(), SPARES_KEPT);
+        // Queues: a shared frame pushed to an empty connection takes one.
+        spares.queues.clear();
+        spares.keep_queue(VecDeque::with_capacity(4));
+        let mut reader = Outbound::default();
+        reader.push_reusing(Chunk::Static(b"frame"), &mut spares);
+        assert!(spares.queues.is_empty(), "the spare queue was taken");
+        reader.write_to(&mut s, &mut spares).unwrap();
+        assert_eq!(spares.queues.len(), 1, "and given back");
+        // Only small ones are kept, and a bounded number.
+        spares.queues.clear();
+        spares.keep_queue(VecDeque::with_capacity(SPARE_QUEUE_MAX * 2));
+        assert!(spares.queues.is_empty(), "a large queue is freed");
+        for _ in 0..SPARE_QUEUES_KEPT + 10 {
+            spares.keep_queue(VecDeque::with_capacity(4));
+        }
+        assert_eq!(spares.queues.len(), SPARE_QUEUES_KEPT);
     }
 
     #[test]

@@ -168,8 +168,10 @@ impl Post {
                 continue;
             };
             if conn.is_open() {
-                conn.out
-                    .push(Chunk::part(shared.clone(), from as usize, end));
+                conn.out.push_reusing(
+                    Chunk::part(shared.clone(), from as usize, end),
+                    &mut self.spares,
+                );
                 self.list_for_flush(slot, conn);
             }
         }
@@ -206,7 +208,7 @@ impl Post {
         if let Some(from) = conn.presence_from.take() {
             let owed = self.presence.copy(from as usize, self.presence.end());
             if !owed.is_empty() {
-                conn.out.push(Chunk::Owned(owed));
+                conn.out.push_reusing(Chunk::Owned(owed), &mut self.spares);
             }
         }
     }
@@ -292,7 +294,10 @@ impl Mailer<'_> {
                 if let Some(from) = owed {
                     let shared = self.post.release_presence(self.conns);
                     if let Some(conn) = self.conns.get_mut(slot) {
-                        conn.out.push(Chunk::part(shared, from as usize, start));
+                        conn.out.push_reusing(
+                            Chunk::part(shared, from as usize, start),
+                            &mut self.post.spares,
+                        );
                         self.post.list_for_flush(slot, conn);
                     }
                 }
@@ -319,7 +324,7 @@ impl Outbox for Mailer<'_> {
             Ok(conn) => conn,
             Err(delivery) => return delivery,
         };
-        conn.out.push(frame);
+        conn.out.push_reusing(frame, &mut self.post.spares);
         self.post.list_for_flush(slot, conn);
         Delivery::Queued
     }
@@ -1183,7 +1188,7 @@ impl Core {
             self.post.settle_presence(conns, slot);
             if let Some(conn) = conns.get_mut(slot) {
                 if conn.is_open() {
-                    conn.out.push(frame);
+                    conn.out.push_reusing(frame, &mut self.post.spares);
                     self.post.list_for_flush(slot, conn);
                 }
             }

@@ -400,7 +400,11 @@ mod tests {
                 apply_mask(&mut masked, mask, 0);
                 let ascii = unmask_reporting_ascii(&mut masked, mask);
                 assert_eq!(masked, expected, "len {len} high byte at {high_at:?}");
-                assert_eq!(ascii, high_at.is_none(), "len {len} high byte at {high_at:?}");
+                assert_eq!(
+                    ascii,
+                    high_at.is_none(),
+                    "len {len} high byte at {high_at:?}"
+                );
             }
         }
     }
