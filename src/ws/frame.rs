@@ -167,47 +167,41 @@ pub fn parse_header(buf: &[u8], role: Role) -> Result<Option<(FrameHeader, usize
 
 /// XORs `payload` with `mask`, where `payload` starts `offset` bytes into the
 /// frame's payload (so a payload unmasked piece by piece stays in phase).
-///
-/// Eight bytes at a time: the compiler turns the loop into wide vector XORs.
 pub fn apply_mask(payload: &mut [u8], mask: [u8; 4], offset: u64) {
     let mut phase = mask;
     phase.rotate_left((offset % 4) as usize);
-    let word = u64::from_ne_bytes([
-        phase[0], phase[1], phase[2], phase[3], phase[0], phase[1], phase[2], phase[3],
-    ]);
-    let mut chunks = payload.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(chunk);
-        chunk.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ word).to_ne_bytes());
-    }
-    // The remainder starts at a multiple of 8, so the phase is unchanged.
-    for (byte, key) in chunks.into_remainder().iter_mut().zip(phase.iter().cycle()) {
-        *byte ^= key;
-    }
+    xor_repeating(payload, phase);
 }
 
 /// [`apply_mask`] for a whole payload (offset 0) that also tells whether
 /// the unmasked bytes are all ASCII: a text message almost always is, and
 /// ASCII is valid UTF-8, so the separate validation pass can be skipped.
 pub fn unmask_reporting_ascii(payload: &mut [u8], mask: [u8; 4]) -> bool {
+    xor_repeating(payload, mask) & 0x8080_8080_8080_8080 == 0
+}
+
+/// XORs `payload` with `key` repeated, eight bytes at a time (the compiler
+/// turns the loop into wide vector XORs); returns the OR of the results, so
+/// a high bit set anywhere shows in the top bit of some byte.
+fn xor_repeating(payload: &mut [u8], key: [u8; 4]) -> u64 {
     let word = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
     ]);
-    let mut high_bits = 0u64;
+    let mut seen = 0u64;
     let mut chunks = payload.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let mut bytes = [0u8; 8];
         bytes.copy_from_slice(chunk);
         let plain = u64::from_ne_bytes(bytes) ^ word;
-        high_bits |= plain;
+        seen |= plain;
         chunk.copy_from_slice(&plain.to_ne_bytes());
     }
-    for (byte, key) in chunks.into_remainder().iter_mut().zip(mask.iter().cycle()) {
+    // The remainder starts at a multiple of 8, so the phase is unchanged.
+    for (byte, key) in chunks.into_remainder().iter_mut().zip(key.iter().cycle()) {
         *byte ^= key;
-        high_bits |= u64::from(*byte);
+        seen |= u64::from(*byte);
     }
-    high_bits & 0x8080_8080_8080_8080 == 0
+    seen
 }
 
 /// Writes the header of an unmasked, final server frame carrying `len` bytes.
