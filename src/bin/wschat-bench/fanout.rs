@@ -3,7 +3,7 @@
 
 use crate::hist::Histogram;
 use crate::net::{App, Net};
-use crate::os::{now_ns, set_timer_slack_ns};
+use crate::os::set_timer_slack_ns;
 use crate::phases::{close_all, connect_row, drain, open_every, run_window, settle, Window};
 use crate::report::{round1, Report, TypeCounts};
 use crate::scan::{field, parse_body, push_body};
@@ -142,29 +142,19 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     let interval = 1e9 / o.rate;
     let mut msg = Vec::with_capacity(o.size + 64);
     let mut lag = Histogram::new();
-    let cpu = run_window(&mut net, &mut app, c, w, |net, app| loop {
+    let cpu = run_window(&mut net, &mut app, c, w, |net, app| {
         // Each message at its scheduled time (open loop).
-        let k = app.sent_at.len();
-        let at = w.start + (k as f64 * interval) as u64;
-        if at >= w.t1 {
-            break;
+        while let Some(at) = w.due(app.sent_at.len() as u64, interval, net, &mut lag) {
+            let k = app.sent_at.len() as u64;
+            msg.clear();
+            msg.extend_from_slice(br#"{"type":"public","body":""#);
+            push_body(&mut msg, &[(b'K', k), (b'T', at)], o.size);
+            msg.extend_from_slice(br#""}"#);
+            app.sent_at.push(at);
+            app.reached.push(0);
+            app.last.push(0);
+            net.send_text(publisher, &msg);
         }
-        let now = now_ns();
-        if at > now {
-            net.wake_at(at);
-            break;
-        }
-        if at >= w.t0 {
-            lag.record(now - at);
-        }
-        msg.clear();
-        msg.extend_from_slice(br#"{"type":"public","body":""#);
-        push_body(&mut msg, &[(b'K', k as u64), (b'T', at)], o.size);
-        msg.extend_from_slice(br#""}"#);
-        app.sent_at.push(at);
-        app.reached.push(0);
-        app.last.push(0);
-        net.send_text(publisher, &msg);
     })?;
     drain(&mut net, &mut app, c, |app| u64::from(app.incomplete()))?;
     let during = net.stats.clone();

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::hist::Histogram;
 use crate::net::{App, Net};
 use crate::os::{now_ns, CpuMark, CpuUse};
 use crate::report::Report;
@@ -68,6 +69,27 @@ impl Window {
             t0,
             t1: t0 + (duration * 1e9) as u64,
         }
+    }
+
+    /// The open-loop schedule: send `k` is due at `start + k × interval`, and
+    /// latency is taken from that time, so a late sender hides nothing.
+    /// Returns the time once it has come (recording in `lag` how late it is
+    /// going out, inside the measured part); `None` past the window, or after
+    /// asking `net` to wake when it comes.
+    pub fn due(&self, k: u64, interval: f64, net: &mut Net, lag: &mut Histogram) -> Option<u64> {
+        let at = self.start + (k as f64 * interval) as u64;
+        if at >= self.t1 {
+            return None;
+        }
+        let now = now_ns();
+        if at > now {
+            net.wake_at(at);
+            return None;
+        }
+        if at >= self.t0 {
+            lag.record(now - at);
+        }
+        Some(at)
     }
 }
 

@@ -193,19 +193,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         let Some(interval) = interval else {
             return;
         };
-        loop {
-            let at = w.start + (k as f64 * interval) as u64;
-            if at >= w.t1 {
-                break;
-            }
-            let now = now_ns();
-            if at > now {
-                net.wake_at(at);
-                break;
-            }
-            if at >= w.t0 {
-                app.lag.record(now - at);
-            }
+        while let Some(at) = w.due(k, interval, net, &mut app.lag) {
             app.send_one(net, (k % p as u64) as usize, at);
             k += 1;
         }
