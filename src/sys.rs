@@ -28,6 +28,26 @@ pub fn raise_fd_limit() -> usize {
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// The part of Rust's start-up runtime this server needs, for a binary that
+/// skips that runtime (`#![no_main]`, see `src/main.rs`):
+/// - descriptors 0, 1 and 2 are made to exist (on `/dev/null` if closed), so
+///   that a socket accepted later can never be one of them and receive log
+///   lines meant for stderr;
+/// - SIGPIPE is ignored, so a peer that resets mid-write is an `EPIPE`
+///   error on that connection, not the end of the process.
+pub fn prepare_process() {
+    for fd in 0..=2 {
+        // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // SAFETY: the path is a NUL-terminated literal. open takes the
+            // lowest free descriptor, which is `fd` (the lower ones exist).
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+    // SAFETY: setting a signal's disposition to SIG_IGN has no memory effects.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 /// Calls `listen` again with a longer queue (Linux allows changing it on a
 /// listening socket). Best effort: the default queue still works.
 pub fn set_listen_backlog(listener: &impl AsRawFd, backlog: i32) {

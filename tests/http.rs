@@ -734,6 +734,49 @@ fn port_in_use_exits_with_code_2() {
     drop(taken);
 }
 
+/// A server whose log reader has gone (`wschat 2>&1 | head`, a crashed log
+/// shipper) must keep serving: the next log line meets a broken pipe, which
+/// has to be a failed write, not a SIGPIPE that ends the process.
+#[test]
+fn a_closed_log_pipe_does_not_stop_the_server() {
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "none",
+            "--log",
+            "info",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the wschat binary");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let addr = loop {
+        let mut line = String::new();
+        let read = std::io::BufRead::read_line(&mut stderr, &mut line).expect("read stderr");
+        assert!(read > 0, "wschat exited before printing `listening on`");
+        if let Some(addr) = parse_listening(&line) {
+            break addr;
+        }
+    };
+    drop(stderr);
+    // Each request is logged at info (`open #N`), into the closed pipe.
+    for attempt in 0..3 {
+        let resp = http_request(addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(
+            resp.status, 200,
+            "healthz after closing the log pipe, attempt {attempt}"
+        );
+    }
+    let status = child.try_wait().expect("try_wait on wschat");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, None, "wschat exited after its log pipe closed");
+}
+
 #[test]
 fn duration_forms_are_accepted() {
     for (hs, close) in [("10", "10s"), ("10s", "500ms"), ("500ms", "10")] {
