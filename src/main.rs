@@ -5,12 +5,15 @@
 //! main stack is (which reads /proc/self/maps through stdio and `sscanf`) and
 //! installs SIGSEGV/SIGBUS handlers on an alternate stack, all to print a
 //! message on stack overflow. Those code paths alone put ~400 KiB of glibc
-//! pages in the resident set (start-up RSS 2.0-2.2 MiB with them, 1.6-1.9
-//! without); a stack overflow is still a crash, only with a plainer message.
-//! What the server needs from that runtime is `sys::prepare_process`.
-//! `std::env::args` works without it (glibc hands argv to Rust's init hook).
+//! pages in the resident set (start-up RSS 2.0-2.3 MiB with them, 1.6-2.0
+//! without). The costs: a stack overflow is a bare SIGSEGV with no message
+//! (the kernel's guard gap still stops it), and a panic names no thread.
+//! What the server needs from that runtime is `sys::prepare_process`, plus the
+//! arguments, read here from `argv` (std only fills `std::env::args` without
+//! its runtime on glibc).
 #![no_main]
 
+use std::ffi::{c_char, c_int, CStr};
 use std::io::Write;
 
 use wschat::config::{fd_reserve, Command, Config, HELP};
@@ -21,21 +24,46 @@ use wschat::store::{Limits, Outboxes};
 
 /// Process exit statuses.
 const EXIT_OK: i32 = 0;
+/// The event loop failed, or `--help` could not be written.
 const EXIT_FAILED: i32 = 1;
-const EXIT_USAGE: i32 = 2;
+/// Bad flags, or the server could not start (address in use, unusable data
+/// directory, no event loop): one line on stderr says which.
+const EXIT_CANNOT_START: i32 = 2;
+/// A panic in a debug build (release builds abort), as std's runtime reports it.
+const EXIT_PANICKED: i32 = 101;
 
 #[no_mangle]
-pub extern "C" fn main(_argc: i32, _argv: *const *const u8) -> i32 {
+pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
     wschat::sys::prepare_process();
-    run()
+    let args = match arguments(argc, argv) {
+        Ok(args) => args,
+        Err(position) => {
+            eprintln!("wschat: argument {position} is not UTF-8 (see --help)");
+            return EXIT_CANNOT_START;
+        }
+    };
+    // A panic must not unwind out of an `extern "C"` function.
+    std::panic::catch_unwind(|| run(args)).unwrap_or(EXIT_PANICKED)
 }
 
-fn run() -> i32 {
-    let (config, command) = match Config::from_args(std::env::args().skip(1)) {
+/// The arguments after the program name; `Err(n)` if the n-th is not UTF-8.
+fn arguments(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>, usize> {
+    (1..usize::try_from(argc).unwrap_or(0))
+        .map(|position| {
+            // SAFETY: the C runtime passes `argc` valid, NUL-terminated
+            // strings in `argv`, alive for the whole process.
+            let arg = unsafe { CStr::from_ptr(*argv.add(position)) };
+            arg.to_str().map(str::to_owned).map_err(|_| position)
+        })
+        .collect()
+}
+
+fn run(args: Vec<String>) -> i32 {
+    let (config, command) = match Config::from_args(args) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("wschat: {e} (see --help)");
-            return EXIT_USAGE;
+            return EXIT_CANNOT_START;
         }
     };
     if command == Command::Help {
@@ -44,10 +72,12 @@ fn run() -> i32 {
         let written = stdout
             .write_all(HELP.as_bytes())
             .and_then(|()| stdout.flush());
-        return if written.is_ok() {
-            EXIT_OK
-        } else {
-            EXIT_FAILED
+        return match written {
+            Ok(()) => EXIT_OK,
+            Err(e) => {
+                eprintln!("wschat: cannot write the help text: {e}");
+                EXIT_FAILED
+            }
         };
     }
     log::set_level(config.log_level);
@@ -55,14 +85,14 @@ fn run() -> i32 {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("wschat: cannot listen on {}: {e}", config.listen);
-            return EXIT_USAGE;
+            return EXIT_CANNOT_START;
         }
     };
     let (store_log, outboxes) = match open_store(&config) {
         Ok(opened) => opened,
         Err(message) => {
             eprintln!("wschat: {message}");
-            return EXIT_USAGE;
+            return EXIT_CANNOT_START;
         }
     };
     let fd_limit = wschat::sys::raise_fd_limit();
@@ -75,7 +105,7 @@ fn run() -> i32 {
         Ok(server) => server,
         Err(e) => {
             eprintln!("wschat: cannot start the event loop: {e}");
-            return EXIT_USAGE;
+            return EXIT_CANNOT_START;
         }
     };
     let addr = server.local_addr().map_or(listen, |a| a);

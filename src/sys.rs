@@ -33,15 +33,20 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// - descriptors 0, 1 and 2 are made to exist (on `/dev/null` if closed), so
 ///   that a socket accepted later can never be one of them and receive log
 ///   lines meant for stderr;
-/// - SIGPIPE is ignored, so a peer that resets mid-write is an `EPIPE`
-///   error on that connection, not the end of the process.
+/// - SIGPIPE is ignored, so writing to a peer that reset (`writev` takes no
+///   `MSG_NOSIGNAL`) or to a log pipe whose reader left is an `EPIPE` error,
+///   not the end of the process.
 pub fn prepare_process() {
     for fd in 0..=2 {
         // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
             // SAFETY: the path is a NUL-terminated literal. open takes the
             // lowest free descriptor, which is `fd` (the lower ones exist).
-            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+            if unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } != fd {
+                // Running on would risk exactly what this guards against
+                // (std's runtime aborts here too).
+                std::process::abort();
+            }
         }
     }
     // SAFETY: setting a signal's disposition to SIG_IGN has no memory effects.

@@ -739,21 +739,23 @@ fn port_in_use_exits_with_code_2() {
 /// has to be a failed write, not a SIGPIPE that ends the process.
 #[test]
 fn a_closed_log_pipe_does_not_stop_the_server() {
-    let mut child = std::process::Command::new(bin())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "none",
-            "--log",
-            "info",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the wschat binary");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut child = KillOnDrop(
+        std::process::Command::new(bin())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                "none",
+                "--log",
+                "info",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the wschat binary"),
+    );
+    let mut stderr = std::io::BufReader::new(child.0.stderr.take().expect("piped stderr"));
     let addr = loop {
         let mut line = String::new();
         let read = std::io::BufRead::read_line(&mut stderr, &mut line).expect("read stderr");
@@ -765,16 +767,46 @@ fn a_closed_log_pipe_does_not_stop_the_server() {
     drop(stderr);
     // Each request is logged at info (`open #N`), into the closed pipe.
     for attempt in 0..3 {
+        let status = child.0.try_wait().expect("try_wait on wschat");
+        assert_eq!(
+            status, None,
+            "wschat exited after its log pipe closed (attempt {attempt})"
+        );
         let resp = http_request(addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
         assert_eq!(
             resp.status, 200,
             "healthz after closing the log pipe, attempt {attempt}"
         );
     }
-    let status = child.try_wait().expect("try_wait on wschat");
-    let _ = child.kill();
-    let _ = child.wait();
-    assert_eq!(status, None, "wschat exited after its log pipe closed");
+}
+
+/// Arguments are read from `argv` by the binary itself (it has no Rust
+/// runtime): one that is not UTF-8 is a usage error, not a panic.
+#[test]
+fn a_non_utf8_argument_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let output = std::process::Command::new(bin())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(std::ffi::OsStr::from_bytes(b"dir-\xff"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the wschat binary");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "wschat: argument 4 is not UTF-8 (see --help)"
+    );
+}
+
+/// Kills the child when the test ends, also when an assertion failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
