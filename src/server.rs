@@ -30,7 +30,7 @@ use crate::presence::PresenceBatch;
 use crate::store::log::Log;
 use crate::store::Outboxes;
 use crate::sys::ShutdownSignal;
-use crate::timer::Timers;
+use crate::timer::{Clock, Tick, Timers};
 use crate::ws::frame::{encode, Opcode};
 use crate::ws::Message;
 
@@ -87,6 +87,8 @@ struct Core {
     policy: Policy,
     max_connections: usize,
     registry: Registry,
+    /// Connection deadlines are kept as this clock's compact ticks.
+    clock: Clock,
     timers: Timers,
     app: App,
     post: Post,
@@ -426,6 +428,7 @@ impl Server {
                 policy,
                 max_connections,
                 registry,
+                clock: Clock::starting_now(),
                 timers: Timers::default(),
                 app,
                 post,
@@ -506,7 +509,10 @@ impl Server {
             return Some(Duration::ZERO);
         }
         let next = [
-            self.core.timers.next(),
+            self.core
+                .timers
+                .next()
+                .map(|at| self.core.clock.instant(at)),
             self.core.accept_paused_until,
             self.core.post.presence.due,
             self.core.shutdown_by,
@@ -767,7 +773,8 @@ impl Core {
         let conn = entry.insert(Connection::new(id, peer, socket));
         log::info!("open #{id} {peer}");
         self.handshakes.push_back((slot, id));
-        self.set_deadline(conn, slot, now + self.config.handshake_timeout);
+        let at = self.clock.tick(now) + self.config.handshake_timeout;
+        self.set_deadline(conn, slot, at);
     }
 
     /// Drops entries at the front of `handshakes` whose connection is past
@@ -802,7 +809,7 @@ impl Core {
     }
 
     /// Sets a connection's deadline, arming a timer only when it moves earlier.
-    fn set_deadline(&mut self, conn: &mut Connection, slot: usize, at: Instant) {
+    fn set_deadline(&mut self, conn: &mut Connection, slot: usize, at: Tick) {
         conn.deadline = Some(at);
         if conn.armed.is_none_or(|armed| at < armed) {
             conn.armed = Some(at);
@@ -825,7 +832,7 @@ impl Core {
             }
             for slot in std::mem::take(&mut self.post.began_closing) {
                 if let Some(conn) = conns.get_mut(slot) {
-                    let at = now + self.config.close_timeout;
+                    let at = self.clock.tick(now) + self.config.close_timeout;
                     self.set_deadline(conn, slot, at);
                 }
             }
@@ -833,7 +840,8 @@ impl Core {
     }
 
     fn fire_timers(&mut self, conns: &mut Slab<Connection>, now: Instant) {
-        while let Some((at, slot, id)) = self.timers.pop_due(now) {
+        let tick = self.clock.tick(now);
+        while let Some((at, slot, id)) = self.timers.pop_due(tick) {
             let Some(conn) = conns.get_mut(slot) else {
                 continue;
             };
@@ -842,7 +850,7 @@ impl Core {
             }
             conn.armed = None;
             match conn.deadline {
-                Some(deadline) if deadline <= now => {
+                Some(deadline) if deadline <= tick => {
                     conn.deadline = None;
                     // It may close, and many idle users can time out in one turn.
                     self.post.settle_presence(conns, slot);
@@ -861,6 +869,7 @@ impl Core {
 
     fn on_deadline(&mut self, conn: &mut Connection, slot: usize, now: Instant) {
         let config = &self.config;
+        let now = self.clock.tick(now);
         match &mut conn.phase {
             Phase::Handshake(_) => self.kill(conn, slot, CloseReason::HandshakeTimeout),
             Phase::Closing => {
@@ -900,7 +909,7 @@ impl Core {
     }
 
     /// The next time an open chat connection needs a look: ping, idle or stall.
-    fn heartbeat_deadline(&self, conn: &Connection) -> Option<Instant> {
+    fn heartbeat_deadline(&self, conn: &Connection) -> Option<Tick> {
         let Phase::Open(state) = &conn.phase else {
             return None;
         };
@@ -930,7 +939,7 @@ impl Core {
                 self.on_request(conns, slot, head, now);
             }
             Phase::Open(state) => {
-                state.last_rx = now;
+                state.last_rx = self.clock.tick(now);
                 self.on_frames(conns, slot, data, now);
             }
             // Input after our close is read only to find the peer's EOF.
@@ -952,8 +961,9 @@ impl Core {
                 // Queued as a control entry: nothing (a pong to a ping sent
                 // right behind the request) may overtake the 101.
                 conn.out.push_control(Chunk::Owned(upgrade.response));
-                let mut state = Box::new(OpenState::new(now));
-                state.next_ping = now + self.config.ping_interval;
+                let now_tick = self.clock.tick(now);
+                let mut state = OpenState::new(now_tick);
+                state.next_ping = now_tick + self.config.ping_interval;
                 conn.phase = Phase::Open(state);
                 conn.deadline = None;
                 self.post.list_for_flush(slot, conn);
@@ -1271,7 +1281,7 @@ impl Core {
                 }
                 Ok(Flushed::Blocked) => {
                     if conn.stalled_since.is_none() || conn.out.bytes() < before {
-                        conn.stalled_since = Some(now);
+                        conn.stalled_since = Some(self.clock.tick(now));
                         if let Some(next) = self.heartbeat_deadline(conn) {
                             self.set_deadline(conn, slot, next);
                         }
@@ -1356,7 +1366,8 @@ mod tests {
         let (socket, peer) = listener.accept().expect("accept");
         socket.set_nonblocking(true).expect("nonblocking");
         let mut conn = Connection::new(1, peer, TcpStream::from_std(socket));
-        conn.phase = Phase::Open(Box::new(OpenState::new(Instant::now())));
+        let now = Clock::starting_now().tick(Instant::now());
+        conn.phase = Phase::Open(OpenState::new(now));
         conn
     }
 
