@@ -249,6 +249,9 @@ mod tests {
             std::mem::size_of::<super::Connection>(),
             std::mem::size_of::<super::OpenState>(),
         );
-        assert!(conn <= 232 && open <= 96, "Connection {conn} B, OpenState {open} B");
+        assert!(
+            conn <= 232 && open <= 96,
+            "Connection {conn} B, OpenState {open} B"
+        );
     }
 }
