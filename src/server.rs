@@ -1366,6 +1366,7 @@ mod tests {
         let (socket, peer) = listener.accept().expect("accept");
         socket.set_nonblocking(true).expect("nonblocking");
         let mut conn = Connection::new(1, peer, TcpStream::from_std(socket));
+        // Its own clock: these tests never compare connection times.
         let now = Clock::starting_now().tick(Instant::now());
         conn.phase = Phase::Open(OpenState::new(now));
         conn
