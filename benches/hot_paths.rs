@@ -7,6 +7,8 @@
 
 mod support;
 
+use wschat::chat::ConnId;
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -90,7 +92,7 @@ fn routing(c: &mut Criterion) {
     let mut router = router_with(100, &mut out);
     let private = r#"{"type":"private","to":"u42","body":"P7Q123T1764250000123456789Xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
     group.bench_function("private: parse, route, encode", |b| {
-        b.iter(|| router.handle(7, "u7", black_box(private), 1_764_250_000_123, &mut out))
+        b.iter(|| router.handle(ConnId(7), black_box(private), 1_764_250_000_123, &mut out))
     });
     group.finish();
 
@@ -100,7 +102,7 @@ fn routing(c: &mut Criterion) {
     let public = r#"{"type":"public","body":"K1T1764250000123456789Xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
     group.throughput(Throughput::Elements(1000));
     group.bench_function("public to 1000 users", |b| {
-        b.iter(|| router.handle(0, "u0", black_box(public), 1_764_250_000_123, &mut out))
+        b.iter(|| router.handle(ConnId(0), black_box(public), 1_764_250_000_123, &mut out))
     });
     group.finish();
 }

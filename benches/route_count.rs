@@ -12,6 +12,8 @@
 
 mod support;
 
+use wschat::chat::ConnId;
+
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -30,7 +32,7 @@ fn main() {
     let started = Instant::now();
     for i in 0..count {
         let now_ms = 1_764_250_000_123 + i / 1000;
-        router.handle(7, "u7", black_box(message), now_ms, &mut out);
+        router.handle(ConnId(7), black_box(message), now_ms, &mut out);
     }
     let elapsed = started.elapsed();
     println!(

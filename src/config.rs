@@ -38,6 +38,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// A backlog that makes no progress this long gets its connection closed.
     pub write_timeout: Duration,
+    /// A reader whose socket took nothing this long while bytes waited is
+    /// slow (see `delivery::policy`).
+    pub slow_reader_after: Duration,
     /// After SIGINT/SIGTERM, the longest the server waits for clients to close.
     pub shutdown_timeout: Duration,
     /// Where the offline outbox log lives; `None`: in memory only.
@@ -71,6 +74,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
+            slow_reader_after: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(5),
             data_dir: Some(PathBuf::from("wschat-data")),
             fsync: Sync::Always,
@@ -100,6 +104,9 @@ OPTIONS:
   --max-message-size BYTES   largest client message [default: 65536]
   --max-outbound BYTES       unsent bytes allowed per connection; public messages
                              are shed above a quarter of it [default: 1048576]
+  --slow-reader-after DUR    a reader whose socket took nothing this long is slow:
+                             senders are no longer held for it, and a private that
+                             would pass --max-outbound disconnects it [default: 2s]
   --handshake-timeout DUR    time to complete the opening handshake [default: 10s]
   --close-timeout DUR        time a peer has to finish the closing handshake [default: 5s]
   --allowed-origin URL       accept browsers only from this origin (repeatable)
@@ -140,6 +147,8 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
+impl std::error::Error for ConfigError {}
+
 impl Config {
     /// Parses the arguments (without the program name).
     pub fn from_args<I: IntoIterator<Item = String>>(
@@ -178,6 +187,9 @@ impl Config {
                 "--ping-interval" => config.ping_interval = parse_duration(&flag, &value()?)?,
                 "--idle-timeout" => config.idle_timeout = parse_duration(&flag, &value()?)?,
                 "--write-timeout" => config.write_timeout = parse_duration(&flag, &value()?)?,
+                "--slow-reader-after" => {
+                    config.slow_reader_after = parse_duration(&flag, &value()?)?
+                }
                 "--shutdown-timeout" => config.shutdown_timeout = parse_duration(&flag, &value()?)?,
                 "--data-dir" => {
                     let dir = value()?;

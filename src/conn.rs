@@ -3,14 +3,12 @@
 
 use std::fmt;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::rc::Rc;
 
 use mio::net::TcpStream;
 
-use crate::outbound::{Chunk, Outbound};
+use crate::delivery::outbound::Outbound;
 use crate::timer::Tick;
-use crate::ws::frame::encode_close;
-use crate::ws::Decoder;
+use crate::ws::{CloseCode, Decoder};
 
 /// Where a connection is in its life.
 #[derive(Debug)]
@@ -31,8 +29,6 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct OpenState {
     pub decoder: Decoder,
-    /// The chat name, once the router admitted it.
-    pub username: Option<Rc<str>>,
     /// When the last bytes arrived (the idle timeout runs from here).
     pub last_rx: Tick,
     /// When the server pings next.
@@ -43,7 +39,6 @@ impl OpenState {
     pub fn new(now: Tick) -> OpenState {
         OpenState {
             decoder: Decoder::default(),
-            username: None,
             last_rx: now,
             next_ping: now,
         }
@@ -58,11 +53,11 @@ pub enum CloseReason {
     /// The client closed (close frame), or the server answered HTTP and closed.
     Normal,
     /// The client broke RFC 6455; carries the close code sent.
-    ProtocolError(u16),
+    ProtocolError(CloseCode),
     /// The client sent what the chat does not take (binary): 1003.
     UnsupportedData,
     /// The chat refused the client (bad or taken name); carries the close code.
-    Refused(u16),
+    Refused(CloseCode),
     /// The TCP connection ended or failed without a closing handshake.
     ConnectionLost,
     HandshakeTimeout,
@@ -74,7 +69,7 @@ pub enum CloseReason {
     IdleTimeout,
     /// The backlog made no progress for `--write-timeout`.
     WriteStall,
-    /// A private message would have passed `--max-outbound`.
+    /// Too slow a reader for a private message (see `delivery::policy`).
     SlowConsumer,
     /// The server is stopping.
     Shutdown,
@@ -138,7 +133,9 @@ pub struct Connection {
     pub deadline: Option<Tick>,
     /// The deadline of this connection's entry in the timer heap, if any.
     pub armed: Option<Tick>,
-    /// Since when the backlog has made no progress.
+    /// Since when the backlog has made no progress: set by a write that
+    /// left bytes behind, moved on by each that took some, cleared when
+    /// everything went out (see `delivery::policy`).
     pub stalled_since: Option<Tick>,
     /// Public messages shed since the last `gap` event.
     pub shed: u32,
@@ -155,6 +152,14 @@ pub struct Connection {
     pub write_shut: bool,
     /// Not read while its own outbound queue is over the limit.
     pub read_paused: bool,
+    /// The last write left bytes behind, and the socket has not said it is
+    /// writable since: another write now would only say `WouldBlock`.
+    pub blocked: bool,
+    /// Not read while a reader it sent private messages to drains (the
+    /// sender side of backpressure).
+    pub held: bool,
+    /// Senders are held for this reader.
+    pub holds_senders: bool,
 }
 
 impl Connection {
@@ -176,6 +181,9 @@ impl Connection {
             wants_writable: false,
             write_shut: false,
             read_paused: false,
+            blocked: false,
+            held: false,
+            holds_senders: false,
         }
     }
 
@@ -183,57 +191,20 @@ impl Connection {
         matches!(self.phase, Phase::Open(_) | Phase::Decoding) && !self.dead
     }
 
-    /// Starts the closing handshake with `code`: the close frame goes out
-    /// after what is queued. Returns the chat name this releases.
-    #[must_use]
-    pub fn start_close(&mut self, code: u16, reason: &str, why: CloseReason) -> Option<Rc<str>> {
-        if !self.is_open() {
-            return None;
-        }
-        // What is queued still goes out first: replies to what came before (a
-        // peer that breaks the protocol after a valid message gets that
-        // message's echo) and messages replayed from an outbox, which count
-        // as delivered once queued. The backlog is bounded by --max-outbound;
-        // a peer that never reads it is dropped by the write-stall timeout.
-        self.out.push(Chunk::Owned(encode_close(code, reason)));
-        self.enter_closing(why)
+    /// Whether it may be read now (see `delivery::policy::may_read`).
+    pub fn wants_input(&self) -> bool {
+        !self.dead && !self.read_paused && !self.held
     }
 
-    /// Answers a close frame from the peer: echo its code (RFC 6455 5.5.1).
-    #[must_use]
-    pub fn answer_close(&mut self, code: Option<u16>) -> Option<Rc<str>> {
-        if !self.is_open() {
-            return None;
-        }
-        let frame = match code {
-            Some(code) => encode_close(code, ""),
-            None => vec![0x88, 0x00],
-        };
-        self.out.push(Chunk::Owned(frame));
-        self.enter_closing(CloseReason::Normal)
-    }
-
-    /// Queues a final HTTP response (the handshake phase has no name).
-    pub fn respond_and_close(&mut self, bytes: Vec<u8>, why: CloseReason) {
-        self.out.push(Chunk::Owned(bytes));
-        let _ = self.enter_closing(why);
-    }
-
-    /// Takes the chat name, if the connection is open and has one.
-    pub fn take_username(&mut self) -> Option<Rc<str>> {
-        match &mut self.phase {
-            Phase::Open(state) => state.username.take(),
-            _ => None,
-        }
-    }
-
-    fn enter_closing(&mut self, why: CloseReason) -> Option<Rc<str>> {
-        let released = self.take_username();
+    /// Enters the closing phase (its last bytes are queued by the caller).
+    /// Returns whether it was open, so the router must be told it left.
+    pub fn enter_closing(&mut self, why: CloseReason) -> bool {
+        let was_open = self.is_open();
         self.phase = Phase::Closing;
         if self.close_reason == CloseReason::None {
             self.close_reason = why;
         }
-        released
+        was_open
     }
 }
 

@@ -1,17 +1,20 @@
 //! wschat: a single-threaded WebSocket chat server.
 //!
 //! Bytes enter in [`server`] (the mio loop), become requests in
-//! [`handshake`] and messages in [`ws`], and leave through [`outbound`].
+//! [`handshake`] and messages in [`ws`], are routed in [`chat`], and leave
+//! through [`delivery`], the one place that decides what a connection's
+//! queue takes and who is too slow.
 
 pub mod chat;
 pub mod config;
 pub mod conn;
+pub mod delivery;
+pub mod endpoints;
 pub mod handshake;
 pub mod http;
 pub mod log;
 pub mod metrics;
-pub mod outbound;
-pub mod presence;
+pub mod persist;
 pub mod server;
 pub mod store;
 pub mod sys;

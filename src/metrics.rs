@@ -64,7 +64,6 @@ const HANDSHAKE_STATUSES: [u16; 7] = [400, 403, 404, 405, 426, 431, 503];
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub bytes_in: u64,
-    pub bytes_out: u64,
     pub connections_accepted: u64,
     closes: [u64; CLOSE_LABELS.len()],
     /// Handshake failures by HTTP status (same order as `HANDSHAKE_STATUSES`).
@@ -87,6 +86,12 @@ pub struct Snapshot {
     pub errors: u64,
     pub offline_messages: usize,
     pub offline_bytes: usize,
+    /// Times a sender was held (not read) for a flooded reader.
+    pub senders_held: u64,
+    /// Private messages refused because the recipient was flooded.
+    pub private_refused: u64,
+    /// Bytes written to clients (counted where they are written).
+    pub bytes_out: u64,
 }
 
 impl Metrics {
@@ -176,6 +181,18 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "wschat_senders_held_total",
+            "Times a sender was not read while a reader it sent private messages to drained.",
+            s.senders_held,
+        );
+        counter(
+            &mut out,
+            "wschat_private_refused_total",
+            "Private messages refused (recipient_busy) because the recipient was flooded.",
+            s.private_refused,
+        );
+        counter(
+            &mut out,
             "wschat_message_errors_total",
             "Error events sent for refused client messages.",
             s.errors,
@@ -190,7 +207,7 @@ impl Metrics {
             &mut out,
             "wschat_sent_bytes_total",
             "Bytes written to clients.",
-            self.bytes_out,
+            s.bytes_out,
         );
 
         help(
@@ -291,7 +308,7 @@ mod tests {
     #[test]
     fn renders_every_family_with_help_and_type() {
         let mut m = Metrics::default();
-        m.count_close(CloseReason::ProtocolError(1002));
+        m.count_close(CloseReason::ProtocolError(crate::ws::CloseCode::Protocol));
         m.count_close(CloseReason::HandshakeRejected(404));
         m.observe_routing(Duration::from_micros(3), 1);
         m.observe_routing(Duration::from_millis(30), 1);

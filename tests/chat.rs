@@ -1084,7 +1084,14 @@ fn a_slow_reader_gets_a_gap_and_the_others_get_everything() {
 
 #[test]
 fn a_slow_consumer_is_disconnected_by_a_private_message_others_keep_receiving() {
-    let mut server = ChatServer::start(&["--max-outbound", "65536", "--max-body", "60000"]);
+    let mut server = ChatServer::start(&[
+        "--max-outbound",
+        "65536",
+        "--max-body",
+        "60000",
+        "--slow-reader-after",
+        "300ms",
+    ]);
     let mut alice = Chat::joined(server.addr, "alice");
     let mut carol = Chat::joined(server.addr, "carol");
     alice.recv_type("join", "carol");
@@ -1108,23 +1115,36 @@ fn a_slow_consumer_is_disconnected_by_a_private_message_others_keep_receiving() 
         }
     }
 
-    // Private messages to slow until one would pass --max-outbound.
+    // Private messages to slow until one would pass --max-outbound. While
+    // slow's socket took bytes in the last --slow-reader-after, slow counts
+    // as flooded rather than slow: such a private is refused to alice
+    // (`recipient_busy`, alice is not read for a while), and she retries.
     let limit = (64 << 20) / BIG;
     let mut refused = None;
-    for k in 0..limit {
+    let mut busy = 0;
+    let mut k = 0;
+    while k < limit {
         alice.send(json!({"type":"private","to":"slow","body":big_body(k),"ref":k}));
         let v = alice.recv("receipt for a private to slow");
-        match (v["type"].as_str(), v["status"].as_str()) {
-            (Some("receipt"), Some("delivered")) => assert_eq!(v["ref"], json!(k), "{v}"),
-            // Disconnected: the leave comes first, then the message is held for later.
-            (Some("leave"), _) => {
-                assert_presence(&v, "leave", "slow", 2, "slow consumer leave (sender)");
-                let receipt = alice.recv("receipt for the private that found slow gone");
-                refused = Some((k, receipt));
+        match (v["type"].as_str(), v["status"].as_str(), v["code"].as_str()) {
+            (Some("receipt"), Some("delivered"), _) => assert_eq!(v["ref"], json!(k), "{v}"),
+            (Some("error"), _, Some("recipient_busy")) => {
+                assert_eq!(v["ref"], json!(k), "{v}");
+                busy += 1;
+                assert!(busy < 100, "slow is never judged slow");
+                continue; // the same message again
+            }
+            // Disconnected: the message is held for later; the leave comes
+            // behind the receipt (replies go ahead of presence).
+            (Some("receipt"), Some("queued"), _) => {
+                let leave = alice.recv("leave after the queued receipt");
+                assert_presence(&leave, "leave", "slow", 2, "slow consumer leave (sender)");
+                refused = Some((k, v));
                 break;
             }
             _ => panic!("unexpected answer to a private message: {v}"),
         }
+        k += 1;
     }
     let (k, receipt) = refused.unwrap_or_else(|| {
         panic!("slow was never disconnected after {limit} private messages of {BIG} bytes")
@@ -1154,8 +1174,9 @@ fn a_slow_consumer_is_disconnected_by_a_private_message_others_keep_receiving() 
     );
     assert_eq!(held["id"], receipt["id"], "{held}");
     assert_presence(&carol.recv("new slow"), "join", "slow", 3, "name reused");
-    alice.recv_type("join", "new slow");
+    // The receipt is a reply and goes ahead of the join (presence).
     let delivered = alice.recv("second receipt");
+    alice.recv_type("join", "new slow");
     assert_eq!(
         (delivered["status"].as_str(), &delivered["id"]),
         (Some("delivered"), &receipt["id"]),

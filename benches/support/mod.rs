@@ -2,8 +2,8 @@
 //! router with some users online.
 
 use wschat::chat::router::unlimited_outboxes;
-use wschat::chat::{Class, Delivery, Limits, Outbox, Router};
-use wschat::outbound::Chunk;
+use wschat::chat::{Class, ConnId, Delivery, Fanout, Limits, Outbox, Router};
+use wschat::ws::CloseCode;
 
 /// An outbox that only counts bytes, so the router's own cost is measured.
 #[derive(Default)]
@@ -13,20 +13,32 @@ pub struct Counting {
 }
 
 impl Outbox for Counting {
-    fn send(&mut self, _slot: usize, frame: Chunk, _class: Class) -> Delivery {
-        self.frames += 1;
-        self.bytes += frame.as_bytes().len();
-        Delivery::Queued
-    }
-    fn send_text(&mut self, _slot: usize, json: &[u8], _class: Class) -> Delivery {
+    fn send(&mut self, _to: ConnId, json: &[u8], _class: Class) -> Delivery {
         self.frames += 1;
         self.bytes += json.len() + 2;
         Delivery::Queued
     }
-    fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
-        self.send(slot, frame, Class::Reply);
+    fn send_private(&mut self, _from: ConnId, to: ConnId, json: &[u8]) -> Delivery {
+        self.send(to, json, Class::Private)
     }
-    fn close(&mut self, _slot: usize, _code: u16, _reason: &'static str) {}
+    fn broadcast(
+        &mut self,
+        json: &[u8],
+        _class: Class,
+        to: impl Iterator<Item = ConnId>,
+    ) -> Fanout {
+        let queued = to.count();
+        self.frames += queued;
+        self.bytes += queued * (json.len() + 2);
+        Fanout {
+            queued: queued as u64,
+            shed: 0,
+        }
+    }
+    fn send_when_durable(&mut self, to: ConnId, json: &[u8]) {
+        self.send(to, json, Class::Reply);
+    }
+    fn close(&mut self, _conn: ConnId, _code: CloseCode, _reason: &'static str) {}
 }
 
 pub fn router_with(users: usize, out: &mut Counting) -> Router {
@@ -40,7 +52,7 @@ pub fn router_with(users: usize, out: &mut Counting) -> Router {
     // Ids as the server gives them: milliseconds since 1970 × 1000, 16 digits.
     router.start_ids_after(1_764_250_000_000);
     for slot in 0..users {
-        router.join(slot, &format!("username=u{slot}"), out);
+        router.join(ConnId(slot), &format!("username=u{slot}"), out);
     }
     router
 }

@@ -6,4 +6,4 @@ pub mod router;
 mod scan;
 pub mod username;
 
-pub use router::{Class, Delivery, Limits, Outbox, Router};
+pub use router::{Class, ConnId, Delivery, Fanout, Limits, Outbox, Router};

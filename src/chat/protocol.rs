@@ -64,6 +64,14 @@ impl RequestError {
     }
 }
 
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+impl std::error::Error for RequestError {}
+
 /// The wire shape; unknown fields (a client's `from` among them) are ignored.
 #[derive(Deserialize)]
 struct Wire<'a> {

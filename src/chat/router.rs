@@ -1,18 +1,19 @@
-//! Who gets what: the username index, presence, routing of public and
-//! private messages, and the outboxes that hold private messages for users
-//! who are offline (or have not acknowledged them yet). No I/O: frames go
-//! out through an [`Outbox`], which the event loop implements over its
-//! connections (and tests over a Vec); outbox changes become log records
-//! that the loop writes to disk.
+//! Who gets what: membership (which connection holds which name: the router
+//! is the only place that knows), presence, routing of public and private
+//! messages, and the outboxes that hold private messages for users who are
+//! offline (or have not acknowledged them yet). No I/O and no WebSocket
+//! framing: the router emits application-level deliveries (a JSON text to
+//! one connection, to everyone, or held for a user) through an [`Outbox`],
+//! which the event loop implements over its connections (and tests over a
+//! Vec); outbox changes become log records that the loop writes to disk.
 
 use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
-use crate::outbound::Chunk;
 use crate::store::{self, BoxId, Entry, Full, Outboxes};
-use crate::ws::frame::{header_len, write_header, Opcode};
+use crate::ws::CloseCode;
 
 /// At most this many names are listed in `welcome` and `users`.
 pub const LIST_LIMIT: usize = 1000;
@@ -26,13 +27,19 @@ pub enum Class {
     /// the server may hold them briefly to send a burst of arrivals to each
     /// user in one write.
     Presence,
-    /// Never shed: a recipient that cannot take it is disconnected.
+    /// Never shed (see `delivery::policy`).
     Private,
     /// An answer to the connection's own request (welcome, receipt, error).
     Reply,
 }
 
-/// What became of a frame handed to the outbox.
+/// A connection as the router knows it: the event loop's slot. The loop
+/// tells the router when a connection stops being open (`leave`) in the same
+/// turn, before the slot can be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub usize);
+
+/// What became of a message handed to the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
     Queued,
@@ -42,20 +49,31 @@ pub enum Delivery {
     Gone,
     /// The recipient was too slow for a private message and was disconnected.
     Disconnected,
+    /// The recipient is draining but flooded: not queued, the sender is told.
+    Refused,
 }
 
-/// Where the router's frames go.
+/// How many recipients of a broadcast got it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fanout {
+    pub queued: u64,
+    pub shed: u64,
+}
+
+/// Where the router's messages go. Each `json` is one text message.
 pub trait Outbox {
-    /// Queues a ready frame (a shared public frame).
-    fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery;
-    /// Queues one text frame holding `json` (framed by the connection,
-    /// straight into its outbound buffer).
-    fn send_text(&mut self, slot: usize, json: &[u8], class: Class) -> Delivery;
-    /// Sends a reply once this turn's log records are on disk (a `queued`
+    /// One message to one connection.
+    fn send(&mut self, to: ConnId, json: &[u8], class: Class) -> Delivery;
+    /// A private message that the user on `from` sends to `to`: a flooded
+    /// recipient may hold back its sender.
+    fn send_private(&mut self, from: ConnId, to: ConnId, json: &[u8]) -> Delivery;
+    /// The same message to every connection in `to`, framed once.
+    fn broadcast(&mut self, json: &[u8], class: Class, to: impl Iterator<Item = ConnId>) -> Fanout;
+    /// A reply sent once this turn's log records are on disk (a `queued`
     /// receipt promises the message survives a crash).
-    fn send_when_durable(&mut self, slot: usize, frame: Chunk);
-    /// Closes the connection in `slot` with a WebSocket close code.
-    fn close(&mut self, slot: usize, code: u16, reason: &'static str);
+    fn send_when_durable(&mut self, to: ConnId, json: &[u8]);
+    /// Closes a connection with a WebSocket close code.
+    fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,11 +94,13 @@ pub struct RouterStats {
     pub errors: u64,
     pub stored: u64,
     pub expired: u64,
+    /// Private messages refused because the recipient was flooded.
+    pub refused: u64,
 }
 
 #[derive(Debug)]
 struct Member {
-    slot: usize,
+    conn: ConnId,
     name: Rc<str>,
     /// Opted in with `resume`: its messages stay held until acknowledged.
     reliable: bool,
@@ -89,9 +109,8 @@ struct Member {
     outbox: Option<BoxId>,
 }
 
-/// Close codes of the chat protocol (4000-4999 is for applications).
-pub const CLOSE_INVALID_USERNAME: u16 = 4001;
-pub const CLOSE_USERNAME_TAKEN: u16 = 4009;
+/// `positions` entry of a connection that holds no name.
+const NOT_A_MEMBER: u32 = u32::MAX;
 
 #[derive(Debug)]
 pub struct Router {
@@ -100,7 +119,10 @@ pub struct Router {
     index: HashMap<Rc<str>, usize>,
     /// Everyone online, densely, for fan-out.
     members: Vec<Member>,
-    pub outboxes: Outboxes,
+    /// Connection (slot) to position in `members`, or `NOT_A_MEMBER`: slots
+    /// are dense, so a vector is smaller and faster than a map.
+    positions: Vec<u32>,
+    outboxes: Outboxes,
     /// The names of `members[..roster_len]` (at most `LIST_LIMIT`), encoded
     /// once: every welcome lists up to 1000 names, and re-encoding them per
     /// handshake would cost more than the handshake.
@@ -113,8 +135,6 @@ pub struct Router {
     last_target: Option<(Rc<str>, usize)>,
     last_id: u64,
     scratch: Vec<u8>,
-    /// Where a broadcast frame is built before it becomes shared bytes.
-    frame_scratch: Vec<u8>,
     pub stats: RouterStats,
 }
 
@@ -124,13 +144,13 @@ impl Router {
             limits,
             index: HashMap::new(),
             members: Vec::new(),
+            positions: Vec::new(),
             roster: Vec::new(),
             roster_len: Some(0),
             last_target: None,
             last_id: outboxes.max_id,
             outboxes,
             scratch: Vec::with_capacity(256),
-            frame_scratch: Vec::with_capacity(256),
             stats: RouterStats::default(),
         }
     }
@@ -145,9 +165,54 @@ impl Router {
         self.members.len()
     }
 
+    /// Messages and bytes held in outboxes.
+    pub fn held(&self) -> (usize, usize) {
+        self.outboxes.held()
+    }
+
+    /// When the oldest held message expires (wall-clock milliseconds).
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.outboxes.next_expiry()
+    }
+
+    /// The outbox log records of changes since the last call.
+    pub fn take_log_records(&mut self) -> Vec<u8> {
+        self.outboxes.take_pending()
+    }
+
+    /// Bytes a compacted log would take.
+    pub fn live_log_bytes(&self) -> usize {
+        self.outboxes.live_log_bytes()
+    }
+
+    /// The live records, for rewriting the log.
+    pub fn log_snapshot(&mut self) -> Vec<u8> {
+        self.outboxes.snapshot()
+    }
+
+    /// The name the connection holds, if it joined.
+    pub fn name_of(&self, conn: ConnId) -> Option<&Rc<str>> {
+        let position = self.position_of_conn(conn)?;
+        Some(&self.members[position].name)
+    }
+
+    fn position_of_conn(&self, ConnId(slot): ConnId) -> Option<usize> {
+        match self.positions.get(slot) {
+            Some(&p) if p != NOT_A_MEMBER => Some(p as usize),
+            _ => None,
+        }
+    }
+
+    fn set_position(&mut self, ConnId(slot): ConnId, position: usize) {
+        if self.positions.len() <= slot {
+            self.positions.resize(slot + 1, NOT_A_MEMBER);
+        }
+        self.positions[slot] = u32::try_from(position).unwrap_or(NOT_A_MEMBER);
+    }
+
     /// A WebSocket connection opened with `query`: admit it under its name,
     /// or refuse it with an error event and a close code. Returns the name.
-    pub fn join(&mut self, slot: usize, query: &str, out: &mut impl Outbox) -> Option<Rc<str>> {
+    pub fn join(&mut self, slot: ConnId, query: &str, out: &mut impl Outbox) -> Option<Rc<str>> {
         let requested = username::query_param(query, "username");
         let name = match requested.as_deref() {
             Some(name) if username::is_valid(name) => name,
@@ -156,19 +221,19 @@ impl Router {
                     slot,
                     "invalid_username",
                     "username must be 1-32 letters, digits, '_', '-' or '.'",
-                    CLOSE_INVALID_USERNAME,
+                    CloseCode::InvalidUsername,
                     "invalid username",
                     out,
                 );
                 return None;
             }
         };
-        if self.index.contains_key(name) {
+        if self.index.contains_key(name) || self.position_of_conn(slot).is_some() {
             self.refuse(
                 slot,
                 "username_taken",
                 "that username is online already",
-                CLOSE_USERNAME_TAKEN,
+                CloseCode::UsernameTaken,
                 "username taken",
                 out,
             );
@@ -188,11 +253,12 @@ impl Router {
             online,
             self.roster_names(),
         );
-        out.send_text(slot, &json, Class::Reply);
+        out.send(slot, &json, Class::Reply);
 
         self.index.insert(name.clone(), self.members.len());
+        self.set_position(slot, self.members.len());
         self.members.push(Member {
-            slot,
+            conn: slot,
             name: name.clone(),
             reliable: resume.is_some(),
             outbox: None,
@@ -229,7 +295,7 @@ impl Router {
     /// and it counts as delivered.
     fn replay_held(
         &mut self,
-        slot: usize,
+        slot: ConnId,
         name: &Rc<str>,
         resume: Option<u64>,
         out: &mut impl Outbox,
@@ -260,7 +326,7 @@ impl Router {
                     offline: true,
                 },
             );
-            out.send_text(slot, &json, Class::Reply);
+            out.send(slot, &json, Class::Reply);
             self.stats.deliveries += 1;
             if !entry.notified {
                 self.outboxes.mark_notified(name, entry.seq);
@@ -277,49 +343,49 @@ impl Router {
         if let Some(&position) = self.index.get(sender) {
             let mut json = Vec::with_capacity(64);
             encode::receipt(&mut json, id, None, status);
-            out.send_text(self.members[position].slot, &json, Class::Reply);
+            out.send(self.members[position].conn, &json, Class::Reply);
         }
     }
 
-    /// The connection in `slot` is gone or closing: free its name at once.
-    pub fn leave(&mut self, slot: usize, name: &str, out: &mut impl Outbox) {
-        let Some(&position) = self.index.get(name) else {
+    /// The connection is gone or closing: free its name at once (nothing
+    /// if it held none).
+    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) {
+        let Some(position) = self.position_of_conn(conn) else {
             return;
         };
-        if self.members[position].slot != slot {
-            return; // the name belongs to someone else now
-        }
-        self.index.remove(name);
-        self.members.swap_remove(position);
+        self.positions[conn.0] = NOT_A_MEMBER;
+        let member = self.members.swap_remove(position);
+        self.index.remove(&member.name);
         self.last_target = None;
         if position < self.roster_len.unwrap_or(0) {
             self.roster_len = None;
         }
         if let Some(moved) = self.members.get(position) {
+            let moved_conn = moved.conn;
             if let Some(p) = self.index.get_mut(&moved.name) {
                 *p = position;
             }
+            self.set_position(moved_conn, position);
         }
         let online = self.members.len();
         if online <= self.limits.presence_limit {
             let mut json = std::mem::take(&mut self.scratch);
             json.clear();
-            encode::presence(&mut json, "leave", name, online);
+            encode::presence(&mut json, "leave", &member.name, online);
             self.broadcast(&json, None, Class::Presence, out);
             json.clear();
             self.scratch = json;
         }
     }
 
-    /// A text message from the user `from` in `slot`.
-    pub fn handle(
-        &mut self,
-        slot: usize,
-        from: &str,
-        text: &str,
-        now_ms: u64,
-        out: &mut impl Outbox,
-    ) {
+    /// A text message from the connection `slot`; one that has not joined
+    /// (it was refused, and is closing) is ignored.
+    pub fn handle(&mut self, slot: ConnId, text: &str, now_ms: u64, out: &mut impl Outbox) {
+        let Some(position) = self.position_of_conn(slot) else {
+            return;
+        };
+        let from = self.members[position].name.clone();
+        let from = &*from;
         let parsed = match protocol::parse(text, self.limits.max_body) {
             Ok(parsed) => parsed,
             Err((error, reference)) => {
@@ -353,7 +419,7 @@ impl Router {
             Request::Users => {
                 let online = self.members.len();
                 encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
-                out.send_text(slot, &json, Class::Reply);
+                out.send(slot, &json, Class::Reply);
             }
             Request::Ack { seq } => {
                 if self
@@ -374,7 +440,7 @@ impl Router {
     #[allow(clippy::too_many_arguments)]
     fn private(
         &mut self,
-        slot: usize,
+        slot: ConnId,
         from: &str,
         to: &str,
         (body, body_is_plain): (&str, bool),
@@ -384,7 +450,7 @@ impl Router {
         out: &mut impl Outbox,
     ) {
         let position = self.position_of(to);
-        let target = position.map(|p| (self.members[p].slot, self.members[p].reliable));
+        let target = position.map(|p| (self.members[p].conn, self.members[p].reliable));
         // Only valid names are online, so only a miss needs the check.
         if target.is_none() && !username::is_valid(to) {
             let message = "no user can have that name";
@@ -419,7 +485,7 @@ impl Router {
                 .hold(to, held_entry(seq, id, now_ms, from, body, false));
             self.stats.stored += 1;
             encode::receipt(json, id, reference, "queued");
-            out.send_when_durable(slot, Chunk::Owned(text_frame(json)));
+            out.send_when_durable(slot, json);
             return;
         };
         encode::private(
@@ -435,7 +501,7 @@ impl Router {
                 offline: false,
             },
         );
-        let delivery = out.send_text(target_slot, json, Class::Private);
+        let delivery = out.send_private(slot, target_slot, json);
         json.clear();
         match delivery {
             Delivery::Queued => {
@@ -445,19 +511,24 @@ impl Router {
                 }
                 self.stats.deliveries += 1;
                 encode::receipt(json, id, reference, "delivered");
-                out.send_text(slot, json, Class::Reply);
+                out.send(slot, json, Class::Reply);
+            }
+            Delivery::Refused => {
+                self.stats.refused += 1;
+                // Its seq is skipped: the recipient sees a gap in seq only
+                // for messages it was never going to get, like any refusal.
+                let message = format!("{to} is receiving faster than it reads; try again later");
+                self.send_error(slot, "recipient_busy", &message, reference, out);
             }
             Delivery::Disconnected | Delivery::Gone | Delivery::Shed => {
-                // Not written to a live connection: hold it like any offline message.
-                if delivery == Delivery::Disconnected {
-                    self.leave(target_slot, to, out);
-                }
+                // Not written to a live connection: hold it like any offline
+                // message (the loop tells the router the recipient left).
                 if self.outboxes.check_room(to, from.len(), body.len()).is_ok() {
                     self.outboxes
                         .hold(to, held_entry(seq, id, now_ms, from, body, false));
                     self.stats.stored += 1;
                     encode::receipt(json, id, reference, "queued");
-                    out.send_when_durable(slot, Chunk::Owned(text_frame(json)));
+                    out.send_when_durable(slot, json);
                 } else {
                     let message = format!("{to} is not online and its outbox is full");
                     self.send_error(slot, "offline_queue_full", &message, reference, out);
@@ -496,36 +567,27 @@ impl Router {
         self.last_id
     }
 
-    /// Frames `json` once and queues the same bytes to every member but `except`.
+    /// Sends `json` to every member but `except`.
     fn broadcast(
         &mut self,
         json: &[u8],
-        except: Option<usize>,
+        except: Option<ConnId>,
         class: Class,
         out: &mut impl Outbox,
     ) {
-        // Framed in a reused buffer, then copied once into the shared bytes.
-        let mut buffer = std::mem::take(&mut self.frame_scratch);
-        buffer.clear();
-        write_header(&mut buffer, Opcode::Text, json.len());
-        buffer.extend_from_slice(json);
-        let frame: Rc<[u8]> = Rc::from(&buffer[..]);
-        self.frame_scratch = buffer;
-        for member in &self.members {
-            if Some(member.slot) == except {
-                continue;
-            }
-            match out.send(member.slot, Chunk::Shared(frame.clone()), class) {
-                Delivery::Queued => self.stats.deliveries += 1,
-                Delivery::Shed => self.stats.shed += 1,
-                Delivery::Gone | Delivery::Disconnected => {}
-            }
-        }
+        let recipients = self
+            .members
+            .iter()
+            .map(|member| member.conn)
+            .filter(|&conn| Some(conn) != except);
+        let fanout = out.broadcast(json, class, recipients);
+        self.stats.deliveries += fanout.queued;
+        self.stats.shed += fanout.shed;
     }
 
     fn reply_error(
         &mut self,
-        slot: usize,
+        slot: ConnId,
         error: &RequestError,
         reference: Option<&str>,
         out: &mut impl Outbox,
@@ -535,7 +597,7 @@ impl Router {
 
     fn send_error(
         &mut self,
-        slot: usize,
+        slot: ConnId,
         code: &str,
         message: &str,
         reference: Option<&str>,
@@ -544,15 +606,15 @@ impl Router {
         self.stats.errors += 1;
         let mut json = Vec::with_capacity(64 + message.len());
         encode::error(&mut json, code, message, reference);
-        out.send_text(slot, &json, Class::Reply);
+        out.send(slot, &json, Class::Reply);
     }
 
     fn refuse(
         &mut self,
-        slot: usize,
+        slot: ConnId,
         code: &str,
         message: &str,
-        close_code: u16,
+        close_code: CloseCode,
         close_reason: &'static str,
         out: &mut impl Outbox,
     ) {
@@ -581,14 +643,6 @@ pub fn unlimited_outboxes() -> Outboxes {
     })
 }
 
-/// One text frame holding `json`.
-pub fn text_frame(json: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(header_len(json.len()) + json.len());
-    write_header(&mut frame, Opcode::Text, json.len());
-    frame.extend_from_slice(json);
-    frame
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,12 +655,13 @@ mod tests {
         closed: Vec<(usize, u16)>,
         full: Vec<usize>,
         gone: Vec<usize>,
-        shared_frames: Vec<*const u8>,
+        broadcasts: usize,
+        busy: Vec<usize>,
         durable: Vec<(usize, Value)>,
     }
 
-    impl Outbox for Recorder {
-        fn send(&mut self, slot: usize, frame: Chunk, class: Class) -> Delivery {
+    impl Recorder {
+        fn record(&mut self, slot: usize, json: &[u8], class: Class) -> Delivery {
             if self.gone.contains(&slot) {
                 return Delivery::Gone;
             }
@@ -616,30 +671,45 @@ mod tests {
                     _ => Delivery::Disconnected,
                 };
             }
-            if let Chunk::Shared(rc) = &frame {
-                self.shared_frames.push(rc.as_ptr());
-            }
-            let bytes = frame.as_bytes();
-            let start = match bytes[1] {
-                126 => 4,
-                127 => 10,
-                _ => 2,
-            };
-            let payload = &bytes[start..];
-            let value = serde_json::from_slice(payload).expect("valid JSON");
+            let value = serde_json::from_slice(json).expect("valid JSON");
             self.sent.push((slot, value, class));
             Delivery::Queued
         }
-        fn send_text(&mut self, slot: usize, json: &[u8], class: Class) -> Delivery {
-            self.send(slot, Chunk::Owned(text_frame(json)), class)
+    }
+
+    impl Outbox for Recorder {
+        fn send(&mut self, ConnId(slot): ConnId, json: &[u8], class: Class) -> Delivery {
+            self.record(slot, json, class)
         }
-        fn send_when_durable(&mut self, slot: usize, frame: Chunk) {
-            let bytes = frame.as_bytes();
-            let value = serde_json::from_slice(&bytes[2..]).expect("valid JSON");
+        fn send_private(&mut self, _from: ConnId, ConnId(to): ConnId, json: &[u8]) -> Delivery {
+            if self.busy.contains(&to) {
+                return Delivery::Refused;
+            }
+            self.record(to, json, Class::Private)
+        }
+        fn broadcast(
+            &mut self,
+            json: &[u8],
+            class: Class,
+            to: impl Iterator<Item = ConnId>,
+        ) -> Fanout {
+            self.broadcasts += 1;
+            let mut fanout = Fanout::default();
+            for ConnId(slot) in to {
+                match self.record(slot, json, class) {
+                    Delivery::Queued => fanout.queued += 1,
+                    Delivery::Shed => fanout.shed += 1,
+                    _ => {}
+                }
+            }
+            fanout
+        }
+        fn send_when_durable(&mut self, ConnId(slot): ConnId, json: &[u8]) {
+            let value = serde_json::from_slice(json).expect("valid JSON");
             self.durable.push((slot, value));
         }
-        fn close(&mut self, slot: usize, code: u16, _reason: &'static str) {
-            self.closed.push((slot, code));
+        fn close(&mut self, ConnId(slot): ConnId, code: CloseCode, _reason: &'static str) {
+            self.closed.push((slot, code.to_u16()));
         }
     }
 
@@ -664,7 +734,7 @@ mod tests {
         let mut r = router(10);
         let mut out = Recorder::default();
         assert_eq!(
-            r.join(1, "username=alice", &mut out).as_deref(),
+            r.join(ConnId(1), "username=alice", &mut out).as_deref(),
             Some("alice")
         );
         assert_eq!(
@@ -674,7 +744,7 @@ mod tests {
                 json!({"type":"welcome","username":"alice","online":1,"users":[]})
             )]
         );
-        r.join(2, "username=bob", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
         assert_eq!(
             out.take(),
             vec![
@@ -685,7 +755,7 @@ mod tests {
                 (1, json!({"type":"join","username":"bob","online":2})),
             ]
         );
-        r.leave(2, "bob", &mut out);
+        r.leave(ConnId(2), &mut out);
         assert_eq!(
             out.take(),
             vec![(1, json!({"type":"leave","username":"bob","online":1}))]
@@ -697,11 +767,11 @@ mod tests {
     fn refuses_invalid_and_taken_names() {
         let mut r = router(10);
         let mut out = Recorder::default();
-        assert!(r.join(1, "username=a%20b", &mut out).is_none());
-        assert!(r.join(2, "other=x", &mut out).is_none());
-        r.join(3, "username=alice", &mut out);
+        assert!(r.join(ConnId(1), "username=a%20b", &mut out).is_none());
+        assert!(r.join(ConnId(2), "other=x", &mut out).is_none());
+        r.join(ConnId(3), "username=alice", &mut out);
         out.take();
-        assert!(r.join(4, "username=alice", &mut out).is_none());
+        assert!(r.join(ConnId(4), "username=alice", &mut out).is_none());
         assert_eq!(out.closed, vec![(1, 4001), (2, 4001), (4, 4009)]);
         let codes: Vec<_> = out
             .take()
@@ -717,7 +787,7 @@ mod tests {
         let mut r = router(2);
         let mut out = Recorder::default();
         for (slot, name) in [(1, "a"), (2, "b"), (3, "c")] {
-            r.join(slot, &format!("username={name}"), &mut out);
+            r.join(ConnId(slot), &format!("username={name}"), &mut out);
         }
         let joins: Vec<_> = out
             .take()
@@ -728,7 +798,7 @@ mod tests {
             joins,
             vec![(1, json!({"type":"join","username":"b","online":2}))]
         );
-        r.leave(3, "c", &mut out);
+        r.leave(ConnId(3), &mut out);
         assert_eq!(out.take().len(), 2, "back at the limit: leave is announced");
     }
 
@@ -736,12 +806,11 @@ mod tests {
     fn seq_counts_on_across_online_offline_and_rejoining() {
         let mut r = router(10);
         let mut out = Recorder::default();
-        r.join(1, "username=alice", &mut out);
-        r.join(2, "username=bob", &mut out);
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
         let send = |r: &mut Router, out: &mut Recorder| {
             r.handle(
-                1,
-                "alice",
+                ConnId(1),
                 r#"{"type":"private","to":"bob","body":"x"}"#,
                 1,
                 out,
@@ -756,10 +825,10 @@ mod tests {
         send(&mut r, &mut out);
         send(&mut r, &mut out);
         assert_eq!(seqs(&mut out), vec![1, 2], "online: the member's own box");
-        r.leave(2, "bob", &mut out);
+        r.leave(ConnId(2), &mut out);
         send(&mut r, &mut out);
         out.take();
-        r.join(3, "username=bob", &mut out);
+        r.join(ConnId(3), "username=bob", &mut out);
         assert_eq!(seqs(&mut out), vec![3], "held while offline, replayed");
         send(&mut r, &mut out);
         assert_eq!(seqs(&mut out), vec![4], "online again");
@@ -771,15 +840,15 @@ mod tests {
         let mut r = router(10);
         let mut out = Recorder::default();
         for (slot, name) in [(1, "alice"), (2, "bob"), (3, "carol"), (4, "dave")] {
-            r.join(slot, &format!("username={name}"), &mut out);
+            r.join(ConnId(slot), &format!("username={name}"), &mut out);
         }
         let to = |name: &str| format!(r#"{{"type":"private","to":"{name}","body":"x"}}"#);
-        r.handle(1, "alice", &to("bob"), 1, &mut out);
+        r.handle(ConnId(1), &to("bob"), 1, &mut out);
         // bob leaves; dave moves into bob's place in the member list.
-        r.leave(2, "bob", &mut out);
+        r.leave(ConnId(2), &mut out);
         out.take();
-        r.handle(1, "alice", &to("bob"), 2, &mut out);
-        r.handle(1, "alice", &to("dave"), 3, &mut out);
+        r.handle(ConnId(1), &to("bob"), 2, &mut out);
+        r.handle(ConnId(1), &to("dave"), 3, &mut out);
         let sent = out.take();
         // dave's message and its receipt; bob's is stored, its receipt waits for the disk.
         assert_eq!(sent.len(), 2, "{sent:?}");
@@ -794,12 +863,11 @@ mod tests {
         let mut r = router(10);
         let mut out = Recorder::default();
         for (slot, name) in [(1, "alice"), (2, "bob"), (3, "carol")] {
-            r.join(slot, &format!("username={name}"), &mut out);
+            r.join(ConnId(slot), &format!("username={name}"), &mut out);
         }
         out.take();
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","from":"carol","to":"bob","body":"hi","ref":"r1"}"#,
             1234,
             &mut out,
@@ -818,8 +886,7 @@ mod tests {
             ]
         );
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","to":"alice","body":"me"}"#,
             1235,
             &mut out,
@@ -834,8 +901,7 @@ mod tests {
         );
         assert_eq!(sent[1].1["status"], "delivered");
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","to":"nobody","body":"x","ref":7}"#,
             1,
             &mut out,
@@ -851,17 +917,16 @@ mod tests {
     }
 
     #[test]
-    fn public_reaches_everyone_with_one_shared_frame() {
+    fn public_reaches_everyone_in_one_broadcast() {
         let mut r = router(10);
         let mut out = Recorder::default();
         for (slot, name) in [(1, "alice"), (2, "bob"), (3, "carol")] {
-            r.join(slot, &format!("username={name}"), &mut out);
+            r.join(ConnId(slot), &format!("username={name}"), &mut out);
         }
         out.take();
-        out.shared_frames.clear();
+        out.broadcasts = 0;
         r.handle(
-            2,
-            "bob",
+            ConnId(2),
             r#"{"type":"public","body":"hello all","from":"alice"}"#,
             99,
             &mut out,
@@ -873,11 +938,7 @@ mod tests {
         let mut slots: Vec<_> = sent.iter().map(|(s, _)| *s).collect();
         slots.sort();
         assert_eq!(slots, vec![1, 2, 3]);
-        assert_eq!(out.shared_frames.len(), 3);
-        assert!(
-            out.shared_frames.windows(2).all(|w| w[0] == w[1]),
-            "one allocation for all"
-        );
+        assert_eq!(out.broadcasts, 1, "encoded once for all");
     }
 
     #[test]
@@ -885,36 +946,76 @@ mod tests {
         let mut r = router(10);
         let mut out = Recorder::default();
         for (slot, name) in [(1, "alice"), (2, "bob"), (3, "carol")] {
-            r.join(slot, &format!("username={name}"), &mut out);
+            r.join(ConnId(slot), &format!("username={name}"), &mut out);
         }
         out.take();
         out.full.push(2);
-        r.handle(1, "alice", r#"{"type":"public","body":"x"}"#, 1, &mut out);
+        r.handle(ConnId(1), r#"{"type":"public","body":"x"}"#, 1, &mut out);
         assert_eq!(out.take().len(), 2);
         assert_eq!(r.stats.shed, 1);
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","to":"bob","body":"x"}"#,
             1,
             &mut out,
         );
-        let sent = out.take();
-        let leave = json!({"type":"leave","username":"bob","online":2});
-        assert_eq!(sent, vec![(1, leave.clone()), (3, leave)]);
+        assert!(out.take().is_empty());
         assert_eq!(out.durable[0].1["status"], "queued", "held for bob instead");
         assert_eq!(r.outboxes.held().0, 1);
+        // The loop closed bob and tells the router so.
+        r.leave(ConnId(2), &mut out);
+        let leave = json!({"type":"leave","username":"bob","online":2});
+        assert_eq!(out.take(), vec![(1, leave.clone()), (3, leave)]);
         assert_eq!(r.online(), 2);
+        assert_eq!(r.name_of(ConnId(2)), None);
+        assert_eq!(r.name_of(ConnId(3)).map(|n| &**n), Some("carol"));
+    }
+
+    #[test]
+    fn a_flooded_recipient_refuses_and_nothing_is_stored() {
+        let mut r = router(10);
+        let mut out = Recorder::default();
+        for (slot, name) in [(1, "alice"), (2, "bob")] {
+            r.join(ConnId(slot), &format!("username={name}"), &mut out);
+        }
+        out.take();
+        out.busy.push(2);
+        r.handle(
+            ConnId(1),
+            r#"{"type":"private","to":"bob","body":"x","ref":5}"#,
+            1,
+            &mut out,
+        );
+        let sent = out.take();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].0, 1);
+        assert_eq!(sent[0].1["code"], "recipient_busy");
+        assert_eq!(sent[0].1["ref"], 5);
+        assert!(out.durable.is_empty());
+        assert_eq!(r.outboxes.held().0, 0);
+    }
+
+    #[test]
+    fn a_connection_that_did_not_join_is_not_heard() {
+        let mut r = router(10);
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        assert!(r.join(ConnId(2), "username=alice", &mut out).is_none());
+        out.take();
+        r.handle(ConnId(2), r#"{"type":"public","body":"x"}"#, 1, &mut out);
+        assert!(out.take().is_empty());
+        r.leave(ConnId(2), &mut out);
+        assert_eq!(r.online(), 1, "the refused one's leave frees nobody");
     }
 
     #[test]
     fn users_and_errors_answer_the_requester() {
         let mut r = router(10);
         let mut out = Recorder::default();
-        r.join(1, "username=alice", &mut out);
-        r.join(2, "username=bob", &mut out);
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
         out.take();
-        r.handle(2, "bob", r#"{"type":"users","ref":3}"#, 1, &mut out);
+        r.handle(ConnId(2), r#"{"type":"users","ref":3}"#, 1, &mut out);
         assert_eq!(
             out.take(),
             vec![(
@@ -931,7 +1032,7 @@ mod tests {
                 "body_too_long",
             ),
         ] {
-            r.handle(2, "bob", text, 1, &mut out);
+            r.handle(ConnId(2), text, 1, &mut out);
             let sent = out.take();
             assert_eq!(sent.len(), 1, "{text}");
             assert_eq!((sent[0].0, sent[0].1["code"].as_str()), (2, Some(code)));
@@ -943,22 +1044,21 @@ mod tests {
         let mut r = router(10);
         let mut out = Recorder::default();
         for (slot, name) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
-            r.join(slot, &format!("username={name}"), &mut out);
+            r.join(ConnId(slot), &format!("username={name}"), &mut out);
         }
-        r.leave(1, "a", &mut out);
-        r.leave(1, "a", &mut out);
-        r.leave(9, "b", &mut out); // wrong slot: not b's connection
+        r.leave(ConnId(1), &mut out);
+        r.leave(ConnId(1), &mut out);
+        r.leave(ConnId(9), &mut out); // wrong slot: not b's connection
         assert_eq!(r.online(), 3);
         out.take();
         r.handle(
-            2,
-            "b",
+            ConnId(2),
             r#"{"type":"private","to":"d","body":"x"}"#,
             1,
             &mut out,
         );
         assert_eq!(out.take()[0].0, 4);
-        assert!(r.join(5, "username=a", &mut out).is_some());
+        assert!(r.join(ConnId(5), "username=a", &mut out).is_some());
     }
     fn limited_router(max_per_user: usize, ttl_ms: u64) -> Router {
         Router::new(
@@ -978,10 +1078,10 @@ mod tests {
     fn offline_messages_are_held_then_delivered_in_order_after_welcome() {
         let mut r = limited_router(10, 1_000_000);
         let mut out = Recorder::default();
-        r.join(1, "username=alice", &mut out);
+        r.join(ConnId(1), "username=alice", &mut out);
         for body in ["one", "two"] {
             let text = format!(r#"{{"type":"private","to":"bob","body":"{body}"}}"#);
-            r.handle(1, "alice", &text, 50, &mut out);
+            r.handle(ConnId(1), &text, 50, &mut out);
         }
         let queued: Vec<_> = out
             .durable
@@ -990,7 +1090,7 @@ mod tests {
             .collect();
         assert_eq!(queued, vec![(1, json!("queued")), (1, json!("queued"))]);
         out.take();
-        r.join(2, "username=bob", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
         let sent = out.take();
         let to_bob: Vec<_> = sent
             .iter()
@@ -1013,8 +1113,7 @@ mod tests {
         // A simple client: written counts as delivered, so nothing is held any more.
         assert_eq!(r.outboxes.held().0, 0);
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","to":"bob","body":"live"}"#,
             60,
             &mut out,
@@ -1026,18 +1125,18 @@ mod tests {
     fn reliable_clients_keep_messages_until_acked_and_resume_after_the_gap() {
         let mut r = limited_router(10, 1_000_000);
         let mut out = Recorder::default();
-        r.join(1, "username=alice", &mut out);
-        r.join(2, "username=bob&resume=0", &mut out);
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob&resume=0", &mut out);
         for i in 1..=3 {
             let text = format!(r#"{{"type":"private","to":"bob","body":"m{i}"}}"#);
-            r.handle(1, "alice", &text, 10, &mut out);
+            r.handle(ConnId(1), &text, 10, &mut out);
         }
         assert_eq!(r.outboxes.held().0, 3, "live but unacknowledged");
-        r.handle(2, "bob", r#"{"type":"ack","seq":1}"#, 11, &mut out);
+        r.handle(ConnId(2), r#"{"type":"ack","seq":1}"#, 11, &mut out);
         assert_eq!(r.outboxes.held().0, 2);
-        r.leave(2, "bob", &mut out);
+        r.leave(ConnId(2), &mut out);
         out.take();
-        r.join(3, "username=bob&resume=2", &mut out);
+        r.join(ConnId(3), "username=bob&resume=2", &mut out);
         let replayed: Vec<_> = out
             .take()
             .into_iter()
@@ -1052,18 +1151,16 @@ mod tests {
     fn full_outboxes_refuse_with_an_error_and_ttl_expires_with_a_receipt() {
         let mut r = limited_router(1, 100);
         let mut out = Recorder::default();
-        r.join(1, "username=alice", &mut out);
+        r.join(ConnId(1), "username=alice", &mut out);
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","to":"bob","body":"a"}"#,
             1000,
             &mut out,
         );
         out.take();
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","to":"bob","body":"b","ref":"r"}"#,
             1000,
             &mut out,
@@ -1087,11 +1184,10 @@ mod tests {
     fn a_private_to_a_name_no_one_can_hold_is_refused() {
         let mut r = limited_router(10, 1000);
         let mut out = Recorder::default();
-        r.join(1, "username=alice", &mut out);
+        r.join(ConnId(1), "username=alice", &mut out);
         out.take();
         r.handle(
-            1,
-            "alice",
+            ConnId(1),
             r#"{"type":"private","to":"no one","body":"x","ref":1}"#,
             1,
             &mut out,
@@ -1106,7 +1202,7 @@ mod tests {
         let mut r = router(0);
         let mut out = Recorder::default();
         for slot in 0..1002 {
-            r.join(slot, &format!("username=u{slot}"), &mut out);
+            r.join(ConnId(slot), &format!("username=u{slot}"), &mut out);
         }
         let welcome = out.take().pop().expect("a welcome").1;
         assert_eq!(welcome["online"], 1002);
@@ -1116,8 +1212,8 @@ mod tests {
             !names.contains(&json!("u1001")),
             "the newcomer is not among the others"
         );
-        r.leave(5, "u5", &mut out);
-        r.handle(0, "u0", r#"{"type":"users"}"#, 1, &mut out);
+        r.leave(ConnId(5), &mut out);
+        r.handle(ConnId(0), r#"{"type":"users"}"#, 1, &mut out);
         let users = out.take().pop().expect("users").1;
         let listed = users["users"].as_array().expect("users");
         assert_eq!((users["online"].clone(), listed.len()), (json!(1001), 1000));

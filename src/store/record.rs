@@ -47,6 +47,17 @@ pub enum Corrupt {
     BadRecord,
 }
 
+impl std::fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Corrupt::Truncated => "the log ends inside a record",
+            Corrupt::BadRecord => "a record's checksum or payload is wrong",
+        })
+    }
+}
+
+impl std::error::Error for Corrupt {}
+
 impl Record {
     /// Appends the framed record to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {

@@ -89,6 +89,14 @@ pub enum HeaderError {
     NonMinimalLength,
 }
 
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(crate::ws::ProtocolError::Header(*self).reason())
+    }
+}
+
+impl std::error::Error for HeaderError {}
+
 /// Parses a frame header from the start of `buf`, as `role` receives it.
 ///
 /// Returns `Ok(None)` while more bytes are needed, and fails as soon as the

@@ -13,6 +13,7 @@ use super::frame::{
     MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
 };
 use super::utf8::Utf8Validator;
+use super::CloseCode;
 
 /// One complete message or control frame from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -50,11 +51,13 @@ pub enum ProtocolError {
 
 impl ProtocolError {
     /// The close code (RFC 6455 section 7.4.1) to fail the connection with.
-    pub fn close_code(self) -> u16 {
+    pub fn close_code(self) -> CloseCode {
         match self {
-            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => 1007,
-            ProtocolError::MessageTooBig => 1009,
-            _ => 1002,
+            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => {
+                CloseCode::InvalidPayload
+            }
+            ProtocolError::MessageTooBig => CloseCode::TooBig,
+            _ => CloseCode::Protocol,
         }
     }
 
@@ -79,6 +82,14 @@ impl ProtocolError {
         }
     }
 }
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+impl std::error::Error for ProtocolError {}
 
 impl From<HeaderError> for ProtocolError {
     fn from(e: HeaderError) -> Self {
@@ -646,14 +657,22 @@ mod tests {
 
     #[test]
     fn error_codes() {
-        assert_eq!(ProtocolError::InvalidUtf8.close_code(), 1007);
-        assert_eq!(ProtocolError::InvalidCloseReason.close_code(), 1007);
-        assert_eq!(ProtocolError::MessageTooBig.close_code(), 1009);
+        assert_eq!(ProtocolError::InvalidUtf8.close_code().to_u16(), 1007);
         assert_eq!(
-            ProtocolError::Header(HeaderError::Unmasked).close_code(),
+            ProtocolError::InvalidCloseReason.close_code().to_u16(),
+            1007
+        );
+        assert_eq!(ProtocolError::MessageTooBig.close_code().to_u16(), 1009);
+        assert_eq!(
+            ProtocolError::Header(HeaderError::Unmasked)
+                .close_code()
+                .to_u16(),
             1002
         );
-        assert_eq!(ProtocolError::InvalidCloseCode(5).close_code(), 1002);
+        assert_eq!(
+            ProtocolError::InvalidCloseCode(5).close_code().to_u16(),
+            1002
+        );
     }
 
     #[test]

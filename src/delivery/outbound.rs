@@ -3,9 +3,14 @@
 //! Frames are queued whole and written with one vectored write per loop turn
 //! ("corking"), so a turn that queues ten frames costs one system call. A
 //! frame shared by many recipients (a public message) is an `Rc` to the same
-//! bytes. Control frames (pong) jump ahead of queued data, right behind the
-//! frame being written, so a long backlog never delays them. An empty queue
-//! owns no memory.
+//! bytes. An empty queue owns no memory.
+//!
+//! The queue has three lanes, in this order behind the frame being written:
+//! control frames (pong, ping, the 101), then urgent frames (private
+//! messages and replies), then bulk frames (public messages, presence, the
+//! closing frame). So a reader that is hundreds of KiB behind on public
+//! traffic still gets a private message next; each lane keeps its own
+//! order.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -40,10 +45,18 @@ impl Chunk {
     }
 }
 
+/// Where a chunk joins the queue (see the module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Control,
+    Urgent,
+    Bulk,
+}
+
 #[derive(Debug)]
 struct Entry {
     chunk: Chunk,
-    control: bool,
+    lane: Lane,
 }
 
 /// Small frames are appended to the last queued buffer up to this size
@@ -149,20 +162,40 @@ impl Outbound {
         self.queue.is_empty()
     }
 
-    /// Queues a data frame (or HTTP bytes) behind everything else.
+    /// Queues bytes behind everything else (HTTP bytes, a closing frame).
     pub fn push(&mut self, chunk: Chunk) {
         self.bytes += chunk.as_bytes().len();
         self.queue.push_back(Entry {
             chunk,
-            control: false,
+            lane: Lane::Bulk,
         });
     }
 
-    /// [`push`](Self::push) into a spare queue if this one owns no memory
-    /// (the hot paths: a public message to every reader, presence).
-    pub fn push_reusing(&mut self, chunk: Chunk, spares: &mut Spares) {
+    /// Queues a chunk in `lane` (not `Control`: see `push_control`), into a
+    /// spare queue if this one owns no memory (the hot paths: a public
+    /// message to every reader, presence).
+    pub fn push_reusing(&mut self, chunk: Chunk, lane: Lane, spares: &mut Spares) {
         self.reuse_queue(spares);
-        self.push(chunk);
+        let at = self.lane_end(lane);
+        self.bytes += chunk.as_bytes().len();
+        self.queue.insert(at, Entry { chunk, lane });
+    }
+
+    /// Where a new entry of `lane` goes: at the back, except that an urgent
+    /// one goes ahead of bulk entries not yet started.
+    fn lane_end(&self, lane: Lane) -> usize {
+        let len = self.queue.len();
+        match (lane, self.queue.back()) {
+            (Lane::Urgent, Some(back)) if back.lane == Lane::Bulk => {
+                // Behind the entry being written, control and urgent ones.
+                let mut at = usize::from(self.front_written > 0);
+                while self.queue.get(at).is_some_and(|e| e.lane != Lane::Bulk) {
+                    at += 1;
+                }
+                at.min(len)
+            }
+            _ => len,
+        }
     }
 
     fn reuse_queue(&mut self, spares: &mut Spares) {
@@ -173,17 +206,19 @@ impl Outbound {
         }
     }
 
-    /// Queues a data frame built from `payload`, appended to the last queued
-    /// buffer when that one is ours and small (no allocation per frame).
-    pub fn push_frame(&mut self, opcode: Opcode, payload: &[u8], spares: &mut Spares) {
+    /// Queues a data frame built from `payload` in `lane` (urgent or bulk),
+    /// appended to the lane's last buffer when that one is ours and small (no
+    /// allocation per frame).
+    pub fn push_frame(&mut self, opcode: Opcode, payload: &[u8], lane: Lane, spares: &mut Spares) {
         let len = header_len(payload.len()) + payload.len();
         self.bytes += len;
+        let at = self.lane_end(lane);
         if let Some(Entry {
             chunk: Chunk::Owned(buffer),
-            control: false,
-        }) = self.queue.back_mut()
+            lane: last_lane,
+        }) = at.checked_sub(1).and_then(|i| self.queue.get_mut(i))
         {
-            if buffer.len() + len <= CORK_BYTES {
+            if *last_lane == lane && buffer.len() + len <= CORK_BYTES {
                 write_header(buffer, opcode, payload.len());
                 buffer.extend_from_slice(payload);
                 return;
@@ -193,17 +228,20 @@ impl Outbound {
         let mut buffer = spares.buffer(len);
         write_header(&mut buffer, opcode, payload.len());
         buffer.extend_from_slice(payload);
-        self.queue.push_back(Entry {
-            chunk: Chunk::Owned(buffer),
-            control: false,
-        });
+        self.queue.insert(
+            at,
+            Entry {
+                chunk: Chunk::Owned(buffer),
+                lane,
+            },
+        );
     }
 
     /// Queues a control frame ahead of queued data, behind the frame being
     /// written and behind earlier control frames (which keep their order).
     pub fn push_control(&mut self, chunk: Chunk) {
         let mut at = usize::from(self.front_written > 0);
-        while self.queue.get(at).is_some_and(|e| e.control) {
+        while self.queue.get(at).is_some_and(|e| e.lane == Lane::Control) {
             at += 1;
         }
         self.bytes += chunk.as_bytes().len();
@@ -211,7 +249,7 @@ impl Outbound {
             at.min(self.queue.len()),
             Entry {
                 chunk,
-                control: true,
+                lane: Lane::Control,
             },
         );
     }
@@ -228,7 +266,7 @@ impl Outbound {
         let mut same = 0;
         let mut last_same = None;
         while let Some(entry) = self.queue.get(at) {
-            if !entry.control {
+            if entry.lane != Lane::Control {
                 break;
             }
             if entry.chunk.as_bytes().first().copied() == kind {
@@ -436,13 +474,13 @@ mod tests {
     #[test]
     fn small_frames_share_a_buffer_and_keep_their_order() {
         let mut q = Outbound::default();
-        q.push_frame(Opcode::Text, b"one", &mut Spares::default());
-        q.push_frame(Opcode::Text, b"two", &mut Spares::default());
+        q.push_frame(Opcode::Text, b"one", Lane::Bulk, &mut Spares::default());
+        q.push_frame(Opcode::Text, b"two", Lane::Bulk, &mut Spares::default());
         q.push(Chunk::Shared(Rc::from(&b"\x81\x05three"[..])));
-        q.push_frame(Opcode::Text, b"four", &mut Spares::default());
+        q.push_frame(Opcode::Text, b"four", Lane::Bulk, &mut Spares::default());
         assert_eq!(q.queue.len(), 3, "the first two share one buffer");
         let big = vec![b'x'; CORK_BYTES];
-        q.push_frame(Opcode::Binary, &big, &mut Spares::default());
+        q.push_frame(Opcode::Binary, &big, Lane::Bulk, &mut Spares::default());
         assert_eq!(
             q.queue.len(),
             4,
@@ -459,14 +497,14 @@ mod tests {
     fn emptied_buffers_are_reused_and_the_connection_keeps_nothing() {
         let mut spares = Spares::default();
         let mut q = Outbound::default();
-        q.push_frame(Opcode::Text, b"one", &mut spares);
+        q.push_frame(Opcode::Text, b"one", Lane::Bulk, &mut spares);
         let mut s = sink(usize::MAX, usize::MAX);
         q.write_to(&mut s, &mut spares).unwrap();
         assert_eq!(q.queue.capacity(), 0, "an empty queue owns nothing");
         assert_eq!((spares.buffers.len(), spares.queues.len()), (1, 1));
         let kept = spares.buffers[0].as_ptr();
 
-        q.push_frame(Opcode::Text, b"two", &mut spares);
+        q.push_frame(Opcode::Text, b"two", Lane::Bulk, &mut spares);
         assert_eq!((spares.buffers.len(), spares.queues.len()), (0, 0));
         let Some(Entry {
             chunk: Chunk::Owned(buffer),
@@ -480,7 +518,12 @@ mod tests {
         assert_eq!(s.out, b"\x81\x03one\x81\x03two");
 
         // Large buffers are freed, and spares stay bounded.
-        q.push_frame(Opcode::Binary, &[0; SPARE_BUFFER_MAX + 1], &mut spares);
+        q.push_frame(
+            Opcode::Binary,
+            &[0; SPARE_BUFFER_MAX + 1],
+            Lane::Bulk,
+            &mut spares,
+        );
         q.write_to(&mut s, &mut spares).unwrap();
         assert_eq!(spares.buffers.len(), 1, "only the small buffer is kept");
         for _ in 0..SPARES_KEPT + 10 {
@@ -491,7 +534,7 @@ mod tests {
         spares.queues.clear();
         spares.keep_queue(VecDeque::with_capacity(4));
         let mut reader = Outbound::default();
-        reader.push_reusing(Chunk::Static(b"frame"), &mut spares);
+        reader.push_reusing(Chunk::Static(b"frame"), Lane::Bulk, &mut spares);
         assert!(spares.queues.is_empty(), "the spare queue was taken");
         reader.write_to(&mut s, &mut spares).unwrap();
         assert_eq!(spares.queues.len(), 1, "and given back");
@@ -503,6 +546,39 @@ mod tests {
             spares.keep_queue(VecDeque::with_capacity(4));
         }
         assert_eq!(spares.queues.len(), SPARE_QUEUES_KEPT);
+    }
+
+    #[test]
+    fn urgent_frames_overtake_bulk_frames_not_yet_started_and_each_lane_keeps_its_order() {
+        let mut spares = Spares::default();
+        let mut q = Outbound::default();
+        let shared = |text: &'static [u8]| Chunk::Shared(Rc::from(text));
+        q.push_reusing(shared(b"[pub1]"), Lane::Bulk, &mut spares);
+        q.push_reusing(shared(b"[pub2]"), Lane::Bulk, &mut spares);
+        // The first bulk frame is half written when the urgent ones arrive.
+        let mut s = sink(3, 1);
+        assert_eq!(q.write_to(&mut s, &mut spares).unwrap(), Flushed::Blocked);
+        q.push_frame(Opcode::Text, b"p1", Lane::Urgent, &mut spares);
+        q.push_frame(Opcode::Text, b"p2", Lane::Urgent, &mut spares);
+        q.push_reusing(shared(b"[pub3]"), Lane::Bulk, &mut spares);
+        q.push_control(Chunk::Static(b"[pong]"));
+        q.push_frame(Opcode::Text, b"p3", Lane::Urgent, &mut spares);
+        assert_eq!(q.queue.len(), 5, "p1, p2 and p3 share one buffer");
+        s.block_after = usize::MAX;
+        s.room = usize::MAX;
+        q.write_to(&mut s, &mut spares).unwrap();
+        assert_eq!(
+            s.out,
+            b"[pub1][pong]\x81\x02p1\x81\x02p2\x81\x02p3[pub2][pub3]".as_slice()
+        );
+        assert_eq!(q.bytes(), 0);
+        // An empty queue or one of urgent frames only: urgent goes to the back.
+        q.push_frame(Opcode::Text, b"u1", Lane::Urgent, &mut spares);
+        q.push(Chunk::Static(b"[close]"));
+        q.push_frame(Opcode::Text, b"u2", Lane::Urgent, &mut spares);
+        let mut s = sink(usize::MAX, usize::MAX);
+        q.write_to(&mut s, &mut spares).unwrap();
+        assert_eq!(s.out, b"\x81\x02u1\x81\x02u2[close]".as_slice());
     }
 
     #[test]

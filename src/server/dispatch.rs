@@ -1,0 +1,219 @@
+//! Where read bytes go: the handshake parser while the connection is in its
+//! handshake, the frame decoder once it is open; each complete message to
+//! the router (or the echo), each HTTP request to [`crate::endpoints`].
+
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::{wall_clock_ms, App, Core};
+use crate::chat::ConnId;
+use crate::conn::{CloseReason, Connection, OpenState, Phase};
+use crate::delivery::Mailer;
+use crate::endpoints;
+use crate::handshake::{self, Outcome};
+use crate::log;
+use crate::persist;
+use crate::ws::{CloseCode, Message, Opcode};
+
+impl Core {
+    /// Hands freshly read bytes to whatever the connection is doing.
+    pub(super) fn on_bytes(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        slot: usize,
+        data: &mut [u8],
+        now: Instant,
+    ) {
+        let conn = &mut conns[slot];
+        match &mut conn.phase {
+            Phase::Handshake(head) => {
+                head.extend_from_slice(data);
+                let head = std::mem::take(head);
+                self.on_request(conns, slot, head, now);
+            }
+            Phase::Open(state) => {
+                state.last_rx = self.clock.tick(now);
+                self.on_frames(conns, slot, data, now);
+            }
+            // Input after our close is read only to find the peer's EOF.
+            Phase::Closing | Phase::Decoding => {}
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        slot: usize,
+        mut head: Vec<u8>,
+        now: Instant,
+    ) {
+        let conn = &mut conns[slot];
+        match handshake::parse(&head, &self.policy) {
+            Outcome::Partial => conn.phase = Phase::Handshake(head),
+            Outcome::Upgrade(upgrade) => {
+                self.post.upgrade(conn, slot, upgrade.response);
+                let now_tick = self.clock.tick(now);
+                let mut state = OpenState::new(now_tick);
+                state.next_ping = now_tick + self.config.ping_interval;
+                conn.phase = Phase::Open(state);
+                conn.deadline = None;
+                if let Some(next) = self.heartbeat_deadline(conn) {
+                    self.set_deadline(conn, slot, next);
+                }
+                if let App::Chat(router) = &mut self.app {
+                    let mut mailer = Mailer {
+                        conns,
+                        post: &mut self.post,
+                    };
+                    match router.join(ConnId(slot), &upgrade.query, &mut mailer) {
+                        Some(name) => log::debug!("#{} joined as {name}", conns[slot].id),
+                        None => return, // refused: closing
+                    }
+                }
+                // Frames sent right behind the request head.
+                if head.len() > upgrade.head_len {
+                    self.on_frames(conns, slot, &mut head[upgrade.head_len..], now);
+                }
+            }
+            Outcome::Get(resource) => {
+                let open = conns.len();
+                let response = endpoints::respond(resource, || self.render_metrics(open));
+                let conn = &mut conns[slot];
+                self.post
+                    .respond_and_close(conn, slot, response.to_bytes(), CloseReason::Normal);
+            }
+            Outcome::Reject(response) => {
+                let status = response.status.code();
+                log::debug!("#{} refused: {status}", conn.id);
+                self.post.respond_and_close(
+                    conn,
+                    slot,
+                    response.to_bytes(),
+                    CloseReason::HandshakeRejected(status),
+                );
+            }
+        }
+    }
+
+    /// Decodes frames and acts on each message.
+    fn on_frames(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        slot: usize,
+        data: &mut [u8],
+        now: Instant,
+    ) {
+        let conn = &mut conns[slot];
+        let Phase::Open(mut state) = std::mem::replace(&mut conn.phase, Phase::Decoding) else {
+            return;
+        };
+        let max_message = self.config.max_message_size;
+        let mut pos = 0;
+        let mut routed = 0;
+        while pos < data.len() {
+            match state.decoder.decode(&mut data[pos..], max_message) {
+                Ok((used, message)) => {
+                    pos += used;
+                    if let Some(message) = message {
+                        routed += u64::from(matches!(message, Message::Text(_)));
+                        self.on_message(conns, slot, message);
+                        if !matches!(conns[slot].phase, Phase::Decoding) {
+                            break; // closing: the rest is ignored
+                        }
+                    }
+                }
+                Err(error) => {
+                    log::debug!("#{} protocol error: {error}", conns[slot].id);
+                    let code = error.close_code();
+                    self.post.close(
+                        &mut conns[slot],
+                        slot,
+                        code,
+                        error.reason(),
+                        CloseReason::ProtocolError(code),
+                    );
+                    break;
+                }
+            }
+        }
+        if routed > 0 && matches!(self.app, App::Chat(_)) {
+            self.metrics.observe_routing(now.elapsed(), routed);
+        }
+        let conn = &mut conns[slot];
+        if matches!(conn.phase, Phase::Decoding) {
+            conn.phase = Phase::Open(state);
+        }
+    }
+
+    fn on_message(&mut self, conns: &mut Slab<Connection>, slot: usize, message: Message<'_>) {
+        let conn = &mut conns[slot];
+        match message {
+            Message::Ping(payload) => self.post.pong(conn, slot, payload),
+            Message::Pong(_) => {}
+            Message::Close(frame) => self.post.answer_close(conn, slot, frame.map(|f| f.code)),
+            Message::Text(text) => match &mut self.app {
+                App::Echo => self.post.echo(conn, slot, Opcode::Text, text.as_bytes()),
+                App::Chat(router) => {
+                    let mut mailer = Mailer {
+                        conns,
+                        post: &mut self.post,
+                    };
+                    router.handle(ConnId(slot), text, self.now_ms, &mut mailer);
+                }
+            },
+            Message::Binary(bytes) => match self.app {
+                App::Echo => self.post.echo(conn, slot, Opcode::Binary, bytes),
+                App::Chat(_) => self.post.close(
+                    conn,
+                    slot,
+                    CloseCode::Unsupported,
+                    "binary messages are not supported",
+                    CloseReason::UnsupportedData,
+                ),
+            },
+        }
+    }
+
+    /// When the oldest held message expires, on the monotonic clock.
+    pub(super) fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        let App::Chat(router) = &self.app else {
+            return None;
+        };
+        let at_ms = router.next_expiry()?;
+        Some(now + Duration::from_millis(at_ms.saturating_sub(wall_clock_ms())))
+    }
+
+    pub(super) fn expire_held(&mut self, conns: &mut Slab<Connection>) {
+        if let App::Chat(router) = &mut self.app {
+            if router.next_expiry().is_some_and(|at| at <= self.now_ms) {
+                let mut mailer = Mailer {
+                    conns,
+                    post: &mut self.post,
+                };
+                router.expire(self.now_ms, &mut mailer);
+            }
+        }
+    }
+
+    /// Group commit (see [`persist`]), then the replies that promised
+    /// durability go out.
+    pub(super) fn commit(&mut self, conns: &mut Slab<Connection>) -> std::io::Result<()> {
+        let App::Chat(router) = &mut self.app else {
+            return Ok(());
+        };
+        persist::commit(router, self.log.as_mut(), self.config.compact_min_bytes)?;
+        self.post.release_durable(conns);
+        Ok(())
+    }
+
+    /// Rewrites the log to just the live records (at a clean shutdown, so
+    /// the next start reads little and skips no sequence numbers).
+    pub(super) fn compact_log(&mut self) {
+        if let (App::Chat(router), Some(log)) = (&mut self.app, &mut self.log) {
+            if let Err(e) = persist::compact(router, log) {
+                log::warn!("compacting the outbox log at shutdown: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! A connection's life in the loop: admitted, given deadlines (handshake,
+//! heartbeat, idle, write stall, close), told to the router when it stops
+//! being open, and killed.
+
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use slab::Slab;
+
+use super::{App, Core, Nodelay};
+use crate::chat::ConnId;
+use crate::conn::{CloseReason, Connection, Phase};
+use crate::delivery::{policy, Mailer};
+use crate::log;
+use crate::timer::Tick;
+use crate::ws::CloseCode;
+
+impl Core {
+    pub(super) fn admit(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        mut socket: TcpStream,
+        peer: std::net::SocketAddr,
+        now: Instant,
+    ) {
+        // Small frames must not wait for Nagle's algorithm.
+        if self.nodelay != Nodelay::FromListener {
+            let _ = socket.set_nodelay(true);
+        }
+        self.forget_finished_handshakes(conns);
+        let entry = conns.vacant_entry();
+        let slot = entry.key();
+        if let Err(e) = self
+            .registry
+            .register(&mut socket, Token(slot), Interest::READABLE)
+        {
+            log::warn!("register: {e}");
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.metrics.connections_accepted += 1;
+        let conn = entry.insert(Connection::new(id, peer, socket));
+        log::info!("open #{id} {peer}");
+        self.handshakes.push_back((slot, id));
+        let at = self.clock.tick(now) + self.config.handshake_timeout;
+        self.set_deadline(conn, slot, at);
+    }
+
+    /// Drops entries at the front of `handshakes` whose connection is past
+    /// the handshake, so the queue holds about as many entries as there are
+    /// handshakes in progress.
+    fn forget_finished_handshakes(&mut self, conns: &Slab<Connection>) {
+        while let Some(&(slot, id)) = self.handshakes.front() {
+            let pending = conns
+                .get(slot)
+                .is_some_and(|c| c.id == id && !c.dead && matches!(c.phase, Phase::Handshake(_)));
+            if pending {
+                return;
+            }
+            self.handshakes.pop_front();
+        }
+    }
+
+    /// At the connection limit: closes the oldest connection still in its
+    /// handshake to make room. False if there is none.
+    pub(super) fn evict_oldest_handshake(&mut self, conns: &mut Slab<Connection>) -> bool {
+        self.forget_finished_handshakes(conns);
+        let Some((slot, _)) = self.handshakes.pop_front() else {
+            return false;
+        };
+        let conn = &mut conns[slot];
+        log::debug!(
+            "#{} evicted: handshake unfinished at the connection limit",
+            conn.id
+        );
+        self.kill(conn, slot, CloseReason::HandshakeTimeout);
+        true
+    }
+
+    /// Sets a connection's deadline, arming a timer only when it moves earlier.
+    pub(super) fn set_deadline(&mut self, conn: &mut Connection, slot: usize, at: Tick) {
+        conn.deadline = Some(at);
+        if conn.armed.is_none_or(|armed| at < armed) {
+            conn.armed = Some(at);
+            self.timers.push(at, slot, conn.id);
+        }
+    }
+
+    /// Lets the router forget departed connections (and their held senders
+    /// go) and bounds how long closing connections may linger. Runs after
+    /// every piece of work in a turn, so a name is free within the turn its
+    /// connection stopped being open, before its slot can be reused.
+    pub(super) fn settle(&mut self, conns: &mut Slab<Connection>, now: Instant) {
+        while !self.post.departures.is_empty() || !self.post.began_closing.is_empty() {
+            for slot in std::mem::take(&mut self.post.departures) {
+                if conns.get(slot).is_some_and(|c| c.holds_senders) {
+                    self.post.release_senders_of(conns, slot);
+                }
+                if let App::Chat(router) = &mut self.app {
+                    let mut mailer = Mailer {
+                        conns,
+                        post: &mut self.post,
+                    };
+                    router.leave(ConnId(slot), &mut mailer);
+                }
+            }
+            for slot in std::mem::take(&mut self.post.began_closing) {
+                if let Some(conn) = conns.get_mut(slot) {
+                    let at = self.clock.tick(now) + self.config.close_timeout;
+                    self.set_deadline(conn, slot, at);
+                }
+            }
+        }
+        self.take_released();
+    }
+
+    pub(super) fn fire_timers(&mut self, conns: &mut Slab<Connection>, now: Instant) {
+        let tick = self.clock.tick(now);
+        while let Some((at, slot, id)) = self.timers.pop_due(tick) {
+            let Some(conn) = conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.id != id || conn.dead || conn.armed != Some(at) {
+                continue; // a stale entry: its connection is gone or re-armed
+            }
+            conn.armed = None;
+            match conn.deadline {
+                Some(deadline) if deadline <= tick => {
+                    conn.deadline = None;
+                    // It may close, and many idle users can time out in one turn.
+                    self.post.settle_presence(conns, slot);
+                    if let Some(conn) = conns.get_mut(slot) {
+                        self.on_deadline(conn, slot, now);
+                    }
+                }
+                Some(later) => {
+                    conn.armed = Some(later);
+                    self.timers.push(later, slot, id);
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn on_deadline(&mut self, conn: &mut Connection, slot: usize, now: Instant) {
+        let config = &self.config;
+        let now = self.clock.tick(now);
+        match &mut conn.phase {
+            Phase::Handshake(_) => self.kill(conn, slot, CloseReason::HandshakeTimeout),
+            Phase::Closing => {
+                let why = match conn.close_reason {
+                    CloseReason::None | CloseReason::Normal => CloseReason::CloseTimeout,
+                    other => other,
+                };
+                self.kill(conn, slot, why);
+            }
+            Phase::Open(state) => {
+                if now >= state.last_rx + config.idle_timeout {
+                    log::debug!("#{}: idle timeout", conn.id);
+                    self.post.close(
+                        conn,
+                        slot,
+                        CloseCode::Away,
+                        "idle timeout",
+                        CloseReason::IdleTimeout,
+                    );
+                    return;
+                }
+                if policy::write_stalled(conn.stalled_since, now, self.post.times()) {
+                    // A close frame could not get through a full socket either.
+                    self.kill(conn, slot, CloseReason::WriteStall);
+                    return;
+                }
+                if now >= state.next_ping {
+                    state.next_ping = now + config.ping_interval;
+                    self.post.ping(conn, slot);
+                }
+                let next = self.heartbeat_deadline(conn);
+                if let Some(next) = next {
+                    self.set_deadline(conn, slot, next);
+                }
+            }
+            Phase::Decoding => {}
+        }
+    }
+
+    /// The next time an open connection needs a look: ping, idle or stall.
+    pub(super) fn heartbeat_deadline(&self, conn: &Connection) -> Option<Tick> {
+        let Phase::Open(state) = &conn.phase else {
+            return None;
+        };
+        let stall = policy::write_stall_deadline(conn.stalled_since, self.post.times());
+        if matches!(self.app, App::Echo) {
+            return stall;
+        }
+        let next = (state.last_rx + self.config.idle_timeout).min(state.next_ping);
+        Some(stall.map_or(next, |stall| stall.min(next)))
+    }
+
+    /// Ends a connection now; its slot is freed at the end of the turn.
+    pub(super) fn kill(&mut self, conn: &mut Connection, slot: usize, why: CloseReason) {
+        if conn.dead {
+            return;
+        }
+        self.post.killed(conn, slot);
+        conn.dead = true;
+        if conn.close_reason == CloseReason::None {
+            conn.close_reason = why;
+        }
+        // No deregister: the socket is closed at the end of the turn, which
+        // takes it out of the epoll set, and until then its events find it dead.
+        self.dead.push(slot);
+    }
+}
