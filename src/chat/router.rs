@@ -515,8 +515,10 @@ impl Router {
             }
             Delivery::Refused => {
                 self.stats.refused += 1;
-                // Its seq is skipped: the recipient sees a gap in seq only
-                // for messages it was never going to get, like any refusal.
+                // Nobody saw it: the recipient's numbering gets no hole.
+                if let Some(outbox) = position.and_then(|p| self.members[p].outbox) {
+                    self.outboxes.take_back_seq(outbox, seq);
+                }
                 let message = format!("{to} is receiving faster than it reads; try again later");
                 self.send_error(slot, "recipient_busy", &message, reference, out);
             }
@@ -993,6 +995,15 @@ mod tests {
         assert_eq!(sent[0].1["ref"], 5);
         assert!(out.durable.is_empty());
         assert_eq!(r.outboxes.held().0, 0);
+        // Its seq was not used up: the next message bob gets has seq 1.
+        out.busy.clear();
+        r.handle(
+            ConnId(1),
+            r#"{"type":"private","to":"bob","body":"y"}"#,
+            2,
+            &mut out,
+        );
+        assert_eq!(out.take()[0].1["seq"], 1);
     }
 
     #[test]

@@ -160,6 +160,18 @@ impl Outboxes {
         seq
     }
 
+    /// Takes back `seq`, the last number given out from box `id`, for a
+    /// message that was refused before anyone saw it, so the recipient's
+    /// numbering has no hole. (The floor record already written stays: it is
+    /// only an upper bound.)
+    pub fn take_back_seq(&mut self, BoxId(at): BoxId, seq: u64) {
+        if let Some(b) = self.boxes.get_mut(at) {
+            if b.next_seq == seq + 1 {
+                b.next_seq = seq;
+            }
+        }
+    }
+
     /// The last sequence number given out for `user` (0: none).
     pub fn last_seq(&self, user: &str) -> u64 {
         self.find(user).map_or(0, |b| b.next_seq.saturating_sub(1))
