@@ -158,8 +158,8 @@ pub struct Connection {
     /// Not read while a reader it sent private messages to drains (the
     /// sender side of backpressure).
     pub held: bool,
-    /// Senders are held for this reader.
-    pub holds_senders: bool,
+    /// Senders held (not read) for this reader.
+    pub holding: u32,
 }
 
 impl Connection {
@@ -183,7 +183,7 @@ impl Connection {
             read_paused: false,
             blocked: false,
             held: false,
-            holds_senders: false,
+            holding: 0,
         }
     }
 

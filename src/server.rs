@@ -323,7 +323,7 @@ impl Server {
         self.core.take_released();
         for slot in std::mem::take(&mut self.core.dead) {
             if self.conns.get(slot).is_some_and(|c| c.dead) {
-                if self.conns[slot].holds_senders {
+                if self.conns[slot].holding > 0 {
                     self.core.post.release_senders_of(&mut self.conns, slot);
                     self.core.take_released();
                 }

@@ -92,8 +92,9 @@ fn read_paced(
                     OP_TEXT => {
                         since_pause += frame.payload.len();
                         if since_pause >= bytes_per_ms {
-                            since_pause = 0;
-                            thread::sleep(Duration::from_millis(1));
+                            let ms = since_pause / bytes_per_ms;
+                            since_pause -= ms * bytes_per_ms;
+                            thread::sleep(Duration::from_millis(ms as u64));
                         }
                         messages.push(frame.json());
                     }
@@ -263,10 +264,12 @@ fn recv_private(chat: &mut Chat, context: &str) -> Value {
 #[test]
 fn a_private_flood_cannot_knock_a_steady_reader_off_and_the_flooder_pays() {
     let server = ChatServer::start(&["--max-outbound", "262144", "--max-body", "9000"]);
-    let flood = 1000; // 8 KB each: 8 MB
-                      // The victim reads steadily (about 4 MB/s, slower than the flood, with
-                      // a small receive buffer, as a phone might) until the friend's message
-                      // arrives.
+    // 8 KB each: 8 MB, more than the socket buffers hold (Linux lets a
+    // socket's send buffer grow to tcp_wmem's 4 MiB).
+    let flood = 1000;
+    // The victim reads steadily (about 4 MB/s, slower than the flood, with
+    // a small receive buffer, as a phone might) until the friend's message
+    // arrives.
     let victim = Raw::join(server.addr, "victim");
     set_receive_buffer(&victim.stream, 64 * 1024);
     let victim = read_paced(victim, 4 * 1024, |m| {
@@ -290,14 +293,15 @@ fn a_private_flood_cannot_knock_a_steady_reader_off_and_the_flooder_pays() {
                 >= flood
         },
     );
-    let writer = thread::spawn(move || {
-        for k in 0..flood {
+    // Built beforehand, so the flood leaves as fast as the server reads it.
+    let bytes: Vec<u8> = (0..flood)
+        .flat_map(|k| {
             let text = json!({"type":"private","to":"victim","body":body(k, 8000),"ref":k});
-            flooder
-                .stream
-                .write_all(&client_frame(&text.to_string()))
-                .expect("flood");
-        }
+            client_frame(&text.to_string())
+        })
+        .collect();
+    let writer = thread::spawn(move || {
+        flooder.stream.write_all(&bytes).expect("flood");
         flooder
     });
     // Meanwhile a bystander and a friend chat.
@@ -344,7 +348,8 @@ fn a_private_flood_cannot_knock_a_steady_reader_off_and_the_flooder_pays() {
     let held = metric(&metrics, "wschat_senders_held_total");
     assert!(
         held > 0,
-        "the flooder was never held ({busy} refused): {metrics}"
+        "the flooder was never held ({} delivered, {busy} refused): {metrics}",
+        delivered.len()
     );
 }
 
@@ -484,4 +489,20 @@ fn a_private_overtakes_public_traffic_queued_for_the_same_reader() {
     // The publics it did get are in order.
     let got = publics(&seen.messages);
     assert!(got.windows(2).all(|w| w[0] < w[1]), "publics in order");
+}
+
+#[test]
+fn a_reconnecting_user_gets_all_its_stored_messages_however_many_fit_the_store() {
+    // 30 × 8 KB held: past twice --max-outbound, all replayed at the welcome.
+    let server = ChatServer::start(&["--max-outbound", "65536", "--max-body", "9000"]);
+    let mut sender = Chat::joined(server.addr, "sender");
+    for k in 0..30 {
+        sender.send(json!({"type":"private","to":"away","body":body(k, 8000)}));
+        assert_eq!(sender.recv_type("receipt", "queued")["status"], "queued");
+    }
+    let (mut away, _) = Chat::join(server.addr, "away");
+    for k in 0..30 {
+        let v = away.recv_type("private", "a stored message");
+        assert_eq!((index_of(&v), &v["offline"]), (k, &json!(true)));
+    }
 }

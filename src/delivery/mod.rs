@@ -153,13 +153,12 @@ impl Post {
         if !conn.is_open() {
             return Delivery::Gone;
         }
-        let verdict = self.judge(conn, class, frame.len());
+        let verdict = self.judge(to, conn, class, frame.len());
         match verdict {
             Verdict::Queue => {}
             Verdict::QueueAndHoldSender => {
                 if let Some(sender) = sender.filter(|&s| s != to) {
                     let reader_id = conn.id;
-                    conn.holds_senders = true;
                     self.hold_sender(conns, sender, to, reader_id);
                 }
             }
@@ -170,7 +169,6 @@ impl Post {
             Verdict::Refuse => {
                 if let Some(sender) = sender.filter(|&s| s != to) {
                     let reader_id = conn.id;
-                    conn.holds_senders = true;
                     self.hold_sender(conns, sender, to, reader_id);
                 }
                 return Delivery::Refused;
@@ -216,13 +214,16 @@ impl Post {
     /// judged by what its socket has not taken: when the first verdict is
     /// anything but `Queue` and the socket may still take bytes, the queue is
     /// offered to it before judging again.
-    fn judge(&mut self, conn: &mut Connection, class: Class, len: usize) -> Verdict {
+    fn judge(&mut self, slot: usize, conn: &mut Connection, class: Class, len: usize) -> Verdict {
         let reader = policy::reader(conn.stalled_since, self.now, self.times);
         let verdict = policy::admit(class, conn.out.bytes(), len, reader, self.marks);
         if !policy::worth_offering(verdict) || conn.blocked {
             return verdict;
         }
         self.offer(conn);
+        // Whatever the verdict, what is left (or an error) goes to this
+        // turn's flush, which registers for writability.
+        self.list_for_flush(slot, conn);
         let reader = policy::reader(conn.stalled_since, self.now, self.times);
         policy::admit(class, conn.out.bytes(), len, reader, self.marks)
     }
@@ -278,13 +279,13 @@ impl Post {
             sender_id: conn.id,
             until: policy::hold_sender_until(self.now, self.times),
         });
+        if let Some(reader) = conns.get_mut(reader) {
+            reader.holding += 1;
+        }
     }
 
     /// Releases the senders held for `reader` (it drained or is gone).
     pub fn release_senders_of(&mut self, conns: &mut Slab<Connection>, reader: usize) {
-        if let Some(conn) = conns.get_mut(reader) {
-            conn.holds_senders = false;
-        }
         let holds = std::mem::take(&mut self.holds);
         for hold in holds {
             if hold.reader == reader {
@@ -318,12 +319,9 @@ impl Post {
                 self.released.push((hold.sender, hold.sender_id));
             }
         }
-        // A reader whose last hold ran out holds no one.
-        if !self.holds.iter().any(|h| h.reader == hold.reader) {
-            if let Some(reader) = conns.get_mut(hold.reader) {
-                if reader.id == hold.reader_id {
-                    reader.holds_senders = false;
-                }
+        if let Some(reader) = conns.get_mut(hold.reader) {
+            if reader.id == hold.reader_id {
+                reader.holding = reader.holding.saturating_sub(1);
             }
         }
     }
@@ -342,7 +340,7 @@ impl Post {
         if !conn.is_open() {
             return Delivery::Gone;
         }
-        match self.judge(conn, Class::Presence, frame.len()) {
+        match self.judge(to, conn, Class::Presence, frame.len()) {
             Verdict::Queue => {}
             _ => {
                 conn.shed = conn.shed.saturating_add(1);
@@ -585,7 +583,7 @@ impl Post {
         if let Ok(flushed) = result {
             self.note_write(conn, before, flushed);
         }
-        if conn.holds_senders && policy::may_release_senders(conn.out.bytes(), self.marks) {
+        if conn.holding > 0 && policy::may_release_senders(conn.out.bytes(), self.marks) {
             self.release_senders_of(conns, slot);
         }
         result
@@ -909,7 +907,7 @@ mod tests {
             mailer.conns[sender].held,
             "past the soft mark: the sender waits"
         );
-        assert!(mailer.conns[reader].holds_senders);
+        assert_eq!(mailer.conns[reader].holding, 1);
         for _ in 0..5 {
             mailer.send_private(ConnId(sender), ConnId(reader), &message);
         }
@@ -952,7 +950,7 @@ mod tests {
         post.now = due;
         post.release_due_holds(&mut conns);
         assert!(!conns[sender].held);
-        assert!(!conns[reader].holds_senders);
+        assert_eq!(conns[reader].holding, 0);
         assert_eq!(post.next_hold_due(), None);
     }
 

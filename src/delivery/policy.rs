@@ -17,9 +17,11 @@
 //!   others send it. A private that would pass `--max-outbound` is refused to
 //!   its sender while the reader drains, and disconnects the reader (1008)
 //!   only when its socket has accepted nothing for `--slow-reader-after`.
-//! - Replies to a client's own requests are queued, but a client whose
-//!   unread replies pass twice `--max-outbound` is disconnected; until then
-//!   it is simply not read while its own backlog is at `--max-outbound`.
+//! - Replies to a client's own requests are always queued (a reconnecting
+//!   user's stored messages among them), but a client whose unread replies
+//!   pass twice `--max-outbound` while it keeps asking is disconnected;
+//!   short of that it is simply not read while its own backlog is at
+//!   `--max-outbound`.
 //! - Any backlog that makes no progress for `--write-timeout` ends the
 //!   connection (`write stall`).
 
@@ -98,9 +100,6 @@ pub fn admit(class: Class, backlog: usize, len: usize, reader: Reader, marks: Ma
             (false, Reader::Draining) => Verdict::Refuse,
             (false, Reader::Stalled) => Verdict::Disconnect,
         },
-        // A `users` reply can be 100 times its request: a client that keeps
-        // asking without reading, within one read, before the read pause acts.
-        Class::Reply if after > marks.max.saturating_mul(2) => Verdict::Disconnect,
         Class::Reply => Verdict::Queue,
     }
 }
@@ -128,6 +127,13 @@ pub fn write_stalled(stalled_since: Option<Tick>, now: Tick, times: Times) -> bo
 /// When a stalled backlog ends the connection.
 pub fn write_stall_deadline(stalled_since: Option<Tick>, times: Times) -> Option<Tick> {
     stalled_since.map(|since| since + times.write_timeout)
+}
+
+/// Whether a client that sent a request has piled up too many unread
+/// replies: a `users` reply can be 100 times its request, so one read can
+/// ask for far more than `--max-outbound` before the read pause acts.
+pub fn asks_without_reading(own_backlog: usize, marks: Marks) -> bool {
+    own_backlog > marks.max.saturating_mul(2)
 }
 
 /// Whether a connection may be read: not while its own unread output is at
@@ -172,9 +178,8 @@ mod tests {
             (Private,   990,     11,  Draining, Refuse),    // flooded: the sender hears it
             (Private,   990,     11,  Stalled,  Disconnect), // slow: the reader goes
             (Private,   0,       2000, Stalled, Disconnect),
-            (Reply,     1990,    10,  Stalled,  Queue),
-            (Reply,     1990,    11,  Draining, Disconnect), // its own replies, unread
-            (Reply,     usize::MAX, 1, Draining, Disconnect),
+            (Reply,     5000,    9000, Stalled, Queue),    // stored messages at a reconnect
+            (Reply,     usize::MAX, 1, Draining, Queue),
         ];
         for (class, backlog, len, reader, verdict) in table {
             assert_eq!(
@@ -213,6 +218,8 @@ mod tests {
         let marks = Marks::new(1000);
         assert!(may_read(999, marks));
         assert!(!may_read(1000, marks));
+        assert!(!asks_without_reading(2000, marks));
+        assert!(asks_without_reading(2001, marks));
         assert!(may_release_senders(124, marks));
         assert!(!may_release_senders(125, marks));
     }

@@ -9,7 +9,7 @@ use slab::Slab;
 use super::{wall_clock_ms, App, Core};
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, OpenState, Phase};
-use crate::delivery::Mailer;
+use crate::delivery::{policy, Mailer};
 use crate::endpoints;
 use crate::handshake::{self, Outcome};
 use crate::log;
@@ -120,6 +120,20 @@ impl Core {
                         self.on_message(conns, slot, message);
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
+                        }
+                        let own_backlog = conns[slot].out.bytes();
+                        if matches!(self.app, App::Chat(_))
+                            && policy::asks_without_reading(own_backlog, self.post.marks())
+                        {
+                            log::debug!("#{}: replies piled up unread", conns[slot].id);
+                            self.post.close(
+                                &mut conns[slot],
+                                slot,
+                                CloseCode::Policy,
+                                "slow consumer",
+                                CloseReason::SlowConsumer,
+                            );
+                            break;
                         }
                     }
                 }

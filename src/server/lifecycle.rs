@@ -95,7 +95,7 @@ impl Core {
     pub(super) fn settle(&mut self, conns: &mut Slab<Connection>, now: Instant) {
         while !self.post.departures.is_empty() || !self.post.began_closing.is_empty() {
             for slot in std::mem::take(&mut self.post.departures) {
-                if conns.get(slot).is_some_and(|c| c.holds_senders) {
+                if conns.get(slot).is_some_and(|c| c.holding > 0) {
                     self.post.release_senders_of(conns, slot);
                 }
                 if let App::Chat(router) = &mut self.app {
