@@ -115,6 +115,7 @@ impl Post {
         self.times
     }
 
+    #[inline]
     pub fn list_for_flush(&mut self, slot: usize, conn: &mut Connection) {
         if !conn.flush_listed {
             conn.flush_listed = true;
@@ -215,7 +216,8 @@ impl Post {
     /// anything but `Queue` and the socket may still take bytes, the queue is
     /// offered to it before judging again.
     fn judge(&mut self, slot: usize, conn: &mut Connection, class: Class, len: usize) -> Verdict {
-        let reader = policy::reader(conn.stalled_since, self.now, self.times);
+        let (now, times) = (self.now, self.times);
+        let reader = || policy::reader(conn.stalled_since, now, times);
         let verdict = policy::admit(class, conn.out.bytes(), len, reader, self.marks);
         if !policy::worth_offering(verdict) || conn.blocked {
             return verdict;
@@ -224,7 +226,7 @@ impl Post {
         // Whatever the verdict, what is left (or an error) goes to this
         // turn's flush, which registers for writability.
         self.list_for_flush(slot, conn);
-        let reader = policy::reader(conn.stalled_since, self.now, self.times);
+        let reader = || policy::reader(conn.stalled_since, now, times);
         policy::admit(class, conn.out.bytes(), len, reader, self.marks)
     }
 

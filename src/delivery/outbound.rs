@@ -178,11 +178,21 @@ impl Outbound {
         self.reuse_queue(spares);
         let at = self.lane_end(lane);
         self.bytes += chunk.as_bytes().len();
-        self.queue.insert(at, Entry { chunk, lane });
+        self.insert(at, Entry { chunk, lane });
+    }
+
+    /// `VecDeque::insert`, with the usual case (at the back) kept cheap.
+    fn insert(&mut self, at: usize, entry: Entry) {
+        if at >= self.queue.len() {
+            self.queue.push_back(entry);
+        } else {
+            self.queue.insert(at, entry);
+        }
     }
 
     /// Where a new entry of `lane` goes: at the back, except that an urgent
     /// one goes ahead of bulk entries not yet started.
+    #[inline]
     fn lane_end(&self, lane: Lane) -> usize {
         let len = self.queue.len();
         match (lane, self.queue.back()) {
@@ -213,10 +223,15 @@ impl Outbound {
         let len = header_len(payload.len()) + payload.len();
         self.bytes += len;
         let at = self.lane_end(lane);
+        let before = if at == self.queue.len() {
+            self.queue.back_mut()
+        } else {
+            at.checked_sub(1).and_then(|i| self.queue.get_mut(i))
+        };
         if let Some(Entry {
             chunk: Chunk::Owned(buffer),
             lane: last_lane,
-        }) = at.checked_sub(1).and_then(|i| self.queue.get_mut(i))
+        }) = before
         {
             if *last_lane == lane && buffer.len() + len <= CORK_BYTES {
                 write_header(buffer, opcode, payload.len());
@@ -228,7 +243,7 @@ impl Outbound {
         let mut buffer = spares.buffer(len);
         write_header(&mut buffer, opcode, payload.len());
         buffer.extend_from_slice(payload);
-        self.queue.insert(
+        self.insert(
             at,
             Entry {
                 chunk: Chunk::Owned(buffer),

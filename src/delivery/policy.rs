@@ -87,14 +87,25 @@ pub enum Verdict {
 }
 
 /// The verdict for a frame of `len` bytes and `class` for a reader with
-/// `backlog` unsent bytes (after the kernel was offered them).
-pub fn admit(class: Class, backlog: usize, len: usize, reader: Reader, marks: Marks) -> Verdict {
+/// `backlog` unsent bytes (after the kernel was offered them). `reader` is
+/// asked only when the frame does not fit under the soft mark (the usual
+/// case costs two comparisons).
+pub fn admit(
+    class: Class,
+    backlog: usize,
+    len: usize,
+    reader: impl FnOnce() -> Reader,
+    marks: Marks,
+) -> Verdict {
     let after = backlog.saturating_add(len);
+    if after <= marks.soft {
+        return Verdict::Queue;
+    }
     match class {
         Class::Public | Class::Presence if backlog > marks.soft => Verdict::Shed,
         Class::Public | Class::Presence => Verdict::Queue,
         Class::Private if after <= marks.soft => Verdict::Queue,
-        Class::Private => match (after <= marks.max, reader) {
+        Class::Private => match (after <= marks.max, reader()) {
             (true, Reader::Draining) => Verdict::QueueAndHoldSender,
             (true, Reader::Stalled) => Verdict::Queue,
             (false, Reader::Draining) => Verdict::Refuse,
@@ -183,7 +194,7 @@ mod tests {
         ];
         for (class, backlog, len, reader, verdict) in table {
             assert_eq!(
-                admit(class, backlog, len, reader, marks),
+                admit(class, backlog, len, || reader, marks),
                 verdict,
                 "{class:?} backlog {backlog} len {len} {reader:?}"
             );
