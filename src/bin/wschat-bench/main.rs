@@ -11,6 +11,7 @@ mod offline;
 mod os;
 mod phases;
 mod private;
+mod public;
 mod report;
 mod scan;
 
