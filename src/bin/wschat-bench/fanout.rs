@@ -5,8 +5,9 @@ use crate::hist::Histogram;
 use crate::net::{App, Net};
 use crate::os::set_timer_slack_ns;
 use crate::phases::{close_all, connect_row, drain, open_every, run_window, settle, Window};
+use crate::public::Publisher;
 use crate::report::{round1, Report, TypeCounts};
-use crate::scan::{field, parse_body, push_body};
+use crate::scan::field;
 use crate::{Common, Outcome};
 
 pub struct Opts {
@@ -19,9 +20,8 @@ pub struct Opts {
 
 struct FanoutApp {
     receivers: usize,
-    publisher_name: String,
-    /// Per message: its scheduled send time, receivers reached, last arrival.
-    sent_at: Vec<u64>,
+    publisher: Publisher,
+    /// Per message (as `publisher.sent_at`): receivers reached, last arrival.
     reached: Vec<u32>,
     last: Vec<u64>,
     /// Per receiver: the next sequence number expected.
@@ -32,10 +32,8 @@ struct FanoutApp {
     deliveries: u64,
     deliveries_window: u64,
     own_copies: u64,
-    misrouted: u64,
     duplicates: u64,
     out_of_order: u64,
-    malformed: u64,
     types: TypeCounts,
 }
 
@@ -52,19 +50,9 @@ impl App for FanoutApp {
             Some(ty) => return self.types.add(ty),
             None => return self.types.add(b"(no type)"),
         }
-        let fields = field(text, "body").and_then(|b| parse_body(b, [b'K', b'T']));
-        let Some([seq, ts]) = fields else {
-            self.malformed += 1;
+        let Some((seq, ts)) = self.publisher.check(text) else {
             return;
         };
-        let seq = seq as usize;
-        if field(text, "from") != Some(self.publisher_name.as_bytes())
-            || seq >= self.sent_at.len()
-            || self.sent_at[seq] != ts
-        {
-            self.misrouted += 1;
-            return;
-        }
         if tag >= self.receivers {
             self.own_copies += 1;
             return;
@@ -105,12 +93,11 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     set_timer_slack_ns(1);
     let n = o.receivers;
     let mut names: Vec<String> = (0..n).map(|i| format!("{}f{i}", c.prefix)).collect();
-    let publisher_name = format!("{}pub", c.prefix);
-    names.push(publisher_name.clone());
+    let publisher = Publisher::new(format!("{}pub", c.prefix), o.rate, o.size);
+    names.push(publisher.name.clone());
     let mut app = FanoutApp {
         receivers: n,
-        publisher_name,
-        sent_at: Vec::new(),
+        publisher,
         reached: Vec::new(),
         last: Vec::new(),
         expect: vec![0; n],
@@ -120,17 +107,15 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         deliveries: 0,
         deliveries_window: 0,
         own_copies: 0,
-        misrouted: 0,
         duplicates: 0,
         out_of_order: 0,
-        malformed: 0,
         types: TypeCounts::default(),
     };
     let io = |e: std::io::Error| format!("event loop: {e}");
     let mut net = Net::new(c.target.clone()).map_err(io)?;
     net.enable_timer().map_err(io)?;
     let (ids, connect_secs) = open_every(&mut net, &mut app, &names, c)?;
-    let publisher = ids[n];
+    app.publisher.id = ids[n];
     // Presence events from connecting go to everyone: let them drain.
     settle(&mut net, &mut app, 0.3 + n as f64 / 20_000.0).map_err(io)?;
     let before = net.stats.clone();
@@ -139,22 +124,12 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     let t0 = w.t0;
     app.t0 = w.t0;
     app.t1 = w.t1;
-    let interval = 1e9 / o.rate;
-    let mut msg = Vec::with_capacity(o.size + 64);
-    let mut lag = Histogram::new();
     let cpu = run_window(&mut net, &mut app, c, w, |net, app| {
         // Each message at its scheduled time (open loop).
-        while let Some(at) = w.due(app.sent_at.len() as u64, interval, net, &mut lag) {
-            let k = app.sent_at.len() as u64;
-            msg.clear();
-            msg.extend_from_slice(br#"{"type":"public","body":""#);
-            push_body(&mut msg, &[(b'K', k), (b'T', at)], o.size);
-            msg.extend_from_slice(br#""}"#);
-            app.sent_at.push(at);
-            app.reached.push(0);
-            app.last.push(0);
-            net.send_text(publisher, &msg);
-        }
+        app.publisher.publish_due(&w, net);
+        let sent = app.publisher.sent_at.len();
+        app.reached.resize(sent, 0);
+        app.last.resize(sent, 0);
     })?;
     drain(&mut net, &mut app, c, |app| u64::from(app.incomplete()))?;
     let during = net.stats.clone();
@@ -165,7 +140,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     let mut missing = 0u64;
     let mut window_msgs = 0u64;
     let mut incomplete_msgs = 0u64;
-    for (k, &at) in app.sent_at.iter().enumerate() {
+    for (k, &at) in app.publisher.sent_at.iter().enumerate() {
         let reached = app.reached[k] as u64;
         missing += n as u64 - reached;
         if at < t0 {
@@ -178,7 +153,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
             incomplete_msgs += 1;
         }
     }
-    let sent = app.sent_at.len() as u64;
+    let sent = app.publisher.sent_at.len() as u64;
     let per_s = app.deliveries_window as f64 / o.duration;
     let mut r = Report::new(
         "fanout",
@@ -202,7 +177,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     r.val("deliveries_per_s", round1(per_s));
     r.latency("last_receiver", "last receiver (µs)", &last_hist);
     r.latency("delivery", "each delivery (µs)", &app.delivery);
-    r.latency("send_lag", "send lag (µs)", &lag);
+    r.latency("send_lag", "send lag (µs)", &app.publisher.lag);
     r.row(
         "messages",
         format!(
@@ -214,17 +189,17 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         "errors",
         format!(
             "{} misrouted, {} duplicates, {} out of order, {} malformed",
-            app.misrouted, app.duplicates, app.out_of_order, app.malformed
+            app.publisher.misrouted, app.duplicates, app.out_of_order, app.publisher.malformed
         ),
     );
     r.val("published", sent);
     r.val("deliveries", app.deliveries);
     r.val("missing", missing);
     r.val("own_copies", app.own_copies);
-    r.val("misrouted", app.misrouted);
+    r.val("misrouted", app.publisher.misrouted);
     r.val("duplicates", app.duplicates);
     r.val("out_of_order", app.out_of_order);
-    r.val("malformed", app.malformed);
+    r.val("malformed", app.publisher.malformed);
     r.row("other messages", app.types.text());
     r.val("other_types", app.types.json());
     if missing > 0 {
@@ -240,10 +215,10 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         + (during.eofs - before.eofs)
         + (during.io_errors - before.io_errors)
         + during.protocol_errors;
-    let errors = app.misrouted
+    let errors = app.publisher.misrouted
         + app.duplicates
         + app.out_of_order
-        + app.malformed
+        + app.publisher.malformed
         + server_errors
         + ended_early;
     Ok(Outcome { report: r, errors })

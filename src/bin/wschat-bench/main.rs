@@ -11,6 +11,7 @@ mod offline;
 mod os;
 mod phases;
 mod private;
+mod public;
 mod report;
 mod scan;
 
@@ -67,11 +68,21 @@ USAGE: wschat-bench private --url URL [options]
   --size BYTES     body size: P<pair>Q<seq>T<ns>X padded with x [default: 64]
   --duration S     measured window in seconds [default: 10]
   --warmup S       seconds of load before the window [default: 1]
+  --public-rate R  under a flood: one more connection <prefix>pub sends R public
+                   messages/s (open loop, scheduled like --rate), which every
+                   sender and receiver gets too
+  --public-size BYTES
+                   public body size: K<seq>T<ns>X padded with x [default: 4096]
 
 Reports delivered msgs/s in the window; latency p50/p90/p99/p99.9/max in µs from the
 send time in the body to arrival; lost, misrouted, out-of-order and malformed counts
 (all of them errors, as are server `error` messages and connections lost mid-run).
 Other message types (welcome, receipt, join, leave, ...) are counted and ignored.
+With --public-rate, public messages are counted apart and never enter the private
+latency: deliveries to receivers and to senders, their latency from the scheduled
+time, missing deliveries, and `gap` events with the number they report dropped
+(shed by the server: not errors); misrouted, out-of-order or malformed public
+messages are errors.
 ";
 
 const HELP_FANOUT: &str = "\
@@ -313,6 +324,24 @@ fn common(args: &mut Args) -> Result<Common, String> {
     Ok(c)
 }
 
+fn private_opts(args: &mut Args) -> Result<private::Opts, String> {
+    let public_rate = args.opt("public-rate")?;
+    let public_size = args.opt("public-size")?;
+    if public_size.is_some() && public_rate.is_none() {
+        return Err("--public-size needs --public-rate".into());
+    }
+    Ok(private::Opts {
+        pairs: args.num("pairs", 50)?,
+        window: args.num("window", 16)?,
+        size: args.num("size", 64)?,
+        duration: args.num("duration", 10.0)?,
+        warmup: args.num("warmup", 1.0)?,
+        rate: args.opt("rate")?,
+        public_rate,
+        public_size: public_size.unwrap_or(4096),
+    })
+}
+
 fn run(mut argv: impl Iterator<Item = String>) -> Result<(Outcome, bool), (String, u8)> {
     let usage = |e: String| (e, 2u8);
     let Some(sub) = argv.next() else {
@@ -340,14 +369,7 @@ fn run(mut argv: impl Iterator<Item = String>) -> Result<(Outcome, bool), (Strin
     let c = common(&mut args).map_err(usage)?;
     let outcome = match sub.as_str() {
         "private" => {
-            let o = private::Opts {
-                pairs: args.num("pairs", 50).map_err(usage)?,
-                window: args.num("window", 16).map_err(usage)?,
-                size: args.num("size", 64).map_err(usage)?,
-                duration: args.num("duration", 10.0).map_err(usage)?,
-                warmup: args.num("warmup", 1.0).map_err(usage)?,
-                rate: args.opt("rate").map_err(usage)?,
-            };
+            let o = private_opts(&mut args).map_err(usage)?;
             args.finish().map_err(usage)?;
             private::run(&c, &o)
         }
@@ -416,5 +438,36 @@ fn main() -> ExitCode {
             }
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Args {
+        Args::parse(line.split_whitespace().map(String::from)).unwrap()
+    }
+
+    #[test]
+    fn private_options() {
+        let mut a = args("--pairs 10 --rate 1000 --public-rate 2000");
+        let o = private_opts(&mut a).unwrap();
+        assert!(a.finish().is_ok());
+        assert_eq!((o.pairs, o.window, o.size), (10, 16, 64));
+        assert_eq!((o.rate, o.public_rate), (Some(1000.0), Some(2000.0)));
+        assert_eq!(o.public_size, 4096);
+
+        let o = private_opts(&mut args("--public-rate=5 --public-size 100")).unwrap();
+        assert_eq!((o.public_rate, o.public_size), (Some(5.0), 100));
+
+        let o = private_opts(&mut args("")).unwrap();
+        assert_eq!((o.rate, o.public_rate), (None, None));
+
+        assert!(private_opts(&mut args("--public-size 100")).is_err());
+        assert!(private_opts(&mut args("--public-rate fast")).is_err());
+        let mut a = args("--public-rate 1 --public-sizes 2");
+        private_opts(&mut a).unwrap();
+        assert!(a.finish().is_err(), "a misspelt option is refused");
     }
 }

@@ -217,7 +217,8 @@ impl Net {
         Ok(())
     }
 
-    /// Wakes the poll at monotonic time `at_ns` (needs [`Net::enable_timer`]).
+    /// Wakes the poll at monotonic time `at_ns`, or at a sooner time asked
+    /// for and still to come (needs [`Net::enable_timer`]).
     pub fn wake_at(&mut self, at_ns: u64) {
         if let Some(t) = &mut self.timer {
             t.arm_at(at_ns);

@@ -181,10 +181,14 @@ impl TimerFd {
         Ok(TimerFd { fd, armed_at: 0 })
     }
 
-    /// Fires once at the absolute monotonic time `at_ns` (re-arming replaces
-    /// the previous deadline; the same deadline is not set twice).
+    /// Fires once at the absolute monotonic time `at_ns`, or earlier: a
+    /// deadline still to come that is sooner is kept (several schedules share
+    /// the timer; each arms its next time again once woken). A deadline that
+    /// has passed is replaced; the same deadline is not set twice.
     pub fn arm_at(&mut self, at_ns: u64) {
-        if at_ns == self.armed_at {
+        if at_ns == self.armed_at
+            || (self.armed_at != 0 && self.armed_at < at_ns && self.armed_at > now_ns())
+        {
             return;
         }
         self.armed_at = at_ns;
@@ -261,4 +265,30 @@ impl Rng {
 /// The soft open-file limit after raising it to the hard limit.
 pub fn raise_fd_limit() -> usize {
     wschat::sys::raise_fd_limit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sooner_deadline_to_come_is_kept() {
+        let mut t = TimerFd::new().unwrap();
+        let now = now_ns();
+        let (soon, later) = (now + 10_000_000_000, now + 20_000_000_000);
+        t.arm_at(later);
+        assert_eq!(t.armed_at, later);
+        t.arm_at(soon);
+        assert_eq!(t.armed_at, soon, "a sooner deadline replaces a later one");
+        t.arm_at(later);
+        assert_eq!(t.armed_at, soon, "a later one waits for the sooner");
+        // A deadline that has passed (fired, not yet seen) is replaced.
+        t.arm_at(now - 1);
+        t.arm_at(later);
+        assert_eq!(t.armed_at, later);
+        t.clear();
+        assert_eq!(t.armed_at, 0);
+        t.arm_at(later);
+        assert_eq!(t.armed_at, later);
+    }
 }

@@ -9,6 +9,48 @@
 /// The string value of the top-level field `name` in `json`, without escapes
 /// resolved (ours have none). `None` if absent or not a string.
 pub fn field<'a>(json: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let i = value_at(json, name)?;
+    if json.get(i) != Some(&b'"') {
+        return None;
+    }
+    let value_start = i + 1;
+    let mut j = value_start;
+    while j < json.len() {
+        match json[j] {
+            b'"' => return Some(&json[value_start..j]),
+            b'\\' => j += 2,
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+/// The value of the top-level field `name` in `json` if it is a whole number
+/// (digits only, as the server writes counts). `None` if absent or not one.
+pub fn number_field(json: &[u8], name: &str) -> Option<u64> {
+    let (v, end) = number_at(json, value_at(json, name)?)?;
+    matches!(
+        json.get(end),
+        Some(b',' | b'}' | b' ' | b'\t' | b'\r' | b'\n')
+    )
+    .then_some(v)
+}
+
+/// The decimal number that starts at `i`: its value and where it ends. `None`
+/// without a digit there, or past `u64`.
+fn number_at(bytes: &[u8], i: usize) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    let mut end = i;
+    while let Some(&d) = bytes.get(end).filter(|d| d.is_ascii_digit()) {
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        end += 1;
+    }
+    (end > i).then_some((v, end))
+}
+
+/// Where the value of the first key `"name"` starts (after the colon and any
+/// whitespace).
+fn value_at(json: &[u8], name: &str) -> Option<usize> {
     let name = name.as_bytes();
     let mut from = 0;
     while let Some(at) = find(&json[from..], name) {
@@ -21,24 +63,11 @@ pub fn field<'a>(json: &'a [u8], name: &str) -> Option<&'a [u8]> {
         if start >= 2 && json[start - 2] == b'\\' {
             continue;
         }
-        let mut i = skip_ws(json, from + 1);
+        let i = skip_ws(json, from + 1);
         if json.get(i) != Some(&b':') {
             continue;
         }
-        i = skip_ws(json, i + 1);
-        if json.get(i) != Some(&b'"') {
-            return None;
-        }
-        let value_start = i + 1;
-        let mut j = value_start;
-        while j < json.len() {
-            match json[j] {
-                b'"' => return Some(&json[value_start..j]),
-                b'\\' => j += 2,
-                _ => j += 1,
-            }
-        }
-        return None;
+        return Some(skip_ws(json, i + 1));
     }
     None
 }
@@ -106,20 +135,7 @@ pub fn parse_body<const N: usize>(body: &[u8], tags: [u8; N]) -> Option<[u64; N]
         if body.get(i) != Some(&tag) {
             return None;
         }
-        i += 1;
-        let start = i;
-        let mut v: u64 = 0;
-        while let Some(&d) = body.get(i) {
-            if !d.is_ascii_digit() {
-                break;
-            }
-            v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        *slot = v;
+        (*slot, i) = number_at(body, i + 1)?;
     }
     (body.get(i) == Some(&b'X')).then_some(out)
 }
@@ -152,6 +168,24 @@ mod tests {
         assert_eq!(field(b"", "body"), None);
         assert_eq!(field(br#"{"body":"unterminated"#, "body"), None);
         assert_eq!(field(br#"{"body":"a\"b"}"#, "body"), Some(&br#"a\"b"#[..]));
+    }
+
+    #[test]
+    fn numbers() {
+        let m = br#"{"type":"gap","dropped":12}"#;
+        assert_eq!(number_field(m, "dropped"), Some(12));
+        assert_eq!(number_field(m, "type"), None, "a string");
+        assert_eq!(number_field(m, "missing"), None);
+        let m = br#"{ "note":"\"dropped\":5", "dropped" : 0 , "online":4}"#;
+        assert_eq!(number_field(m, "dropped"), Some(0));
+        assert_eq!(number_field(m, "online"), Some(4));
+        assert_eq!(number_field(br#"{"dropped":-1}"#, "dropped"), None);
+        assert_eq!(number_field(br#"{"dropped":1.5}"#, "dropped"), None);
+        assert_eq!(number_field(br#"{"dropped":12"#, "dropped"), None);
+        let max = format!(r#"{{"dropped":{}}}"#, u64::MAX);
+        assert_eq!(number_field(max.as_bytes(), "dropped"), Some(u64::MAX));
+        let over = format!(r#"{{"dropped":{}0}}"#, u64::MAX);
+        assert_eq!(number_field(over.as_bytes(), "dropped"), None);
     }
 
     #[test]
