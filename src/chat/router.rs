@@ -300,9 +300,14 @@ impl Router {
         resume: Option<u64>,
         out: &mut impl Outbox,
     ) {
-        // A resume point beyond anything given out (the server lost its
-        // numbering, e.g. `--data-dir none` restarted) acknowledges nothing.
-        let after = resume.unwrap_or(0).min(self.outboxes.last_seq(name));
+        // A resume point beyond anything given out (the client kept a seq
+        // from before the server lost its data) acknowledges nothing: all
+        // that is held is replayed (the client de-duplicates by id), rather
+        // than dropped unread.
+        let after = match resume {
+            Some(seq) if seq <= self.outboxes.last_seq(name) => seq,
+            _ => 0,
+        };
         if resume.is_some() {
             self.outboxes.ack(name, after);
         }
@@ -1156,6 +1161,27 @@ mod tests {
             .collect();
         assert_eq!(replayed, vec![(json!(3), json!(true))]);
         assert_eq!(r.outboxes.held().0, 1, "still held until acked");
+    }
+
+    #[test]
+    fn a_resume_point_beyond_anything_given_out_acknowledges_nothing() {
+        let mut r = limited_router(10, 1_000_000);
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        for i in 1..=2 {
+            let text = format!(r#"{{"type":"private","to":"bob","body":"m{i}"}}"#);
+            r.handle(ConnId(1), &text, 10, &mut out);
+        }
+        out.take();
+        r.join(ConnId(2), "username=bob&resume=99", &mut out);
+        let replayed: Vec<_> = out
+            .take()
+            .into_iter()
+            .filter(|(s, v)| *s == 2 && v["type"] == "private")
+            .map(|(_, v)| v["seq"].clone())
+            .collect();
+        assert_eq!(replayed, vec![json!(1), json!(2)], "nothing dropped unread");
+        assert_eq!(r.outboxes.held().0, 2, "held until acknowledged");
     }
 
     #[test]
