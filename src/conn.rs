@@ -212,7 +212,7 @@ impl Connection {
 mod tests {
     /// Every connection carries these (the open state inline, its times as
     /// 8-byte ticks): growing them grows RSS per idle connection (the
-    /// README's budget is 0.5 KiB in all, with the name, index and member
+    /// budget in docs/PERFORMANCE.md is 0.5 KiB in all, with the name, index and member
     /// entries and a timer entry).
     #[test]
     fn per_connection_state_stays_small() {

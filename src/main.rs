@@ -6,7 +6,7 @@
 //! installs SIGSEGV/SIGBUS handlers on an alternate stack, all to print a
 //! message on stack overflow. Those code paths alone put ~400 KiB of glibc
 //! pages in the resident set (start-up RSS median 2,084 -> 1,772 KiB over 20
-//! starts, see README). The costs: a stack overflow is a bare SIGSEGV with no message
+//! starts, see docs/PERFORMANCE.md). The costs: a stack overflow is a bare SIGSEGV with no message
 //! (the kernel's guard gap still stops it), and a panic names no thread.
 //! What the server needs from that runtime is `sys::prepare_process`, plus the
 //! arguments, read here from `argv` (std only fills `std::env::args` without

@@ -31,7 +31,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 // GCC's unwinder linked in (`libgcc_eh.a`) rather than loaded at start
 // (`libgcc_s.so.1`, which std's own link line names): std needs it only for
 // backtraces and unwinding panics, and the shared library's pages cost
-// 60-140 KiB of start-up RSS (medians over 20 starts each, see README). What
+// 60-140 KiB of start-up RSS (medians over 20 starts each, see docs/PERFORMANCE.md). What
 // `-static-libgcc` does for C programs: with the unwinder's symbols defined,
 // `--as-needed` leaves libgcc_s out (`ldd target/release/wschat` shows it).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
