@@ -5,6 +5,7 @@
 //! through [`delivery`], the one place that decides what a connection's
 //! queue takes and who is too slow.
 
+pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod conn;
