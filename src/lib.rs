@@ -20,3 +20,6 @@ pub mod store;
 pub mod sys;
 pub mod timer;
 pub mod ws;
+
+/// The version `--version` prints and `/metrics` reports (`wschat_build_info`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -734,6 +734,96 @@ fn port_in_use_exits_with_code_2() {
     drop(taken);
 }
 
+/// Runs wschat with `args` to its exit; returns its status code and stdout.
+fn stdout_of(args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the wschat binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let expected = format!("wschat {}\n", env!("CARGO_PKG_VERSION"));
+    for flag in ["--version", "-V"] {
+        assert_eq!(stdout_of(&[flag]), (Some(0), expected.clone()), "{flag}");
+    }
+}
+
+#[test]
+fn help_names_each_option_variable() {
+    let (code, help) = stdout_of(&["--help"]);
+    assert_eq!(code, Some(0));
+    for var in [
+        "WSCHAT_LISTEN",
+        "WSCHAT_ECHO",
+        "WSCHAT_MAX_OUTBOUND",
+        "WSCHAT_LOG",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}]")),
+            "{var} missing:\n{help}"
+        );
+    }
+}
+
+/// The `listening on` line states the connection limit and the mode.
+fn listening_line(server: &Server) -> String {
+    server
+        .logs()
+        .into_iter()
+        .find(|line| line.contains("listening on"))
+        .expect("the listening line")
+}
+
+#[test]
+fn environment_variables_set_options_and_flags_win() {
+    let from_env = Server::start_in(
+        &[("WSCHAT_MAX_CONNECTIONS", "7"), ("WSCHAT_ECHO", "true")],
+        &[],
+    );
+    let line = listening_line(&from_env);
+    assert!(
+        line.contains("max 7 connections") && line.contains("echo mode"),
+        "{line}"
+    );
+
+    let env = [
+        ("WSCHAT_MAX_CONNECTIONS", "7"),
+        ("WSCHAT_LISTEN", "not-an-address"),
+    ];
+    let flagged = Server::start_in(&env, &["--max-connections", "9"]);
+    // --max-connections beats its variable; --listen (given by Server) beats a
+    // variable that would not even parse.
+    let line = listening_line(&flagged);
+    assert!(line.contains("max 9 connections"), "{line}");
+}
+
+#[test]
+fn a_bad_environment_variable_exits_2_naming_it() {
+    let args = ["--listen", "127.0.0.1:0", "--data-dir", "none"];
+    for (var, value) in [
+        ("WSCHAT_MAX_BODY", "lots"),
+        ("WSCHAT_ECHO", "yes"),
+        ("WSCHAT_HANDSHAKE_TIMEOUT", "soon"),
+    ] {
+        let exit = run_to_exit_in(&[(var, value)], &args);
+        assert_eq!(exit.status.code(), Some(2), "{var}={value}: {exit:?}");
+        let lines = exit.stderr_lines();
+        assert_eq!(lines.len(), 1, "{var}={value}: {exit:?}");
+        assert!(
+            lines[0].contains(&format!("{var}: '{value}'")),
+            "{}",
+            lines[0]
+        );
+    }
+}
+
 /// A server whose log reader has gone (`wschat 2>&1 | head`, a crashed log
 /// shipper) must keep serving: the next log line meets a broken pipe, which
 /// has to be a failed write, not a SIGPIPE that ends the process.

@@ -83,6 +83,12 @@ impl Server {
     /// Starts `wschat --listen 127.0.0.1:0 <extra...>` and waits for the
     /// `listening on` line.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_in(&[], extra)
+    }
+
+    /// [`Server::start`] with these environment variables added to the
+    /// server's environment.
+    pub fn start_in(env: &[(&str, &str)], extra: &[&str]) -> Server {
         let mut args: Vec<String> = vec![
             "--listen".into(),
             "127.0.0.1:0".into(),
@@ -93,6 +99,7 @@ impl Server {
         let echo = extra.contains(&"--echo");
         let mut child = Command::new(bin())
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -242,8 +249,14 @@ impl Exit {
 /// Runs `wschat <args>` and waits for it to exit (killing it and failing if
 /// it is still running after [`EXIT_TIMEOUT`]).
 pub fn run_to_exit(args: &[&str]) -> Exit {
+    run_to_exit_in(&[], args)
+}
+
+/// [`run_to_exit`] with these environment variables added to wschat's.
+pub fn run_to_exit_in(env: &[(&str, &str)], args: &[&str]) -> Exit {
     let mut child = Command::new(bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
