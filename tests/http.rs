@@ -66,6 +66,119 @@ fn root_serves_the_chat_page_and_metrics_are_prometheus_text() {
     server.assert_serving();
 }
 
+/// Sends a HEAD for `path`; returns the head and whatever followed it
+/// before the server closed the connection (nothing, for a HEAD).
+fn head_request(addr: std::net::SocketAddr, path: &str) -> (HttpResponse, Vec<u8>) {
+    let mut s = connect(addr);
+    let request = format!("HEAD {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    s.write_all(request.as_bytes()).expect("write HEAD request");
+    let head = read_response_head(&mut s);
+    let rest = read_until_closed(&mut s, IO_TIMEOUT);
+    (head, rest)
+}
+
+#[test]
+fn head_answers_like_get_without_a_body() {
+    let mut server = Server::start(&[]);
+    for path in ["/", "/healthz", "/metrics"] {
+        let get = http_request(
+            server.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+        );
+        let (head, rest) = head_request(server.addr, path);
+        assert_eq!(head.status, get.status, "HEAD {path}: {head:?}");
+        assert!(
+            rest.is_empty(),
+            "HEAD {path} sent a body of {} bytes",
+            rest.len()
+        );
+        for name in ["Content-Type", "Connection", "Cache-Control"] {
+            assert_eq!(head.header(name), get.header(name), "HEAD {path}: {name}");
+        }
+        let length: usize = head
+            .header("Content-Length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("HEAD {path} has no Content-Length: {head:?}"));
+        if path == "/metrics" {
+            // Counters move between the two requests: only the size's order is the same.
+            assert!(length > 1000, "HEAD /metrics: Content-Length {length}");
+        } else {
+            assert_eq!(
+                length,
+                get.body.len(),
+                "HEAD {path}: the GET's Content-Length"
+            );
+        }
+    }
+    server.assert_serving();
+}
+
+/// `/healthz`'s status, read from the raw bytes: a connection the server
+/// drops instead (one that was in its handshake when the signal came) is `None`.
+fn healthz_status(addr: std::net::SocketAddr) -> Option<u16> {
+    let mut s = connect(addr);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .ok()?;
+    let response = read_until_closed(&mut s, IO_TIMEOUT);
+    let status = response.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
+    std::str::from_utf8(status).ok()?.parse().ok()
+}
+
+#[test]
+fn healthz_is_503_while_shutting_down() {
+    let mut server = Server::start(&["--shutdown-timeout", "5s"]);
+    // A client that does not answer the server's close keeps it shutting
+    // down (until it answers, or for --shutdown-timeout).
+    let mut keeper = ws_client(server.addr, "/ws?username=keeper");
+    assert_eq!(healthz_status(server.addr), Some(200));
+    server.terminate();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while healthz_status(server.addr) != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz never said 503 after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let health = http_error(server.addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(
+        (health.status, health.body_str().trim()),
+        (503, "shutting down")
+    );
+    let (head, rest) = head_request(server.addr, "/healthz");
+    assert_eq!(head.status, 503, "{head:?}");
+    assert!(rest.is_empty(), "HEAD sent a body");
+    assert_eq!(head.header("Content-Length"), Some("14"), "{head:?}");
+    // New WebSocket clients are refused rather than opened and closed.
+    let late = http_error(
+        server.addr,
+        upgrade_request("/ws?username=late", &[]).as_bytes(),
+    );
+    assert_eq!(late.status, 503, "{late:?}");
+
+    // The keeper answers the 1001 close; with no client left the server exits.
+    let mut close_code = None;
+    loop {
+        match keeper.read() {
+            Ok(tungstenite::Message::Close(frame)) => {
+                close_code = frame.map(|f| u16::from(f.code));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(close_code, Some(1001));
+    // Like any real client, it lets go of the socket the server has ended.
+    drop(keeper);
+    let status = server.exit_within(Duration::from_secs(4));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit after the last client left: {status:?}; stderr:\n{}",
+        server.logs().join("\n")
+    );
+}
+
 #[test]
 fn unknown_paths_are_404() {
     let mut server = Server::start(&[]);
