@@ -15,6 +15,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod persist;
+pub mod process;
 pub mod server;
 pub mod store;
 pub mod sys;

@@ -180,6 +180,42 @@ fn healthz_is_503_while_shutting_down() {
 }
 
 #[test]
+fn metrics_include_process_figures_and_the_version() {
+    let server = Server::start(&[]);
+    let metrics = http_error(server.addr, b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n");
+    let body = metrics.body_str();
+    let value = |name: &str| -> f64 {
+        assert!(
+            body.contains(&format!("# TYPE {name} ")),
+            "no TYPE for {name}:\n{body}"
+        );
+        body.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sample of {name}:\n{body}"))
+    };
+    assert!(value("process_resident_memory_bytes") > 100_000.0);
+    assert!(value("process_max_fds") > 0.0);
+    // stdio, the listener, the poll, the signal pipe and this connection.
+    assert!(value("process_open_fds") >= 5.0);
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        (now - started).abs() < 3600.0,
+        "started {started}, now {now}"
+    );
+    let build = format!(
+        "wschat_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(body.contains(&build), "{body}");
+}
+
+#[test]
 fn unknown_paths_are_404() {
     let mut server = Server::start(&[]);
     for path in ["/nope", "/wsx", "/healthzz", "/ws/extra", "/index.html"] {
