@@ -1,5 +1,6 @@
 //! Every limit and default in one place, and the command line that sets them.
 
+use std::ffi::OsString;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -92,185 +93,520 @@ pub fn fd_reserve() -> usize {
     32
 }
 
-pub const HELP: &str = "\
+/// How an option takes its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A switch: the flag alone turns it on; its variable takes `1`, `true`,
+    /// `0` or `false`.
+    Switch,
+    /// One value; given twice, the last one wins.
+    Value,
+    /// Repeatable; its variable takes a comma-separated list.
+    List,
+}
+
+/// Sets one option from one value. `name` is the flag or the variable the
+/// value came from, so that an error names what the operator wrote.
+type Setter = fn(&mut Config, &str, &str) -> Result<(), ConfigError>;
+
+/// One command-line option. Its environment variable is derived from the
+/// flag ([`Opt::env_var`]), so an option added to [`OPTIONS`] gets its
+/// variable, its `--help` line and its parsing from this one entry.
+pub struct Opt {
+    pub flag: &'static str,
+    /// The value's placeholder in `--help`; empty for a switch.
+    pub value_name: &'static str,
+    pub about: &'static str,
+    /// The default as `--help` shows it, if there is one worth showing.
+    pub default: Option<&'static str>,
+    kind: Kind,
+    set: Setter,
+}
+
+impl Opt {
+    /// `--max-outbound` -> `WSCHAT_MAX_OUTBOUND`.
+    pub fn env_var(&self) -> String {
+        let name = self.flag.trim_start_matches('-');
+        format!("WSCHAT_{}", name.to_ascii_uppercase().replace('-', "_"))
+    }
+}
+
+/// Every option, in `--help` order.
+pub const OPTIONS: &[Opt] = &[
+    Opt {
+        flag: "--listen",
+        value_name: "ADDR",
+        about: "address to listen on",
+        default: Some("127.0.0.1:8080"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.listen = parse_addr(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--echo",
+        value_name: "",
+        about: "serve a plain WebSocket echo server instead of chat",
+        default: None,
+        kind: Kind::Switch,
+        set: |c, name, v| {
+            c.echo = parse_switch(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-connections",
+        value_name: "N",
+        about: "open sockets beyond N get 503",
+        default: Some("open-file limit - 32"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.max_connections = Some(parse_count(name, v, 1)?);
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-message-size",
+        value_name: "BYTES",
+        about: "largest client message",
+        default: Some("65536"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.max_message_size = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-outbound",
+        value_name: "BYTES",
+        about:
+            "unsent bytes allowed per connection; public messages are shed above a quarter of it",
+        default: Some("1048576"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.max_outbound = parse_count(name, v, 1024)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--slow-reader-after",
+        value_name: "DUR",
+        about: "a reader whose socket took nothing this long is slow: senders are no longer \
+                held for it, and a private that would pass --max-outbound disconnects it",
+        default: Some("2s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.slow_reader_after = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--handshake-timeout",
+        value_name: "DUR",
+        about: "time to complete the opening handshake",
+        default: Some("10s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.handshake_timeout = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--close-timeout",
+        value_name: "DUR",
+        about: "time a peer has to finish the closing handshake",
+        default: Some("5s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.close_timeout = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--allowed-origin",
+        value_name: "URL",
+        about: "accept browsers only from this origin (repeatable)",
+        default: None,
+        kind: Kind::List,
+        set: |c, name, v| {
+            c.allowed_origins.push(parse_origin(name, v)?);
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-body",
+        value_name: "BYTES",
+        about: "largest chat message body",
+        default: Some("8192"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.max_body = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--presence-limit",
+        value_name: "N",
+        about: "send join/leave only while at most N are online",
+        default: Some("1000"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.presence_limit = parse_count(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--ping-interval",
+        value_name: "DUR",
+        about: "how often the server pings each client",
+        default: Some("25s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.ping_interval = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--idle-timeout",
+        value_name: "DUR",
+        about: "close a connection silent this long",
+        default: Some("60s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.idle_timeout = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--write-timeout",
+        value_name: "DUR",
+        about: "close a connection whose backlog is stuck this long",
+        default: Some("30s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.write_timeout = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--shutdown-timeout",
+        value_name: "DUR",
+        about: "on SIGINT/SIGTERM, wait this long for clients",
+        default: Some("5s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.shutdown_timeout = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--data-dir",
+        value_name: "DIR|none",
+        about: "where offline messages are kept; none = memory only",
+        default: Some("./wschat-data"),
+        kind: Kind::Value,
+        set: |c, _, v| {
+            c.data_dir = (v != "none").then(|| PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--fsync",
+        value_name: "always|never",
+        about: "sync the outbox log before acknowledging (never: for benchmarks; a crash \
+                may lose recent messages)",
+        default: Some("always"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.fsync = match v {
+                "always" => Sync::Always,
+                "never" => Sync::Never,
+                _ => return Err(ConfigError::invalid(name, v, "always or never")),
+            };
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--offline-max-per-user",
+        value_name: "N",
+        about: "messages held per user",
+        default: Some("1000"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.offline_max_per_user = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--offline-max-bytes",
+        value_name: "BYTES",
+        about: "bytes held by all outboxes together",
+        default: Some("67108864"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.offline_max_bytes = parse_count(name, v, 1024)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--offline-ttl",
+        value_name: "DUR",
+        about: "held messages expire after this",
+        default: Some("7d"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.offline_ttl = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--compact-min-bytes",
+        value_name: "BYTES",
+        about: "compact the log once it is this big and mostly dead",
+        default: Some("4194304"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.compact_min_bytes = parse_count(name, v, 1)? as u64;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--log",
+        value_name: "LEVEL",
+        about: "error | warn | info | debug",
+        default: Some("info"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.log_level = Level::parse(v)
+                .ok_or_else(|| ConfigError::invalid(name, v, "one of error, warn, info, debug"))?;
+            Ok(())
+        },
+    },
+];
+
+const HELP_HEAD: &str = "\
 wschat: a single-threaded WebSocket chat server
 
 USAGE: wschat [OPTIONS]
 
+Each option can also be set by the environment variable shown with it; a flag
+wins over its variable, and an empty variable counts as unset.
+
 OPTIONS:
-  --listen ADDR              address to listen on [default: 127.0.0.1:8080]
-  --echo                     serve a plain WebSocket echo server instead of chat
-  --max-connections N        open sockets beyond N get 503 [default: open-file limit - 32]
-  --max-message-size BYTES   largest client message [default: 65536]
-  --max-outbound BYTES       unsent bytes allowed per connection; public messages
-                             are shed above a quarter of it [default: 1048576]
-  --slow-reader-after DUR    a reader whose socket took nothing this long is slow:
-                             senders are no longer held for it, and a private that
-                             would pass --max-outbound disconnects it [default: 2s]
-  --handshake-timeout DUR    time to complete the opening handshake [default: 10s]
-  --close-timeout DUR        time a peer has to finish the closing handshake [default: 5s]
-  --allowed-origin URL       accept browsers only from this origin (repeatable)
-  --max-body BYTES           largest chat message body [default: 8192]
-  --presence-limit N         send join/leave only while at most N are online [default: 1000]
-  --ping-interval DUR        how often the server pings each client [default: 25s]
-  --idle-timeout DUR         close a connection silent this long [default: 60s]
-  --write-timeout DUR        close a connection whose backlog is stuck this long [default: 30s]
-  --shutdown-timeout DUR     on SIGINT/SIGTERM, wait this long for clients [default: 5s]
-  --data-dir DIR|none        where offline messages are kept; none = memory only
-                             [default: ./wschat-data]
-  --fsync always|never       sync the outbox log before acknowledging (never: for
-                             benchmarks; a crash may lose recent messages) [default: always]
-  --offline-max-per-user N   messages held per user [default: 1000]
-  --offline-max-bytes BYTES  bytes held by all outboxes together [default: 67108864]
-  --offline-ttl DUR          held messages expire after this [default: 7d]
-  --compact-min-bytes BYTES  compact the log once it is this big and mostly dead
-                             [default: 4194304]
-  --log LEVEL                error | warn | info | debug [default: info]
+";
+
+const HELP_TAIL: &str = "  -V, --version              print the version
   -h, --help                 print this help
 
-DUR is a number of seconds or a number with ms, s, m, h or d (500ms, 10s, 2m, 7d).
+DUR is a number of seconds or a number with ms, s, m, h or d (500ms, 10s, 2m,
+7d). A switch's variable takes 1, true, 0 or false; a repeatable option's
+variable takes a comma-separated list.
 ";
+
+/// Where the description column of `--help` starts, and where it wraps.
+const HELP_INDENT: usize = 29;
+const HELP_WIDTH: usize = 80;
+
+/// The `--help` text, built from [`OPTIONS`].
+pub fn help() -> String {
+    let mut out = String::from(HELP_HEAD);
+    for opt in OPTIONS {
+        let usage = if opt.value_name.is_empty() {
+            opt.flag.to_owned()
+        } else {
+            format!("{} {}", opt.flag, opt.value_name)
+        };
+        // Bracketed notes are kept whole when the line wraps.
+        let mut words: Vec<String> = opt.about.split_whitespace().map(str::to_owned).collect();
+        if let Some(default) = opt.default {
+            words.push(format!("[default: {default}]"));
+        }
+        words.push(format!("[env: {}]", opt.env_var()));
+        let mut line = format!("  {usage:<width$}", width = HELP_INDENT - 3);
+        if line.len() >= HELP_INDENT {
+            out.push_str(&line);
+            out.push('\n');
+            line = " ".repeat(HELP_INDENT - 1);
+        }
+        for (i, word) in words.iter().enumerate() {
+            if i > 0 && line.len() + 1 + word.len() > HELP_WIDTH {
+                out.push_str(&line);
+                out.push('\n');
+                line = " ".repeat(HELP_INDENT - 1);
+            }
+            line.push(' ');
+            line.push_str(word);
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(HELP_TAIL);
+    out
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run,
     Help,
+    Version,
 }
 
-/// A command-line mistake, printed as one line.
+/// A mistake in the command line or the environment, printed as one line.
 #[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// An argument that is no option.
+    UnknownOption(String),
+    /// A flag given without its value.
+    MissingValue(&'static str),
+    /// A switch given a value on the command line (`--echo=yes`).
+    UnexpectedValue(&'static str),
+    /// A variable whose value is not UTF-8.
+    NotUtf8(String),
+    /// A value its option cannot take; `name` is the flag or the variable.
+    Invalid {
+        name: String,
+        value: String,
+        expected: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(name: &str, value: &str, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            name: name.to_owned(),
+            value: value.to_owned(),
+            expected: expected.into(),
+        }
+    }
+}
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            ConfigError::UnknownOption(arg) => write!(f, "unknown option '{arg}'"),
+            ConfigError::MissingValue(flag) => write!(f, "{flag} needs a value"),
+            ConfigError::UnexpectedValue(flag) => write!(f, "{flag} takes no value"),
+            ConfigError::NotUtf8(name) => write!(f, "{name} is not UTF-8"),
+            ConfigError::Invalid {
+                name,
+                value,
+                expected,
+            } => write!(f, "{name}: '{value}' is not {expected}"),
+        }
     }
 }
 
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Parses the arguments (without the program name).
-    pub fn from_args<I: IntoIterator<Item = String>>(
-        args: I,
-    ) -> Result<(Config, Command), ConfigError> {
-        let mut config = Config::default();
+    /// Parses the arguments (without the program name) over the environment
+    /// that `env` looks variables up in (`std::env::var_os` in the binary, a
+    /// table in tests). A flag wins over its variable; a variable whose
+    /// option is given as a flag is not read at all.
+    pub fn parse<I, E>(args: I, env: E) -> Result<(Config, Command), ConfigError>
+    where
+        I: IntoIterator<Item = String>,
+        E: Fn(&str) -> Option<OsString>,
+    {
+        let mut given: Vec<(&Opt, String)> = Vec::new();
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-                _ => (arg.clone(), None),
+                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+                _ => (arg.as_str(), None),
             };
-            let mut value = || -> Result<String, ConfigError> {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| ConfigError(format!("{flag} needs a value")))
-            };
-            match flag.as_str() {
-                "-h" | "--help" => return Ok((config, Command::Help)),
-                "--echo" => config.echo = true,
-                "--listen" => config.listen = parse_addr(&value()?)?,
-                "--max-connections" => {
-                    config.max_connections = Some(parse_count(&flag, &value()?, 1)?);
-                }
-                "--max-message-size" => {
-                    config.max_message_size = parse_count(&flag, &value()?, 1)?;
-                }
-                "--max-outbound" => config.max_outbound = parse_count(&flag, &value()?, 1024)?,
-                "--handshake-timeout" => {
-                    config.handshake_timeout = parse_duration(&flag, &value()?)?
-                }
-                "--close-timeout" => config.close_timeout = parse_duration(&flag, &value()?)?,
-                "--max-body" => config.max_body = parse_count(&flag, &value()?, 1)?,
-                "--presence-limit" => config.presence_limit = parse_count(&flag, &value()?, 0)?,
-                "--ping-interval" => config.ping_interval = parse_duration(&flag, &value()?)?,
-                "--idle-timeout" => config.idle_timeout = parse_duration(&flag, &value()?)?,
-                "--write-timeout" => config.write_timeout = parse_duration(&flag, &value()?)?,
-                "--slow-reader-after" => {
-                    config.slow_reader_after = parse_duration(&flag, &value()?)?
-                }
-                "--shutdown-timeout" => config.shutdown_timeout = parse_duration(&flag, &value()?)?,
-                "--data-dir" => {
-                    let dir = value()?;
-                    config.data_dir = if dir == "none" {
-                        None
-                    } else {
-                        Some(PathBuf::from(dir))
-                    };
-                }
-                "--fsync" => {
-                    config.fsync = match value()?.as_str() {
-                        "always" => Sync::Always,
-                        "never" => Sync::Never,
-                        other => {
-                            return Err(ConfigError(format!(
-                                "--fsync: '{other}' is not always or never"
-                            )))
-                        }
-                    }
-                }
-                "--offline-max-per-user" => {
-                    config.offline_max_per_user = parse_count(&flag, &value()?, 1)?
-                }
-                "--offline-max-bytes" => {
-                    config.offline_max_bytes = parse_count(&flag, &value()?, 1024)?
-                }
-                "--offline-ttl" => config.offline_ttl = parse_duration(&flag, &value()?)?,
-                "--compact-min-bytes" => {
-                    config.compact_min_bytes = parse_count(&flag, &value()?, 1)? as u64
-                }
-                "--allowed-origin" => {
-                    let origin = value()?;
-                    if !(origin.starts_with("http://") || origin.starts_with("https://")) {
-                        return Err(ConfigError(format!(
-                            "--allowed-origin: '{origin}' is not an http(s) origin such as https://chat.example"
-                        )));
-                    }
-                    config.allowed_origins.push(origin);
-                }
-                "--log" => {
-                    let v = value()?;
-                    config.log_level = Level::parse(&v).ok_or_else(|| {
-                        ConfigError(format!(
-                            "--log: '{v}' is not one of error, warn, info, debug"
-                        ))
-                    })?;
-                }
-                _ => return Err(ConfigError(format!("unknown option '{arg}'"))),
+            match flag {
+                "-h" | "--help" => return Ok((Config::default(), Command::Help)),
+                "-V" | "--version" => return Ok((Config::default(), Command::Version)),
+                _ => {}
             }
+            let opt = OPTIONS
+                .iter()
+                .find(|opt| opt.flag == flag)
+                .ok_or_else(|| ConfigError::UnknownOption(arg.clone()))?;
+            let value = match (opt.kind, inline) {
+                (Kind::Switch, None) => "true".to_owned(),
+                (Kind::Switch, Some(_)) => return Err(ConfigError::UnexpectedValue(opt.flag)),
+                (_, Some(value)) => value,
+                (_, None) => args.next().ok_or(ConfigError::MissingValue(opt.flag))?,
+            };
+            given.push((opt, value));
+        }
+
+        let mut config = Config::default();
+        for opt in OPTIONS {
+            if given.iter().any(|(flagged, _)| std::ptr::eq(*flagged, opt)) {
+                continue;
+            }
+            let name = opt.env_var();
+            let Some(value) = env(&name) else {
+                continue;
+            };
+            let value = value
+                .into_string()
+                .map_err(|_| ConfigError::NotUtf8(name.clone()))?;
+            if value.is_empty() {
+                continue;
+            }
+            match opt.kind {
+                Kind::List => {
+                    for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                        (opt.set)(&mut config, &name, item)?;
+                    }
+                }
+                Kind::Switch | Kind::Value => (opt.set)(&mut config, &name, &value)?,
+            }
+        }
+        for (opt, value) in given {
+            (opt.set)(&mut config, opt.flag, &value)?;
         }
         Ok((config, Command::Run))
     }
 }
 
-fn parse_addr(text: &str) -> Result<SocketAddr, ConfigError> {
+fn parse_addr(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.to_socket_addrs()
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .ok_or_else(|| {
-            ConfigError(format!(
-                "--listen: '{text}' is not an address such as 127.0.0.1:8080"
-            ))
-        })
+        .ok_or_else(|| ConfigError::invalid(name, text, "an address such as 127.0.0.1:8080"))
 }
 
-fn parse_count(flag: &str, text: &str, min: usize) -> Result<usize, ConfigError> {
+fn parse_count(name: &str, text: &str, min: usize) -> Result<usize, ConfigError> {
     match text.parse::<usize>() {
         Ok(n) if n >= min => Ok(n),
-        _ => Err(ConfigError(format!(
-            "{flag}: '{text}' is not a whole number of at least {min}"
-        ))),
+        _ => Err(ConfigError::invalid(
+            name,
+            text,
+            format!("a whole number of at least {min}"),
+        )),
+    }
+}
+
+/// A switch's value in the environment (the flag alone passes `true`).
+fn parse_switch(name: &str, text: &str) -> Result<bool, ConfigError> {
+    match text {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(ConfigError::invalid(name, text, "1, true, 0 or false")),
+    }
+}
+
+fn parse_origin(name: &str, text: &str) -> Result<String, ConfigError> {
+    if text.starts_with("http://") || text.starts_with("https://") {
+        Ok(text.to_owned())
+    } else {
+        Err(ConfigError::invalid(
+            name,
+            text,
+            "an http(s) origin such as https://chat.example",
+        ))
     }
 }
 
 /// `10` (seconds), `10s`, `500ms`, `2m`.
-pub fn parse_duration(flag: &str, text: &str) -> Result<Duration, ConfigError> {
-    let bad = || {
-        ConfigError(format!(
-            "{flag}: '{text}' is not a duration such as 500ms, 10s or 2m"
-        ))
-    };
+pub fn parse_duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::invalid(name, text, "a duration such as 500ms, 10s or 2m");
     let (number, unit_ms) = if let Some(n) = text.strip_suffix("ms") {
         (n, 1)
     } else if let Some(n) = text.strip_suffix('s') {
@@ -297,7 +633,43 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<(Config, Command), ConfigError> {
-        Config::from_args(args.iter().map(|s| s.to_string()))
+        parse_in(args, &[])
+    }
+
+    /// Parses `args` over an environment holding only `vars`.
+    fn parse_in(args: &[&str], vars: &[(&str, &str)]) -> Result<(Config, Command), ConfigError> {
+        let env = |name: &str| {
+            vars.iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, value)| OsString::from(value))
+        };
+        Config::parse(args.iter().map(|s| s.to_string()), env)
+    }
+
+    fn config_in(args: &[&str], vars: &[(&str, &str)]) -> Config {
+        parse_in(args, vars).expect("valid").0
+    }
+
+    /// Config has no `PartialEq` (nor needs one); its Debug text shows every field.
+    fn same(a: &Config, b: &Config) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    /// A value each kind of placeholder takes, unlike its default. A new
+    /// placeholder fails `every_variable_sets_its_option_like_its_flag`
+    /// until it is given one here.
+    fn example(value_name: &str) -> &'static str {
+        match value_name {
+            "ADDR" => "127.0.0.1:9",
+            "N" => "7",
+            "BYTES" => "4096",
+            "DUR" => "3s",
+            "URL" => "https://chat.example",
+            "DIR|none" => "none",
+            "always|never" => "never",
+            "LEVEL" => "debug",
+            other => panic!("no example value for {other}: add one"),
+        }
     }
 
     #[test]
@@ -330,7 +702,22 @@ mod tests {
         assert_eq!(c.allowed_origins.len(), 2);
         assert_eq!(c.log_level, Level::Debug);
         assert_eq!(c.max_connections, Some(5));
-        assert_eq!(parse(&["--help"]).unwrap().1, Command::Help);
+    }
+
+    #[test]
+    fn commands() {
+        for (args, command) in [
+            (&["--help"][..], Command::Help),
+            (&["-h"], Command::Help),
+            (&["--version"], Command::Version),
+            (&["-V"], Command::Version),
+            (&["--max-body", "10", "-V", "--bogus"], Command::Version),
+        ] {
+            assert_eq!(parse(args).unwrap().1, command, "{args:?}");
+        }
+        // A broken environment does not stand in the way of --help.
+        let broken = [("WSCHAT_MAX_BODY", "lots")];
+        assert_eq!(parse_in(&["--help"], &broken).unwrap().1, Command::Help);
     }
 
     #[test]
@@ -345,9 +732,157 @@ mod tests {
             &["--handshake-timeout", "0"],
             &["--log", "loud"],
             &["--allowed-origin", "chat.example"],
+            &["--echo=yes"],
         ] {
             let err = parse(args).expect_err("should fail");
-            assert!(!err.0.contains('\n'), "{err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn variable_names_follow_the_flags() {
+        for (flag, var) in [
+            ("--listen", "WSCHAT_LISTEN"),
+            ("--echo", "WSCHAT_ECHO"),
+            ("--max-outbound", "WSCHAT_MAX_OUTBOUND"),
+            ("--offline-max-per-user", "WSCHAT_OFFLINE_MAX_PER_USER"),
+            ("--log", "WSCHAT_LOG"),
+        ] {
+            let opt = OPTIONS.iter().find(|o| o.flag == flag).expect(flag);
+            assert_eq!(opt.env_var(), var);
+        }
+        let mut vars: Vec<String> = OPTIONS.iter().map(Opt::env_var).collect();
+        vars.sort();
+        vars.dedup();
+        assert_eq!(vars.len(), OPTIONS.len(), "two options share a variable");
+    }
+
+    #[test]
+    fn every_variable_sets_its_option_like_its_flag() {
+        let default = Config::default();
+        for opt in OPTIONS {
+            let var = opt.env_var();
+            let (flagged, from_env) = match opt.kind {
+                Kind::Switch => {
+                    assert!(opt.value_name.is_empty(), "{}", opt.flag);
+                    (config_in(&[opt.flag], &[]), config_in(&[], &[(&var, "1")]))
+                }
+                Kind::Value | Kind::List => {
+                    let value = example(opt.value_name);
+                    (
+                        config_in(&[opt.flag, value], &[]),
+                        config_in(&[], &[(&var, value)]),
+                    )
+                }
+            };
+            assert!(!same(&flagged, &default), "{} changes nothing", opt.flag);
+            assert!(same(&flagged, &from_env), "{var} is not {}", opt.flag);
+        }
+    }
+
+    #[test]
+    fn flags_win_over_variables() {
+        let vars = [
+            ("WSCHAT_MAX_BODY", "100"),
+            ("WSCHAT_LOG", "warn"),
+            ("WSCHAT_ECHO", "1"),
+            (
+                "WSCHAT_ALLOWED_ORIGIN",
+                "https://a.example, https://b.example",
+            ),
+        ];
+        let c = config_in(&[], &vars);
+        assert_eq!(c.max_body, 100);
+        assert_eq!(c.log_level, Level::Warn);
+        assert!(c.echo);
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        let c = config_in(
+            &["--max-body=200", "--allowed-origin", "https://c.example"],
+            &vars,
+        );
+        assert_eq!(c.max_body, 200);
+        assert_eq!(c.allowed_origins, ["https://c.example"]);
+        assert_eq!(
+            c.log_level,
+            Level::Warn,
+            "a variable no flag overrides stays"
+        );
+        // A variable whose option is given as a flag is not read at all.
+        let c = config_in(&["--max-body", "300"], &[("WSCHAT_MAX_BODY", "lots")]);
+        assert_eq!(c.max_body, 300);
+    }
+
+    #[test]
+    fn bad_variables_are_errors_naming_them() {
+        for (var, value) in [
+            ("WSCHAT_MAX_BODY", "lots"),
+            ("WSCHAT_MAX_OUTBOUND", "10"),
+            ("WSCHAT_LISTEN", "nowhere"),
+            ("WSCHAT_ECHO", "yes"),
+            ("WSCHAT_LOG", "loud"),
+            ("WSCHAT_FSYNC", "sometimes"),
+            ("WSCHAT_HANDSHAKE_TIMEOUT", "0"),
+            ("WSCHAT_ALLOWED_ORIGIN", "https://a.example,chat.example"),
+        ] {
+            let err = parse_in(&[], &[(var, value)]).expect_err(var);
+            let text = err.to_string();
+            assert!(text.starts_with(&format!("{var}: ")), "{text}");
+            assert!(!text.contains('\n'), "{text}");
+        }
+    }
+
+    #[test]
+    fn switch_variables_and_empty_ones() {
+        for (value, echo) in [("1", true), ("true", true), ("0", false), ("false", false)] {
+            assert_eq!(
+                config_in(&[], &[("WSCHAT_ECHO", value)]).echo,
+                echo,
+                "{value}"
+            );
+        }
+        // An empty variable counts as unset (`WSCHAT_LOG=` in a unit file).
+        let c = config_in(&[], &[("WSCHAT_ECHO", ""), ("WSCHAT_LISTEN", "")]);
+        assert!(same(&c, &Config::default()));
+        // Variables that name no option (WSCHAT_BIN, used by the tests) are not ours.
+        assert!(parse_in(&[], &[("WSCHAT_BIN", "x")]).is_ok());
+    }
+
+    #[test]
+    fn a_variable_that_is_not_utf8_is_named() {
+        use std::os::unix::ffi::OsStringExt;
+        let env = |name: &str| (name == "WSCHAT_DATA_DIR").then(|| OsString::from_vec(vec![0xff]));
+        let err = Config::parse(Vec::new(), env).expect_err("not UTF-8");
+        assert_eq!(err, ConfigError::NotUtf8("WSCHAT_DATA_DIR".into()));
+    }
+
+    #[test]
+    fn defaults_in_help_are_the_real_ones() {
+        // Shown as prose or as a path spelled differently from the value.
+        let described = ["--max-connections", "--data-dir"];
+        let default = Config::default();
+        for opt in OPTIONS.iter().filter(|o| !described.contains(&o.flag)) {
+            let Some(shown) = opt.default else { continue };
+            let set = config_in(&[opt.flag, shown], &[]);
+            assert!(same(&set, &default), "{} [default: {shown}]", opt.flag);
+        }
+    }
+
+    #[test]
+    fn help_lists_every_option_with_its_variable() {
+        let text = help();
+        for opt in OPTIONS {
+            assert!(text.contains(&format!("  {} ", opt.flag)), "{}", opt.flag);
+            assert!(
+                text.contains(&format!("[env: {}]", opt.env_var())),
+                "{}",
+                opt.flag
+            );
+        }
+        for line in text.lines() {
+            assert!(line.chars().count() <= HELP_WIDTH, "too wide: {line}");
         }
     }
 

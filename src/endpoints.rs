@@ -1,25 +1,40 @@
-//! The plain HTTP endpoints a GET can ask for: the chat page, health and
-//! metrics. No I/O: a resource in, the response out.
+//! The plain HTTP endpoints a GET or HEAD can ask for: the chat page, health
+//! and metrics. No I/O: a request and the server's state in, the response
+//! bytes out.
 
 use crate::handshake::Resource;
-use crate::http::{Response, Status};
+use crate::http::{Method, Response, Status};
 
 /// The chat page, served at `/`.
 const PAGE: &[u8] = include_bytes!("web/index.html");
 
-/// The answer to a GET of `resource`; `metrics` renders the Prometheus text
-/// (only called for `/metrics`).
-pub fn respond(resource: Resource, metrics: impl FnOnce() -> String) -> Response {
-    match resource {
+/// The Prometheus text exposition format.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The bytes that answer `method` on `resource`. While `shutting_down`
+/// (after SIGINT/SIGTERM) `/healthz` says 503, so that a load balancer stops
+/// sending clients here. `metrics` renders the Prometheus text; it is called
+/// for `/metrics` alone, HEAD included, since a HEAD must carry the
+/// `Content-Length` its GET would have.
+pub fn respond(
+    resource: Resource,
+    method: Method,
+    shutting_down: bool,
+    metrics: impl FnOnce() -> String,
+) -> Vec<u8> {
+    let response = match resource {
+        Resource::Health if shutting_down => {
+            Response::text(Status::ServiceUnavailable, "shutting down")
+        }
         Resource::Health => Response::text(Status::Ok, "ok"),
         Resource::Page => {
             Response::with_body(Status::Ok, "text/html; charset=utf-8", PAGE.to_vec())
         }
-        Resource::Metrics => Response::with_body(
-            Status::Ok,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics().into_bytes(),
-        ),
+        Resource::Metrics => Response::with_body(Status::Ok, METRICS_TYPE, metrics().into_bytes()),
+    };
+    match method {
+        Method::Get => response.to_bytes(),
+        Method::Head => response.head_bytes(),
     }
 }
 
@@ -27,19 +42,76 @@ pub fn respond(resource: Resource, metrics: impl FnOnce() -> String) -> Response
 mod tests {
     use super::*;
 
+    const RESOURCES: [Resource; 3] = [Resource::Health, Resource::Page, Resource::Metrics];
+
+    fn text(resource: Resource, method: Method, shutting_down: bool) -> String {
+        String::from_utf8(respond(resource, method, shutting_down, || "m 1\n".into()))
+            .expect("responses are UTF-8")
+    }
+
+    /// The head and the body of a response.
+    fn split(response: &str) -> (&str, &str) {
+        response
+            .split_once("\r\n\r\n")
+            .expect("a head ends with an empty line")
+    }
+
     #[test]
     fn each_resource_has_its_answer() {
-        let text =
-            |r: Resource| String::from_utf8(respond(r, || "m 1\n".into()).to_bytes()).unwrap();
-        assert!(text(Resource::Health).ends_with("\r\n\r\nok\n"));
-        assert!(text(Resource::Page).contains("text/html"));
-        let metrics = text(Resource::Metrics);
+        assert!(text(Resource::Health, Method::Get, false).ends_with("\r\n\r\nok\n"));
+        assert!(text(Resource::Page, Method::Get, false).contains("text/html"));
+        let metrics = text(Resource::Metrics, Method::Get, false);
         assert!(metrics.contains("version=0.0.4") && metrics.ends_with("m 1\n"));
-        let mut called = false;
-        respond(Resource::Health, || {
-            called = true;
-            String::new()
-        });
-        assert!(!called, "metrics are rendered only for /metrics");
+    }
+
+    #[test]
+    fn head_is_get_without_the_body() {
+        for shutting_down in [false, true] {
+            for resource in RESOURCES {
+                let get = text(resource, Method::Get, shutting_down);
+                let head = text(resource, Method::Head, shutting_down);
+                let (get_head, body) = split(&get);
+                assert!(!body.is_empty(), "{resource:?}");
+                assert_eq!(head, format!("{get_head}\r\n\r\n"), "{resource:?}");
+                assert!(
+                    head.contains(&format!("Content-Length: {}\r\n", body.len())),
+                    "{head}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn health_is_503_while_shutting_down() {
+        for method in [Method::Get, Method::Head] {
+            let health = text(Resource::Health, method, true);
+            assert!(health.starts_with("HTTP/1.1 503 "), "{health}");
+            assert!(text(Resource::Health, method, false).starts_with("HTTP/1.1 200 "));
+        }
+        let health = text(Resource::Health, Method::Get, true);
+        assert_eq!(split(&health).1, "shutting down\n");
+        // The page and the metrics are still served: an operator may want
+        // to see what the server is waiting for.
+        for resource in [Resource::Page, Resource::Metrics] {
+            assert!(text(resource, Method::Get, true).starts_with("HTTP/1.1 200 "));
+        }
+    }
+
+    #[test]
+    fn metrics_are_rendered_only_for_metrics() {
+        for resource in RESOURCES {
+            for method in [Method::Get, Method::Head] {
+                let mut called = false;
+                respond(resource, method, false, || {
+                    called = true;
+                    String::new()
+                });
+                assert_eq!(
+                    called,
+                    resource == Resource::Metrics,
+                    "{resource:?} {method:?}"
+                );
+            }
+        }
     }
 }

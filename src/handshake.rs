@@ -5,7 +5,7 @@
 //! the caller buffers the request head and must bound it: [`MAX_HEAD`] bytes
 //! here, and a deadline in the event loop.
 
-use crate::http::{Response, Status};
+use crate::http::{Method, Response, Status};
 
 /// The most bytes a request head may take (RFC 6585 431 beyond).
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -16,7 +16,7 @@ const MAX_HEADERS: usize = 64;
 /// The GUID of RFC 6455 section 1.3, appended to the key before hashing.
 const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-/// Static resources a plain GET can ask for.
+/// Static resources a plain GET or HEAD can ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resource {
     Health,
@@ -34,8 +34,9 @@ pub enum Outcome {
     /// A valid upgrade: send `response` (101), then speak WebSocket. The
     /// bytes after `head_len` already belong to the WebSocket stream.
     Upgrade(Upgrade),
-    /// A plain request for a resource the server renders.
-    Get(Resource),
+    /// A plain request for a resource the server renders (see
+    /// [`crate::endpoints`]).
+    Serve { resource: Resource, method: Method },
     /// Answer with this and close.
     Reject(Response),
 }
@@ -53,6 +54,9 @@ pub struct Upgrade {
 pub struct Policy {
     /// When non-empty, a browser `Origin` must be one of these.
     pub allowed_origins: Vec<String>,
+    /// Set after SIGINT/SIGTERM: the server is closing every connection, so
+    /// a valid upgrade is refused with 503 rather than opened and closed.
+    pub shutting_down: bool,
 }
 
 /// Parses the request head in `buf` (everything received so far).
@@ -89,16 +93,22 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
 
     match path {
         "/healthz" | "/metrics" | "/" if !is_upgrade => {
-            if method != "GET" {
-                return Outcome::Reject(
-                    Response::text(Status::MethodNotAllowed, "use GET").with_header("Allow", "GET"),
-                );
-            }
-            Outcome::Get(match path {
+            let method = match method {
+                "GET" => Method::Get,
+                "HEAD" => Method::Head,
+                _ => {
+                    return Outcome::Reject(
+                        Response::text(Status::MethodNotAllowed, "use GET or HEAD")
+                            .with_header("Allow", "GET, HEAD"),
+                    )
+                }
+            };
+            let resource = match path {
                 "/healthz" => Resource::Health,
                 "/metrics" => Resource::Metrics,
                 _ => Resource::Page,
-            })
+            };
+            Outcome::Serve { resource, method }
         }
         "/ws" | "/" if is_upgrade || path == "/ws" => {
             if method != "GET" {
@@ -107,6 +117,10 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
                 );
             }
             match check_upgrade(version, request.headers, policy) {
+                Ok(_) if policy.shutting_down => Outcome::Reject(Response::text(
+                    Status::ServiceUnavailable,
+                    "server shutting down",
+                )),
                 Ok(response) => Outcome::Upgrade(Upgrade {
                     response,
                     query: query.to_owned(),
@@ -278,7 +292,7 @@ mod tests {
         match outcome {
             Outcome::Reject(r) => r.status.code(),
             Outcome::Upgrade(_) => 101,
-            Outcome::Get(_) => 200,
+            Outcome::Serve { .. } => 200,
             Outcome::Partial => 0,
         }
     }
@@ -387,28 +401,55 @@ mod tests {
 
     #[test]
     fn plain_http_routes() {
-        let get = |target: &str, method: &str| {
-            status_of(parse_str(&format!(
-                "{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n"
-            )))
+        let request = |method: &str, target: &str| {
+            parse_str(&format!("{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n"))
         };
-        assert_eq!(
-            parse_str("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Outcome::Get(Resource::Health)
-        );
-        assert_eq!(get("/healthz", "POST"), 405);
-        assert_eq!(get("/missing", "GET"), 404);
-        assert_eq!(
-            parse_str("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Outcome::Get(Resource::Page)
-        );
-        assert_eq!(
-            parse_str("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Outcome::Get(Resource::Metrics)
-        );
-        assert_eq!(get("/", "POST"), 405);
-        assert_eq!(get("/ws", "GET"), 426);
-        assert_eq!(get("/ws", "PUT"), 405);
+        for (method, target, served) in [
+            ("GET", "/healthz", Some((Resource::Health, Method::Get))),
+            ("GET", "/", Some((Resource::Page, Method::Get))),
+            ("GET", "/metrics", Some((Resource::Metrics, Method::Get))),
+            ("HEAD", "/healthz", Some((Resource::Health, Method::Head))),
+            ("HEAD", "/", Some((Resource::Page, Method::Head))),
+            ("HEAD", "/metrics", Some((Resource::Metrics, Method::Head))),
+            ("POST", "/healthz", None),
+            ("PUT", "/", None),
+        ] {
+            let outcome = request(method, target);
+            match served {
+                Some((resource, method)) => {
+                    assert_eq!(outcome, Outcome::Serve { resource, method })
+                }
+                None => {
+                    let Outcome::Reject(r) = outcome else {
+                        panic!("{method} {target}: {outcome:?}");
+                    };
+                    assert_eq!(r.status.code(), 405, "{method} {target}");
+                    let text = String::from_utf8(r.to_bytes()).unwrap();
+                    assert!(text.contains("Allow: GET, HEAD\r\n"), "{text}");
+                }
+            }
+        }
+        assert_eq!(status_of(request("GET", "/missing")), 404);
+        assert_eq!(status_of(request("GET", "/ws")), 426);
+        assert_eq!(status_of(request("PUT", "/ws")), 405);
+        assert_eq!(status_of(request("HEAD", "/ws")), 405);
+    }
+
+    #[test]
+    fn upgrades_are_refused_while_shutting_down() {
+        let policy = Policy {
+            shutting_down: true,
+            ..Policy::default()
+        };
+        assert_eq!(status_of(parse(GOOD.as_bytes(), &policy)), 503);
+        // A bad upgrade is still told what is wrong with it.
+        let bad_key = with("dGhlIHNhbXBsZSBub25jZQ==", "short");
+        assert_eq!(status_of(parse(bad_key.as_bytes(), &policy)), 400);
+        // Plain resources are still served (/healthz says 503 itself).
+        assert!(matches!(
+            parse(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", &policy),
+            Outcome::Serve { .. }
+        ));
     }
 
     #[test]
@@ -430,6 +471,7 @@ mod tests {
     fn origin_policy() {
         let policy = Policy {
             allowed_origins: vec!["https://chat.example/".into()],
+            ..Policy::default()
         };
         let request = |origin: &str| {
             with(

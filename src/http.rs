@@ -1,5 +1,13 @@
 //! Plain HTTP responses: the few the server sends besides the 101.
 
+/// The methods a plain resource answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    /// As GET, without the body (health checkers use it).
+    Head,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Ok,
@@ -79,6 +87,14 @@ impl Response {
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.head_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// The status line and headers alone, `Content-Length` included: the
+    /// answer to a HEAD.
+    pub fn head_bytes(&self) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
             self.status.code(),
@@ -94,7 +110,6 @@ impl Response {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&self.body);
         out
     }
 }

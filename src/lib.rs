@@ -16,8 +16,12 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod persist;
+pub mod process;
 pub mod server;
 pub mod store;
 pub mod sys;
 pub mod timer;
 pub mod ws;
+
+/// The version `--version` prints and `/metrics` reports (`wschat_build_info`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -16,7 +16,7 @@
 use std::ffi::{c_char, c_int, CStr};
 use std::io::Write;
 
-use wschat::config::{fd_reserve, Command, Config, HELP};
+use wschat::config::{self, fd_reserve, Command, Config};
 use wschat::log;
 use wschat::server::Server;
 use wschat::store::log::{Log, Sync};
@@ -24,7 +24,7 @@ use wschat::store::{Limits, Outboxes};
 
 /// Process exit statuses.
 const EXIT_OK: i32 = 0;
-/// The event loop failed, or `--help` could not be written.
+/// The event loop failed, or `--help` or `--version` could not be written.
 const EXIT_FAILED: i32 = 1;
 /// Bad flags, or the server could not start (address in use, unusable data
 /// directory, no event loop): one line on stderr says which.
@@ -59,26 +59,19 @@ fn arguments(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>, usi
 }
 
 fn run(args: Vec<String>) -> i32 {
-    let (config, command) = match Config::from_args(args) {
+    // The environment is read through libc's `environ`, which the C runtime
+    // sets up (unlike `std::env::args`).
+    let (config, command) = match Config::parse(args, |name| std::env::var_os(name)) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!("wschat: {e} (see --help)");
             return EXIT_CANNOT_START;
         }
     };
-    if command == Command::Help {
-        // Flushed here: without Rust's runtime nothing flushes stdout at exit.
-        let mut stdout = std::io::stdout().lock();
-        let written = stdout
-            .write_all(HELP.as_bytes())
-            .and_then(|()| stdout.flush());
-        return match written {
-            Ok(()) => EXIT_OK,
-            Err(e) => {
-                eprintln!("wschat: cannot write the help text: {e}");
-                EXIT_FAILED
-            }
-        };
+    match command {
+        Command::Run => {}
+        Command::Help => return print(&config::help()),
+        Command::Version => return print(&format!("wschat {}\n", wschat::VERSION)),
     }
     log::set_level(config.log_level);
     let listener = match Server::listen(config.listen) {
@@ -125,6 +118,22 @@ fn run(args: Vec<String>) -> i32 {
         }
         Err(e) => {
             log::error!("event loop failed: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Prints `text` on stdout for `--help` and `--version`.
+fn print(text: &str) -> i32 {
+    // Flushed here: without Rust's runtime nothing flushes stdout at exit.
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("wschat: cannot write to stdout: {e}");
             EXIT_FAILED
         }
     }

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use crate::conn::CloseReason;
+use crate::process::ProcessStats;
 
 /// Upper bounds (seconds) of the routing-latency histogram buckets.
 const LATENCY_BOUNDS: [f64; 12] = [
@@ -130,7 +131,14 @@ impl Metrics {
         self.latency_sum += seconds * messages as f64;
     }
 
+    /// The Prometheus text: these counters, the figures in `s`, and the
+    /// process's own (read from `/proc` now: this is only called for a
+    /// request of `/metrics`).
     pub fn render(&self, s: &Snapshot) -> String {
+        self.render_with(s, &ProcessStats::read())
+    }
+
+    fn render_with(&self, s: &Snapshot, process: &ProcessStats) -> String {
         let mut out = String::with_capacity(4096);
         gauge(
             &mut out,
@@ -283,7 +291,59 @@ impl Metrics {
             "wschat_routing_latency_seconds_count {}",
             self.latency_count
         );
+
+        help(
+            &mut out,
+            "wschat_build_info",
+            "The running version, as a label; the value is always 1.",
+            "gauge",
+        );
+        // A Cargo version has no character that needs escaping in a label.
+        let _ = writeln!(out, "wschat_build_info{{version=\"{}\"}} 1", crate::VERSION);
+        render_process(&mut out, process);
         out
+    }
+}
+
+/// The `process_*` families, each left out when its figure is unknown.
+fn render_process(out: &mut String, p: &ProcessStats) {
+    let families: [(&str, &str, &str, Option<f64>); 5] = [
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            "gauge",
+            p.resident_memory_bytes.map(|v| v as f64),
+        ),
+        (
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+            "counter",
+            p.cpu_seconds,
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            "gauge",
+            p.open_fds.map(|v| v as f64),
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            "gauge",
+            p.max_fds.map(|v| v as f64),
+        ),
+        (
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            "gauge",
+            p.start_time_seconds,
+        ),
+    ];
+    for (name, text, kind, value) in families {
+        if let Some(value) = value {
+            help(out, name, text, kind);
+            let _ = writeln!(out, "{name} {value}");
+        }
     }
 }
 
@@ -312,15 +372,36 @@ mod tests {
         m.count_close(CloseReason::HandshakeRejected(404));
         m.observe_routing(Duration::from_micros(3), 1);
         m.observe_routing(Duration::from_millis(30), 1);
-        let text = m.render(&Snapshot {
+        let process = ProcessStats {
+            resident_memory_bytes: Some(1_769_472),
+            cpu_seconds: Some(0.25),
+            open_fds: Some(9),
+            max_fds: Some(1_048_576),
+            start_time_seconds: Some(1_764_250_000.5),
+        };
+        let snapshot = Snapshot {
             users_online: 2,
             ..Snapshot::default()
-        });
+        };
+        let text = m.render_with(&snapshot, &process);
         assert!(text.contains("wschat_connection_closes_total{reason=\"protocol_error\"} 1\n"));
         assert!(text.contains("wschat_handshake_failures_total{reason=\"http_404\"} 1\n"));
         assert!(text.contains("wschat_users_online 2\n"));
         assert!(text.contains("wschat_routing_latency_seconds_bucket{le=\"0.000005\"} 1\n"));
         assert!(text.contains("wschat_routing_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains(&format!(
+            "wschat_build_info{{version=\"{}\"}} 1\n",
+            crate::VERSION
+        )));
+        for sample in [
+            "process_resident_memory_bytes 1769472\n",
+            "process_cpu_seconds_total 0.25\n",
+            "process_open_fds 9\n",
+            "process_max_fds 1048576\n",
+            "process_start_time_seconds 1764250000.5\n",
+        ] {
+            assert!(text.contains(sample), "{sample}");
+        }
         // Every sample's family has HELP and TYPE lines before it.
         let mut declared = Vec::new();
         for line in text.lines() {
@@ -335,5 +416,20 @@ mod tests {
                 assert!(declared.iter().any(|d| d == name || d == family), "{line}");
             }
         }
+    }
+
+    #[test]
+    fn unknown_process_figures_are_left_out() {
+        let text = Metrics::default().render_with(&Snapshot::default(), &ProcessStats::default());
+        assert!(!text.contains("process_"), "{text}");
+        let with_rss = ProcessStats {
+            resident_memory_bytes: Some(4096),
+            ..ProcessStats::default()
+        };
+        let text = Metrics::default().render_with(&Snapshot::default(), &with_rss);
+        assert!(text.contains(
+            "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes 4096\n"
+        ));
+        assert!(!text.contains("process_open_fds"), "{text}");
     }
 }

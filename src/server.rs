@@ -155,6 +155,7 @@ impl Server {
         let registry = poll.registry().try_clone()?;
         let policy = Policy {
             allowed_origins: config.allowed_origins.clone(),
+            shutting_down: false,
         };
         let app = if config.echo {
             App::Echo
@@ -397,8 +398,9 @@ impl Server {
         }
     }
 
-    /// SIGINT/SIGTERM: stop accepting, close every client with 1001, and
-    /// give them `--shutdown-timeout` to answer.
+    /// SIGINT/SIGTERM: close every client with 1001 and give them
+    /// `--shutdown-timeout` to answer. Accepting goes on, so that health
+    /// checks are told 503 (and new upgrades refused with 503) until the exit.
     fn begin_shutdown(&mut self, now: Instant) {
         if let Some(signal) = &self.signal {
             signal.drain();
@@ -411,9 +413,7 @@ impl Server {
         log::info!("shutting down: closing {} connections", self.conns.len());
         // Owed presence goes out shared now, not copied once per close.
         self.core.post.release_presence(&mut self.conns);
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.core.registry.deregister(&mut listener);
-        }
+        self.core.policy.shutting_down = true;
         self.core.shutdown_by = Some(now + self.core.config.shutdown_timeout);
         let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
         for slot in slots {

@@ -66,6 +66,155 @@ fn root_serves_the_chat_page_and_metrics_are_prometheus_text() {
     server.assert_serving();
 }
 
+/// Sends a HEAD for `path`; returns the head and whatever followed it
+/// before the server closed the connection (nothing, for a HEAD).
+fn head_request(addr: std::net::SocketAddr, path: &str) -> (HttpResponse, Vec<u8>) {
+    let mut s = connect(addr);
+    let request = format!("HEAD {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    s.write_all(request.as_bytes()).expect("write HEAD request");
+    let head = read_response_head(&mut s);
+    let rest = read_until_closed(&mut s, IO_TIMEOUT);
+    (head, rest)
+}
+
+#[test]
+fn head_answers_like_get_without_a_body() {
+    let mut server = Server::start(&[]);
+    for path in ["/", "/healthz", "/metrics"] {
+        let get = http_request(
+            server.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+        );
+        let (head, rest) = head_request(server.addr, path);
+        assert_eq!(head.status, get.status, "HEAD {path}: {head:?}");
+        assert!(
+            rest.is_empty(),
+            "HEAD {path} sent a body of {} bytes",
+            rest.len()
+        );
+        for name in ["Content-Type", "Connection", "Cache-Control"] {
+            assert_eq!(head.header(name), get.header(name), "HEAD {path}: {name}");
+        }
+        let length: usize = head
+            .header("Content-Length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("HEAD {path} has no Content-Length: {head:?}"));
+        if path == "/metrics" {
+            // Counters move between the two requests: only the size's order is the same.
+            assert!(length > 1000, "HEAD /metrics: Content-Length {length}");
+        } else {
+            assert_eq!(
+                length,
+                get.body.len(),
+                "HEAD {path}: the GET's Content-Length"
+            );
+        }
+    }
+    server.assert_serving();
+}
+
+/// `/healthz`'s status, read from the raw bytes: a connection the server
+/// drops instead (one that was in its handshake when the signal came) is `None`.
+fn healthz_status(addr: std::net::SocketAddr) -> Option<u16> {
+    let mut s = connect(addr);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .ok()?;
+    let response = read_until_closed(&mut s, IO_TIMEOUT);
+    let status = response.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
+    std::str::from_utf8(status).ok()?.parse().ok()
+}
+
+#[test]
+fn healthz_is_503_while_shutting_down() {
+    let mut server = Server::start(&["--shutdown-timeout", "5s"]);
+    // A client that does not answer the server's close keeps it shutting
+    // down (until it answers, or for --shutdown-timeout).
+    let mut keeper = ws_client(server.addr, "/ws?username=keeper");
+    assert_eq!(healthz_status(server.addr), Some(200));
+    server.terminate();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while healthz_status(server.addr) != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz never said 503 after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let health = http_error(server.addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(
+        (health.status, health.body_str().trim()),
+        (503, "shutting down")
+    );
+    let (head, rest) = head_request(server.addr, "/healthz");
+    assert_eq!(head.status, 503, "{head:?}");
+    assert!(rest.is_empty(), "HEAD sent a body");
+    assert_eq!(head.header("Content-Length"), Some("14"), "{head:?}");
+    // New WebSocket clients are refused rather than opened and closed.
+    let late = http_error(
+        server.addr,
+        upgrade_request("/ws?username=late", &[]).as_bytes(),
+    );
+    assert_eq!(late.status, 503, "{late:?}");
+
+    // The keeper answers the 1001 close; with no client left the server exits.
+    let mut close_code = None;
+    loop {
+        match keeper.read() {
+            Ok(tungstenite::Message::Close(frame)) => {
+                close_code = frame.map(|f| u16::from(f.code));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(close_code, Some(1001));
+    // Like any real client, it lets go of the socket the server has ended.
+    drop(keeper);
+    let status = server.exit_within(Duration::from_secs(4));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit after the last client left: {status:?}; stderr:\n{}",
+        server.logs().join("\n")
+    );
+}
+
+#[test]
+fn metrics_include_process_figures_and_the_version() {
+    let server = Server::start(&[]);
+    let metrics = http_error(server.addr, b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n");
+    let body = metrics.body_str();
+    let value = |name: &str| -> f64 {
+        assert!(
+            body.contains(&format!("# TYPE {name} ")),
+            "no TYPE for {name}:\n{body}"
+        );
+        body.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sample of {name}:\n{body}"))
+    };
+    assert!(value("process_resident_memory_bytes") > 100_000.0);
+    assert!(value("process_max_fds") > 0.0);
+    // stdio, the listener, the poll, the signal pipe and this connection.
+    assert!(value("process_open_fds") >= 5.0);
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        (now - started).abs() < 3600.0,
+        "started {started}, now {now}"
+    );
+    let build = format!(
+        "wschat_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(body.contains(&build), "{body}");
+}
+
 #[test]
 fn unknown_paths_are_404() {
     let mut server = Server::start(&[]);
@@ -732,6 +881,96 @@ fn port_in_use_exits_with_code_2() {
     let addr = taken.local_addr().expect("local addr").to_string();
     assert_usage_error(&["--listen", &addr]);
     drop(taken);
+}
+
+/// Runs wschat with `args` to its exit; returns its status code and stdout.
+fn stdout_of(args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the wschat binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let expected = format!("wschat {}\n", env!("CARGO_PKG_VERSION"));
+    for flag in ["--version", "-V"] {
+        assert_eq!(stdout_of(&[flag]), (Some(0), expected.clone()), "{flag}");
+    }
+}
+
+#[test]
+fn help_names_each_option_variable() {
+    let (code, help) = stdout_of(&["--help"]);
+    assert_eq!(code, Some(0));
+    for var in [
+        "WSCHAT_LISTEN",
+        "WSCHAT_ECHO",
+        "WSCHAT_MAX_OUTBOUND",
+        "WSCHAT_LOG",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}]")),
+            "{var} missing:\n{help}"
+        );
+    }
+}
+
+/// The `listening on` line states the connection limit and the mode.
+fn listening_line(server: &Server) -> String {
+    server
+        .logs()
+        .into_iter()
+        .find(|line| line.contains("listening on"))
+        .expect("the listening line")
+}
+
+#[test]
+fn environment_variables_set_options_and_flags_win() {
+    let from_env = Server::start_in(
+        &[("WSCHAT_MAX_CONNECTIONS", "7"), ("WSCHAT_ECHO", "true")],
+        &[],
+    );
+    let line = listening_line(&from_env);
+    assert!(
+        line.contains("max 7 connections") && line.contains("echo mode"),
+        "{line}"
+    );
+
+    let env = [
+        ("WSCHAT_MAX_CONNECTIONS", "7"),
+        ("WSCHAT_LISTEN", "not-an-address"),
+    ];
+    let flagged = Server::start_in(&env, &["--max-connections", "9"]);
+    // --max-connections beats its variable; --listen (given by Server) beats a
+    // variable that would not even parse.
+    let line = listening_line(&flagged);
+    assert!(line.contains("max 9 connections"), "{line}");
+}
+
+#[test]
+fn a_bad_environment_variable_exits_2_naming_it() {
+    let args = ["--listen", "127.0.0.1:0", "--data-dir", "none"];
+    for (var, value) in [
+        ("WSCHAT_MAX_BODY", "lots"),
+        ("WSCHAT_ECHO", "yes"),
+        ("WSCHAT_HANDSHAKE_TIMEOUT", "soon"),
+    ] {
+        let exit = run_to_exit_in(&[(var, value)], &args);
+        assert_eq!(exit.status.code(), Some(2), "{var}={value}: {exit:?}");
+        let lines = exit.stderr_lines();
+        assert_eq!(lines.len(), 1, "{var}={value}: {exit:?}");
+        assert!(
+            lines[0].contains(&format!("{var}: '{value}'")),
+            "{}",
+            lines[0]
+        );
+    }
 }
 
 /// A server whose log reader has gone (`wschat 2>&1 | head`, a crashed log

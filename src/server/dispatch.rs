@@ -76,12 +76,15 @@ impl Core {
                     self.on_frames(conns, slot, &mut head[upgrade.head_len..], now);
                 }
             }
-            Outcome::Get(resource) => {
+            Outcome::Serve { resource, method } => {
                 let open = conns.len();
-                let response = endpoints::respond(resource, || self.render_metrics(open));
+                let shutting_down = self.policy.shutting_down;
+                let response = endpoints::respond(resource, method, shutting_down, || {
+                    self.render_metrics(open)
+                });
                 let conn = &mut conns[slot];
                 self.post
-                    .respond_and_close(conn, slot, response.to_bytes(), CloseReason::Normal);
+                    .respond_and_close(conn, slot, response, CloseReason::Normal);
             }
             Outcome::Reject(response) => {
                 let status = response.status.code();

@@ -83,6 +83,12 @@ impl Server {
     /// Starts `wschat --listen 127.0.0.1:0 <extra...>` and waits for the
     /// `listening on` line.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_in(&[], extra)
+    }
+
+    /// [`Server::start`] with these environment variables added to the
+    /// server's environment.
+    pub fn start_in(env: &[(&str, &str)], extra: &[&str]) -> Server {
         let mut args: Vec<String> = vec![
             "--listen".into(),
             "127.0.0.1:0".into(),
@@ -93,6 +99,7 @@ impl Server {
         let echo = extra.contains(&"--echo");
         let mut child = Command::new(bin())
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -207,6 +214,28 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Sends SIGTERM, as a service manager stopping the server does.
+    pub fn terminate(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill only sends a signal, to a child this test owns.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "kill -TERM {pid}: {}", io::Error::last_os_error());
+    }
+
+    /// The exit status, once the process exits by itself within `timeout`.
+    pub fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait on wschat") {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -242,8 +271,14 @@ impl Exit {
 /// Runs `wschat <args>` and waits for it to exit (killing it and failing if
 /// it is still running after [`EXIT_TIMEOUT`]).
 pub fn run_to_exit(args: &[&str]) -> Exit {
+    run_to_exit_in(&[], args)
+}
+
+/// [`run_to_exit`] with these environment variables added to wschat's.
+pub fn run_to_exit_in(env: &[(&str, &str)], args: &[&str]) -> Exit {
     let mut child = Command::new(bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
