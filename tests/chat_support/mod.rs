@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use tungstenite::handshake::HandshakeError;
 use tungstenite::{Message, WebSocket};
 
+use crate::support::eintr::{retry, Restarting};
 use crate::support::spawn::{self, Spawned};
 
 /// Read/write timeout of every test socket: a test that waits for an event
@@ -137,8 +138,9 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
 // ---------------------------------------------------------------------------
 
 /// A chat client over tungstenite. Reading answers the server's pings.
+/// Its socket retries EINTR (see `support::eintr`).
 pub struct Chat {
-    pub ws: WebSocket<TcpStream>,
+    pub ws: WebSocket<Restarting>,
     /// For failure messages.
     pub label: String,
 }
@@ -155,7 +157,7 @@ impl Chat {
     /// Opens `path` (handshake must succeed with 101). Reads nothing.
     pub fn open(addr: SocketAddr, path: &str) -> Chat {
         let url = format!("ws://{addr}{path}");
-        match tungstenite::client(url.as_str(), tcp(addr)) {
+        match tungstenite::client(url.as_str(), Restarting(tcp(addr))) {
             Ok((ws, resp)) => {
                 assert_eq!(resp.status().as_u16(), 101, "handshake status for {url}");
                 Chat {
@@ -418,7 +420,7 @@ impl Raw {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).expect("read the handshake response");
+            let n = retry(|| stream.read(&mut byte)).expect("read the handshake response");
             assert_eq!(n, 1, "server closed during the handshake: {head:?}");
             head.push(byte[0]);
         }

@@ -18,6 +18,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, WebSocket};
 
+use crate::support::eintr::Restarting;
 use crate::support::spawn::{self, Spawned};
 
 pub use crate::support::spawn::bin;
@@ -863,11 +864,12 @@ pub fn expect_close_after(addr: SocketAddr, frames: &[ClientFrame], code: u16, c
 // tungstenite clients
 // ---------------------------------------------------------------------------
 
-pub type Client = WebSocket<TcpStream>;
+/// A tungstenite client; its socket retries EINTR (see `support::eintr`).
+pub type Client = WebSocket<Restarting>;
 
 /// A tungstenite client connected to `path` (timeouts set).
 pub fn ws_client(addr: SocketAddr, path: &str) -> Client {
-    let stream = connect(addr);
+    let stream = Restarting(connect(addr));
     let url = format!("ws://{addr}{path}");
     match tungstenite::client(url.as_str(), stream) {
         Ok((ws, resp)) => {
