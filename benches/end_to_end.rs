@@ -26,17 +26,17 @@
 //! Without `--bench` on the command line (`cargo test --all-targets`) it
 //! does nothing: it needs release builds and two quiet cores.
 
+#[path = "../tests/support/spawn.rs"]
+mod spawn;
+
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
+use spawn::{AfterListening, Spawned};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_wschat");
 const BENCH: &str = env!("CARGO_BIN_EXE_wschat-bench");
@@ -480,11 +480,11 @@ impl Drop for Scratch {
 /// A running server; killed (and its data dir removed) when dropped, on
 /// panic too. It also gets SIGKILL if this process dies (PR_SET_PDEATHSIG).
 struct Server {
-    child: Child,
+    /// Its stderr is read to the end by the helper, so it never blocks on it.
+    process: Spawned,
     pid: u32,
     url: String,
     data_dir: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -494,10 +494,7 @@ impl Server {
         let mut cmd = machine.command(0, SERVER);
         cmd.args(["--listen", "127.0.0.1:0", "--log", "warn", "--data-dir"])
             .arg(&data_dir)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .args(extra);
         // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
         unsafe {
             cmd.pre_exec(|| {
@@ -505,49 +502,17 @@ impl Server {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {SERVER}: {e}"));
-        let pid = child.id();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let lines = Arc::clone(&log);
-        // Reads the server's stderr to its end so the server never blocks on it.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = listening_addr(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
-                }
-                let mut lines = lines.lock().expect("log lock");
-                if lines.len() < 200 {
-                    lines.push(line);
-                }
-            }
-        });
-        let mut server = Server {
-            child,
-            pid,
-            url: String::new(),
+        let process = spawn::start_command(cmd, AfterListening::KeepReading);
+        Server {
+            pid: process.child.id(),
+            url: format!("ws://{}/ws", process.addr),
+            process,
             data_dir,
-            log,
-        };
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(addr) => server.url = format!("ws://{addr}/ws"),
-            Err(_) => panic!(
-                "{name} server: no `listening on` line within 10 s; its stderr:\n{}",
-                server.log_text()
-            ),
         }
-        server
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
+        self.process.log.text()
     }
 
     /// Runs `wschat-bench ARGS --url URL --pid PID --json` on core 1.
@@ -603,11 +568,10 @@ impl Drop for Server {
         }
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            match self.child.try_wait() {
+            match self.process.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
                 Ok(None) if Instant::now() >= deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
+                    self.process.stop();
                     break;
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
@@ -663,12 +627,6 @@ impl Drop for Killer {
             let _ = child.wait();
         }
     }
-}
-
-/// `... listening on 127.0.0.1:PORT (...)` → the address.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 struct Run {

@@ -2,6 +2,7 @@
 //! sockets, tungstenite and raw clients.
 
 mod chat_support;
+mod support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -5,6 +5,7 @@
 //! public traffic queued for the same reader.
 
 mod chat_support;
+mod support;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};

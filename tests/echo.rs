@@ -1,6 +1,7 @@
 //! Echo behaviour with a real WebSocket client (tungstenite).
 
 mod common;
+mod support;
 
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::Frame;

@@ -2,6 +2,7 @@
 //! plain `TcpStream` against `wschat --echo`.
 
 mod common;
+mod support;
 
 use std::io::Write;
 use std::time::Duration;

@@ -2,12 +2,14 @@
 //! command-line handling of the `wschat` binary.
 
 mod common;
+mod support;
 
 use std::io::Write;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::*;
+use support::spawn::{self, AfterListening};
 
 // ---------------------------------------------------------------------------
 // Plain HTTP
@@ -978,35 +980,13 @@ fn a_bad_environment_variable_exits_2_naming_it() {
 /// has to be a failed write, not a SIGPIPE that ends the process.
 #[test]
 fn a_closed_log_pipe_does_not_stop_the_server() {
-    let mut child = KillOnDrop(
-        std::process::Command::new(bin())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                "none",
-                "--log",
-                "info",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn the wschat binary"),
-    );
-    let mut stderr = std::io::BufReader::new(child.0.stderr.take().expect("piped stderr"));
-    let addr = loop {
-        let mut line = String::new();
-        let read = std::io::BufRead::read_line(&mut stderr, &mut line).expect("read stderr");
-        assert!(read > 0, "wschat exited before printing `listening on`");
-        if let Some(addr) = parse_listening(&line) {
-            break addr;
-        }
-    };
-    drop(stderr);
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(spawn::TEST_FLAGS).args(["--log", "info"]);
+    let mut server = spawn::start_command(cmd, AfterListening::ClosePipe);
+    let addr = server.addr;
     // Each request is logged at info (`open #N`), into the closed pipe.
     for attempt in 0..3 {
-        let status = child.0.try_wait().expect("try_wait on wschat");
+        let status = server.child.try_wait().expect("try_wait on wschat");
         assert_eq!(
             status, None,
             "wschat exited after its log pipe closed (attempt {attempt})"
@@ -1036,16 +1016,6 @@ fn a_non_utf8_argument_is_a_usage_error() {
         stderr.trim(),
         "wschat: argument 4 is not UTF-8 (see --help)"
     );
-}
-
-/// Kills the child when the test ends, also when an assertion failed.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 mod chat_support;
 mod offline_support;
+mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;

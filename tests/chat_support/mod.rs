@@ -5,22 +5,22 @@
 
 #![allow(dead_code)]
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::process::{Command, ExitStatus};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tungstenite::handshake::HandshakeError;
 use tungstenite::{Message, WebSocket};
 
+use crate::support::eintr::{retry, Restarting};
+use crate::support::spawn::{self, Spawned};
+
 /// Read/write timeout of every test socket: a test that waits for an event
 /// that never comes fails after this long instead of hanging.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -35,90 +35,30 @@ pub fn now_ms() -> u64 {
 
 /// A running `wschat` (chat mode), killed on drop.
 pub struct ChatServer {
-    child: Child,
+    process: Spawned,
     pub addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    stderr_thread: Option<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
-}
-
-fn lock(log: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
-    log.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let at = line.find("listening on ")?;
-    line[at + "listening on ".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 impl ChatServer {
-    /// `wschat --listen 127.0.0.1:0 <extra...>`, once it says where it listens.
+    /// `wschat --listen 127.0.0.1:0 --data-dir none <extra...>`, once it
+    /// says where it listens.
     pub fn start(extra: &[&str]) -> ChatServer {
-        let bin = std::env::var("WSCHAT_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wschat").to_string());
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--data-dir", "none"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the wschat binary");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let thread_log = Arc::clone(&log);
-        let (tx, rx) = mpsc::channel();
-        let stderr_thread = thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                        if let Some(addr) = parse_listening(&text) {
-                            let _ = tx.send(Some(addr));
-                        }
-                        lock(&thread_log).push(text);
-                    }
-                }
-            }
-            let _ = tx.send(None);
-        });
-        match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(Some(addr)) => ChatServer {
-                child,
-                addr,
-                log,
-                stderr_thread: Some(stderr_thread),
-                exited: None,
-            },
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = stderr_thread.join();
-                panic!(
-                    "wschat {extra:?} did not print `listening on ADDR` ({other:?}); stderr:\n{}",
-                    lock(&log).join("\n")
-                );
-            }
+        let process = spawn::start_test_server(extra);
+        ChatServer {
+            addr: process.addr,
+            process,
         }
     }
 
     pub fn logs(&self) -> String {
-        lock(&self.log).join("\n")
+        self.process.log.text()
     }
 
     /// Sends a signal (`TERM`, `INT`) with the `kill` utility.
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
+            .arg(self.process.child.id().to_string())
             .status()
             .expect("run the kill utility");
         assert!(status.success(), "kill -{sig} failed: {status}");
@@ -128,8 +68,7 @@ impl ChatServer {
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait on wschat") {
-                self.exited = Some(status);
+            if let Some(status) = self.process.child.try_wait().expect("try_wait on wschat") {
                 return status;
             }
             if Instant::now() >= deadline {
@@ -144,7 +83,7 @@ impl ChatServer {
 
     /// Fails if the process died.
     pub fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("try_wait on wschat") {
+        if let Some(status) = self.process.child.try_wait().expect("try_wait on wschat") {
             panic!("wschat exited ({status}); stderr:\n{}", self.logs());
         }
     }
@@ -152,13 +91,9 @@ impl ChatServer {
 
 impl Drop for ChatServer {
     fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
-        }
+        // A process that has already exited (and been reaped by
+        // `wait_exit`) is not signalled again.
+        self.process.stop();
         if !thread::panicking() {
             let logs = self.logs();
             assert!(!logs.contains("panicked"), "server logged a panic:\n{logs}");
@@ -203,8 +138,9 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
 // ---------------------------------------------------------------------------
 
 /// A chat client over tungstenite. Reading answers the server's pings.
+/// Its socket retries EINTR (see `support::eintr`).
 pub struct Chat {
-    pub ws: WebSocket<TcpStream>,
+    pub ws: WebSocket<Restarting>,
     /// For failure messages.
     pub label: String,
 }
@@ -221,7 +157,7 @@ impl Chat {
     /// Opens `path` (handshake must succeed with 101). Reads nothing.
     pub fn open(addr: SocketAddr, path: &str) -> Chat {
         let url = format!("ws://{addr}{path}");
-        match tungstenite::client(url.as_str(), tcp(addr)) {
+        match tungstenite::client(url.as_str(), Restarting(tcp(addr))) {
             Ok((ws, resp)) => {
                 assert_eq!(resp.status().as_u16(), 101, "handshake status for {url}");
                 Chat {
@@ -484,7 +420,7 @@ impl Raw {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            let n = stream.read(&mut byte).expect("read the handshake response");
+            let n = retry(|| stream.read(&mut byte)).expect("read the handshake response");
             assert_eq!(n, 1, "server closed during the handshake: {head:?}");
             head.push(byte[0]);
         }

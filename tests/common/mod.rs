@@ -6,12 +6,11 @@
 
 #![allow(dead_code)]
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use tungstenite::handshake::HandshakeError;
@@ -19,10 +18,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, WebSocket};
 
+use crate::support::eintr::Restarting;
+use crate::support::spawn::{self, Spawned};
+
+pub use crate::support::spawn::bin;
+
 /// Read/write timeout for every socket operation in the tests.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the server may take to print its `listening on` line.
-pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a process that is expected to fail may take to exit.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -42,46 +44,20 @@ pub const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// implementation that ignores the mask produces garbage).
 pub const DEFAULT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
-/// The binary under test: `$WSCHAT_BIN` if set (e.g. a release build),
-/// otherwise the one cargo built for this test run.
-pub fn bin() -> String {
-    std::env::var("WSCHAT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_wschat").to_string())
-}
-
 // ---------------------------------------------------------------------------
 // Server process
 // ---------------------------------------------------------------------------
 
 /// A running `wschat` child process, killed on drop.
 pub struct Server {
-    child: Child,
+    process: Spawned,
     pub addr: SocketAddr,
-    pub args: Vec<String>,
     echo: bool,
-    log: Arc<Mutex<Vec<String>>>,
-    stderr_thread: Option<JoinHandle<()>>,
-}
-
-enum StderrEvent {
-    Listening(SocketAddr),
-    Eof,
-}
-
-/// Extracts the address from a line containing `listening on ADDR`.
-pub fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let idx = line.find("listening on ")?;
-    let rest = &line[idx + "listening on ".len()..];
-    let addr = rest.split_whitespace().next()?;
-    addr.parse().ok()
-}
-
-fn lock_log(log: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
-    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Server {
-    /// Starts `wschat --listen 127.0.0.1:0 <extra...>` and waits for the
-    /// `listening on` line.
+    /// Starts `wschat --listen 127.0.0.1:0 --data-dir none <extra...>` and
+    /// waits for the `listening on` line.
     pub fn start(extra: &[&str]) -> Server {
         Server::start_in(&[], extra)
     }
@@ -89,82 +65,15 @@ impl Server {
     /// [`Server::start`] with these environment variables added to the
     /// server's environment.
     pub fn start_in(env: &[(&str, &str)], extra: &[&str]) -> Server {
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            "none".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let echo = extra.contains(&"--echo");
-        let mut child = Command::new(bin())
-            .args(&args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the wschat binary");
-        let stderr = child.stderr.take().expect("child stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let thread_log = Arc::clone(&log);
-        let stderr_thread = thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut buf = Vec::new();
-            let mut announced = false;
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                        let addr = if announced {
-                            None
-                        } else {
-                            parse_listening(&line)
-                        };
-                        lock_log(&thread_log).push(line);
-                        if let Some(addr) = addr {
-                            announced = true;
-                            let _ = tx.send(StderrEvent::Listening(addr));
-                        }
-                    }
-                }
-            }
-            let _ = tx.send(StderrEvent::Eof);
-        });
-        match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(StderrEvent::Listening(addr)) => Server {
-                child,
-                addr,
-                args,
-                echo,
-                log,
-                stderr_thread: Some(stderr_thread),
-            },
-            Ok(StderrEvent::Eof) => {
-                let status = child
-                    .wait()
-                    .expect("wait for wschat after its stderr closed");
-                let _ = stderr_thread.join();
-                panic!(
-                    "wschat {:?} exited ({status}) before printing `listening on`; stderr:\n{}",
-                    args,
-                    lock_log(&log).join("\n")
-                );
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = stderr_thread.join();
-                panic!(
-                    "wschat {:?} did not print `listening on ADDR` within {:?}; stderr:\n{}",
-                    args,
-                    STARTUP_TIMEOUT,
-                    lock_log(&log).join("\n")
-                );
-            }
+        let mut cmd = Command::new(spawn::bin());
+        cmd.args(spawn::TEST_FLAGS)
+            .args(extra)
+            .envs(env.iter().copied());
+        let process = spawn::start_command(cmd, spawn::AfterListening::KeepReading);
+        Server {
+            addr: process.addr,
+            process,
+            echo: extra.contains(&"--echo"),
         }
     }
 
@@ -185,13 +94,13 @@ impl Server {
 
     /// Lines captured from the server's stderr so far.
     pub fn logs(&self) -> Vec<String> {
-        lock_log(&self.log).clone()
+        self.process.log.lines()
     }
 
     /// Asserts the process is still running, answers `/healthz`, and (for
     /// `--echo` servers) that a fresh tungstenite client gets its echo.
     pub fn assert_serving(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("try_wait on wschat") {
+        if let Some(status) = self.process.child.try_wait().expect("try_wait on wschat") {
             panic!(
                 "wschat exited unexpectedly ({status}); stderr:\n{}",
                 self.logs().join("\n")
@@ -217,7 +126,7 @@ impl Server {
 impl Server {
     /// Sends SIGTERM, as a service manager stopping the server does.
     pub fn terminate(&self) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        let pid = libc::pid_t::try_from(self.process.child.id()).expect("a pid fits pid_t");
         // SAFETY: kill only sends a signal, to a child this test owns.
         let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(sent, 0, "kill -TERM {pid}: {}", io::Error::last_os_error());
@@ -227,7 +136,7 @@ impl Server {
     pub fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait on wschat") {
+            if let Some(status) = self.process.child.try_wait().expect("try_wait on wschat") {
                 return Some(status);
             }
             thread::sleep(Duration::from_millis(20));
@@ -238,11 +147,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
-        }
+        self.process.stop();
         if !thread::panicking() {
             let logs = self.logs();
             if logs.iter().any(|l| l.contains("panicked")) {
@@ -997,11 +902,12 @@ pub fn expect_close_after(addr: SocketAddr, frames: &[ClientFrame], code: u16, c
 // tungstenite clients
 // ---------------------------------------------------------------------------
 
-pub type Client = WebSocket<TcpStream>;
+/// A tungstenite client; its socket retries EINTR (see `support::eintr`).
+pub type Client = WebSocket<Restarting>;
 
 /// A tungstenite client connected to `path` (timeouts set).
 pub fn ws_client(addr: SocketAddr, path: &str) -> Client {
-    let stream = connect(addr);
+    let stream = Restarting(connect(addr));
     let url = format!("ws://{addr}{path}");
     match tungstenite::client(url.as_str(), stream) {
         Ok((ws, resp)) => {
