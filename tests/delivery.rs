@@ -13,28 +13,14 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use chat_support::{Chat, ChatServer, Raw, RawRead, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
+use chat_support::{
+    client_frame, Chat, ChatServer, Raw, RawRead, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
+};
 use serde_json::{json, Value};
 
-/// One masked text frame (what a client sends), to batch several into one write.
-fn client_frame(text: &str) -> Vec<u8> {
-    let payload = text.as_bytes();
-    let mask = [0x12, 0x34, 0x56, 0x78];
-    let mut out = vec![0x81];
-    match payload.len() {
-        n if n <= 125 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+/// One masked text frame, as a client sends it.
+fn text_frame(text: &str) -> Vec<u8> {
+    client_frame(OP_TEXT, text.as_bytes())
 }
 
 /// A body that carries its index: `000042:xxxx…` of `len` bytes.
@@ -145,7 +131,7 @@ fn a_reader_that_reads_gets_every_public_of_bursts_far_above_the_soft_mark() {
     for b in 0..bursts {
         let burst: Vec<u8> = (0..per_burst)
             .flat_map(|i| {
-                client_frame(
+                text_frame(
                     &json!({"type":"public","body":body(b * per_burst + i, 4000)}).to_string(),
                 )
             })
@@ -194,7 +180,7 @@ fn ten_senders_of_64_kib_messages_in_one_turn_do_not_shed_a_reader_that_reads() 
             (0..each)
                 .flat_map(|i| {
                     let text = json!({"type":"public","body":body(s * each + i, 60_000)});
-                    client_frame(&text.to_string())
+                    text_frame(&text.to_string())
                 })
                 .collect()
         })
@@ -298,7 +284,7 @@ fn a_private_flood_cannot_knock_a_steady_reader_off_and_the_flooder_pays() {
     let bytes: Vec<u8> = (0..flood)
         .flat_map(|k| {
             let text = json!({"type":"private","to":"victim","body":body(k, 8000),"ref":k});
-            client_frame(&text.to_string())
+            text_frame(&text.to_string())
         })
         .collect();
     let writer = thread::spawn(move || {
@@ -449,9 +435,9 @@ fn a_private_overtakes_public_traffic_queued_for_the_same_reader() {
     // the friend has it, the whole flood was routed.
     let count = 4000; // 8 KB each: 32 MB, beyond any loopback socket buffers
     let mut flood: Vec<u8> = (0..count)
-        .flat_map(|i| client_frame(&json!({"type":"public","body":body(i, 8000)}).to_string()))
+        .flat_map(|i| text_frame(&json!({"type":"public","body":body(i, 8000)}).to_string()))
         .collect();
-    flood.extend(client_frame(
+    flood.extend(text_frame(
         &json!({"type":"private","to":"friend","body":"flood sent"}).to_string(),
     ));
     publisher.stream.write_all(&flood).expect("flood");

@@ -541,22 +541,9 @@ impl Raw {
 
     /// Sends a masked frame.
     pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
-        let mask = [0x5a, 0x13, 0xc7, 0x2e];
-        let mut out = vec![0x80 | opcode];
-        match payload.len() {
-            n if n <= 125 => out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&out).expect("write a frame");
+        self.stream
+            .write_all(&client_frame(opcode, payload))
+            .expect("write a frame");
     }
 
     /// Waits (up to `timeout`) for the end of the TCP connection, ignoring
@@ -587,6 +574,27 @@ impl Raw {
             }
         }
     }
+}
+
+/// One final, masked frame as a client sends it (to batch several into
+/// one write).
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x13, 0xc7, 0x2e];
+    let mut out = vec![0x80 | opcode];
+    match payload.len() {
+        n if n <= 125 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
 }
 
 pub fn is_reset(e: &io::Error) -> bool {
