@@ -56,6 +56,28 @@ pub struct Config {
     pub offline_ttl: Duration,
     /// The log is compacted once it is at least this big (and mostly dead).
     pub compact_min_bytes: u64,
+    /// Whether clients must present a signed token.
+    pub auth: AuthMode,
+    /// The HS256 secret's file, for `--auth jwt`.
+    pub auth_secret_file: Option<PathBuf>,
+    /// How far a token's `exp` and `nbf` may be off.
+    pub auth_leeway: Duration,
+    /// When set, tokens must carry this `aud`.
+    pub auth_audience: Option<String>,
+    /// When set, tokens must carry this `iss`.
+    pub auth_issuer: Option<String>,
+    /// Names remembered as users (who may be sent offline messages).
+    pub max_known_users: usize,
+    /// Without authentication: hold private messages for names that never
+    /// connected, too.
+    pub offline_to_unknown: bool,
+}
+
+/// How clients are authenticated (`--auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    None,
+    Jwt,
 }
 
 impl Default for Config {
@@ -83,6 +105,13 @@ impl Default for Config {
             offline_max_bytes: 64 * 1024 * 1024,
             offline_ttl: Duration::from_secs(7 * 24 * 3600),
             compact_min_bytes: 4 * 1024 * 1024,
+            auth: AuthMode::None,
+            auth_secret_file: None,
+            auth_leeway: Duration::from_secs(30),
+            auth_audience: None,
+            auth_issuer: None,
+            max_known_users: 1_000_000,
+            offline_to_unknown: false,
         }
     }
 }
@@ -368,6 +397,87 @@ pub const OPTIONS: &[Opt] = &[
         kind: Kind::Value,
         set: |c, name, v| {
             c.compact_min_bytes = parse_count(name, v, 1)? as u64;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--auth",
+        value_name: "none|jwt",
+        about: "jwt: clients present an HS256 token (Authorization: Bearer, or ?token=) whose sub is their username",
+        default: Some("none"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.auth = match v {
+                "none" => AuthMode::None,
+                "jwt" => AuthMode::Jwt,
+                _ => return Err(ConfigError::invalid(name, v, "none or jwt")),
+            };
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--auth-secret-file",
+        value_name: "PATH",
+        about: "the HS256 secret (at least 32 bytes, not readable by others); needed with --auth jwt",
+        default: None,
+        kind: Kind::Value,
+        set: |c, _, v| {
+            c.auth_secret_file = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--auth-leeway",
+        value_name: "DUR",
+        about: "how far a token's exp and nbf may be off",
+        default: Some("30s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.auth_leeway = parse_duration(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--auth-audience",
+        value_name: "AUD",
+        about: "tokens must carry this aud",
+        default: None,
+        kind: Kind::Value,
+        set: |c, _, v| {
+            c.auth_audience = Some(v.to_owned());
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--auth-issuer",
+        value_name: "ISS",
+        about: "tokens must carry this iss",
+        default: None,
+        kind: Kind::Value,
+        set: |c, _, v| {
+            c.auth_issuer = Some(v.to_owned());
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-known-users",
+        value_name: "N",
+        about: "names remembered as users, who may be sent offline messages",
+        default: Some("1000000"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.max_known_users = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--offline-to-unknown",
+        value_name: "",
+        about: "without --auth: hold private messages for names that never connected",
+        default: None,
+        kind: Kind::Switch,
+        set: |c, name, v| {
+            c.offline_to_unknown = parse_switch(name, v)?;
             Ok(())
         },
     },
@@ -668,6 +778,10 @@ mod tests {
             "DIR|none" => "none",
             "always|never" => "never",
             "LEVEL" => "debug",
+            "none|jwt" => "jwt",
+            "PATH" => "/run/secrets/wschat",
+            "AUD" => "chat",
+            "ISS" => "https://auth.example",
             other => panic!("no example value for {other}: add one"),
         }
     }

@@ -33,6 +33,8 @@ pub struct OpenState {
     pub last_rx: Tick,
     /// When the server pings next.
     pub next_ping: Tick,
+    /// When the connection's token (with the leeway) expires, unless renewed.
+    pub token_expires: Option<Tick>,
 }
 
 impl OpenState {
@@ -41,6 +43,7 @@ impl OpenState {
             decoder: Decoder::default(),
             last_rx: now,
             next_ping: now,
+            token_expires: None,
         }
     }
 }
@@ -73,6 +76,10 @@ pub enum CloseReason {
     SlowConsumer,
     /// The server is stopping.
     Shutdown,
+    /// The token the connection was opened with expired unrenewed (4003).
+    TokenExpired,
+    /// A newer connection of the same user took over (4010).
+    Replaced,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -91,6 +98,8 @@ impl std::fmt::Display for CloseReason {
             CloseReason::WriteStall => f.write_str("write stall"),
             CloseReason::SlowConsumer => f.write_str("slow consumer"),
             CloseReason::Shutdown => f.write_str("shutdown"),
+            CloseReason::TokenExpired => f.write_str("token expired (4003)"),
+            CloseReason::Replaced => f.write_str("replaced by a newer session (4010)"),
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Upgrade {
     pub response: Vec<u8>,
     /// The query string of the request target, without the `?`.
     pub query: String,
+    /// The `Authorization` header (at most one), for `--auth jwt`.
+    pub authorization: Option<String>,
     pub head_len: usize,
 }
 
@@ -121,11 +123,16 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
                     Status::ServiceUnavailable,
                     "server shutting down",
                 )),
-                Ok(response) => Outcome::Upgrade(Upgrade {
-                    response,
-                    query: query.to_owned(),
-                    head_len,
-                }),
+                Ok(response) => match single_header(request.headers, "authorization") {
+                    Ok(authorization) => Outcome::Upgrade(Upgrade {
+                        response,
+                        query: query.to_owned(),
+                        authorization: authorization
+                            .map(|value| String::from_utf8_lossy(trim(value)).into_owned()),
+                        head_len,
+                    }),
+                    Err(response) => Outcome::Reject(response),
+                },
                 Err(response) => Outcome::Reject(response),
             }
         }

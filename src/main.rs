@@ -16,7 +16,8 @@
 use std::ffi::{c_char, c_int, CStr};
 use std::io::Write;
 
-use wschat::config::{self, fd_reserve, Command, Config};
+use wschat::auth::{read_secret_file, Auth, Rules};
+use wschat::config::{self, fd_reserve, AuthMode, Command, Config};
 use wschat::log;
 use wschat::server::Server;
 use wschat::store::log::{Log, Sync};
@@ -81,6 +82,13 @@ fn run(args: Vec<String>) -> i32 {
             return EXIT_CANNOT_START;
         }
     };
+    let auth = match auth_from(&config) {
+        Ok(auth) => auth,
+        Err(message) => {
+            eprintln!("wschat: {message}");
+            return EXIT_CANNOT_START;
+        }
+    };
     let (store_log, outboxes) = match open_store(&config) {
         Ok(opened) => opened,
         Err(message) => {
@@ -94,7 +102,8 @@ fn run(args: Vec<String>) -> i32 {
         .unwrap_or_else(|| fd_limit.saturating_sub(fd_reserve()).max(1));
     let listen = config.listen;
     let echo = config.echo;
-    let mut server = match Server::new(listener, config, max_connections, store_log, outboxes) {
+    let mut server = match Server::new(listener, config, auth, max_connections, store_log, outboxes)
+    {
         Ok(server) => server,
         Err(e) => {
             eprintln!("wschat: cannot start the event loop: {e}");
@@ -139,6 +148,29 @@ fn print(text: &str) -> i32 {
     }
 }
 
+/// The authentication `config` asks for, with its secret read. Errors are
+/// one line, and never show the secret.
+fn auth_from(config: &Config) -> Result<Auth, String> {
+    let path = config.auth_secret_file.as_ref();
+    match (config.auth, path) {
+        (AuthMode::None, None) => Ok(Auth::None),
+        (AuthMode::None, Some(_)) => Err("--auth-secret-file needs --auth jwt".into()),
+        (AuthMode::Jwt, None) => Err("--auth jwt needs --auth-secret-file PATH".into()),
+        (AuthMode::Jwt, Some(path)) => {
+            let secret = read_secret_file(path)
+                .map_err(|e| format!("--auth-secret-file {}: {e}", path.display()))?;
+            Ok(Auth::Jwt {
+                secret,
+                rules: Rules {
+                    leeway_secs: config.auth_leeway.as_secs(),
+                    audience: config.auth_audience.clone(),
+                    issuer: config.auth_issuer.clone(),
+                },
+            })
+        }
+    }
+}
+
 /// Opens the offline outbox log and replays it. Errors are one line.
 fn open_store(config: &Config) -> Result<(Option<Log>, Outboxes), String> {
     let mut outboxes = Outboxes::new(Limits {
@@ -173,9 +205,11 @@ fn open_store(config: &Config) -> Result<(Option<Log>, Outboxes), String> {
         "offline store {}: {records} log records, {held} messages held ({bytes} bytes)",
         dir.display()
     );
-    log::warn!(
-        "offline storage is on and there is no authentication: whoever connects as a name receives its stored messages"
-    );
+    if config.auth == AuthMode::None {
+        log::warn!(
+            "offline storage is on and there is no authentication (--auth none): whoever connects as a name receives its stored messages"
+        );
+    }
     if config.fsync == Sync::Never {
         log::warn!(
             "--fsync never: a crash can lose recently stored messages (for benchmarks only)"

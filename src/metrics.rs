@@ -26,7 +26,7 @@ const LATENCY_BOUNDS: [f64; 12] = [
 ];
 
 /// Close reasons as metric labels, in a fixed order.
-const CLOSE_LABELS: [&str; 12] = [
+const CLOSE_LABELS: [&str; 14] = [
     "normal",
     "protocol_error",
     "unsupported_data",
@@ -39,6 +39,8 @@ const CLOSE_LABELS: [&str; 12] = [
     "write_stall",
     "slow_consumer",
     "shutdown",
+    "token_expired",
+    "replaced",
 ];
 
 fn close_index(reason: CloseReason) -> Option<usize> {
@@ -56,11 +58,13 @@ fn close_index(reason: CloseReason) -> Option<usize> {
         CloseReason::WriteStall => 9,
         CloseReason::SlowConsumer => 10,
         CloseReason::Shutdown => 11,
+        CloseReason::TokenExpired => 12,
+        CloseReason::Replaced => 13,
     })
 }
 
 /// HTTP statuses counted as handshake failures.
-const HANDSHAKE_STATUSES: [u16; 7] = [400, 403, 404, 405, 426, 431, 503];
+const HANDSHAKE_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 426, 431, 503];
 
 #[derive(Debug, Default)]
 pub struct Metrics {

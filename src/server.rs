@@ -22,6 +22,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 
+use crate::auth::Auth;
 use crate::chat::{Limits, Router};
 use crate::config::Config;
 use crate::conn::{CloseReason, Connection, Phase};
@@ -100,6 +101,8 @@ struct Core {
     log: Option<Log>,
     /// Wall-clock milliseconds, read once per turn for message timestamps.
     now_ms: u64,
+    /// Who may connect as whom.
+    auth: Auth,
     metrics: Metrics,
 }
 
@@ -136,6 +139,7 @@ impl Server {
     pub fn new(
         mut listener: TcpListener,
         config: Config,
+        auth: Auth,
         max_connections: usize,
         log: Option<Log>,
         outboxes: Outboxes,
@@ -168,6 +172,9 @@ impl Server {
                 outboxes,
             );
             router.start_ids_after(wall_clock_ms());
+            if auth.is_on() {
+                router.set_auth(auth.clone());
+            }
             App::Chat(Box::new(router))
         };
         let clock = Clock::starting_now();
@@ -204,6 +211,7 @@ impl Server {
                 shutdown_by: None,
                 log,
                 now_ms: 0,
+                auth,
                 metrics: Metrics::default(),
             },
         })
@@ -231,6 +239,7 @@ impl Server {
             let now = Instant::now();
             self.core.now_ms = wall_clock_ms();
             self.core.post.now = self.core.clock.tick(now);
+            self.core.post.now_ms = self.core.now_ms;
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now),

@@ -39,6 +39,7 @@ impl Outbox for Counting {
         self.send(to, json, Class::Reply);
     }
     fn close(&mut self, _conn: ConnId, _code: CloseCode, _reason: &'static str) {}
+    fn renew(&mut self, _conn: ConnId, _until_unix_secs: u64) {}
 }
 
 pub fn router_with(users: usize, out: &mut Counting) -> Router {

@@ -26,6 +26,11 @@ pub enum Request<'a> {
     Ack {
         seq: u64,
     },
+    /// A newer token for the same user (`--auth jwt`), before the current
+    /// one expires.
+    Auth {
+        token: Cow<'a, str>,
+    },
 }
 
 /// A parsed request and its `ref`, echoed as raw JSON (a string or an integer).
@@ -85,6 +90,8 @@ struct Wire<'a> {
     reference: Option<&'a RawValue>,
     #[serde(default)]
     seq: Option<u64>,
+    #[serde(borrow, default)]
+    token: Option<Text<'a>>,
 }
 
 /// A string borrowed from the input unless it had escapes (serde only
@@ -99,6 +106,7 @@ pub(super) struct Fields<'a> {
     pub(super) body: Option<Cow<'a, str>>,
     pub(super) reference: Option<&'a str>,
     pub(super) seq: Option<u64>,
+    pub(super) token: Option<Cow<'a, str>>,
 }
 
 /// serde_json's reading, which the fast path in [`scan`] must agree with.
@@ -110,6 +118,7 @@ pub(super) fn read_with_serde(text: &str) -> Result<Fields<'_>, serde_json::Erro
         body: wire.body.map(|Text(s)| s),
         reference: wire.reference.map(RawValue::get),
         seq: wire.seq,
+        token: wire.token.map(|Text(s)| s),
     })
 }
 
@@ -124,6 +133,7 @@ pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, O
             body: f.body.map(Cow::Borrowed),
             reference: f.reference,
             seq: f.seq,
+            token: None,
         },
         None => read_with_serde(text)
             .map_err(|e| (RequestError::InvalidJson(short_reason(&e)), None))?,
@@ -172,6 +182,12 @@ pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, O
                 return fail(RequestError::MissingField("seq"));
             };
             Request::Ack { seq }
+        }
+        "auth" => {
+            let Some(token) = fields.token else {
+                return fail(RequestError::MissingField("token"));
+            };
+            Request::Auth { token }
         }
         other => {
             let mut shown = other.to_owned();
@@ -342,6 +358,14 @@ pub mod encode {
         plain(out, username);
         out.extend_from_slice(b",\"online\":");
         number(out, online as u64);
+        out.push(b'}');
+    }
+
+    /// The answer to a token renewal: the new expiry (seconds since 1970).
+    pub fn auth_renewed(out: &mut Vec<u8>, exp: u64, reference: Option<&str>) {
+        out.extend_from_slice(b"{\"type\":\"auth\",\"exp\":");
+        number(out, exp);
+        reference_field(out, reference);
         out.push(b'}');
     }
 

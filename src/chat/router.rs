@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
+use crate::auth::Auth;
 use crate::store::{self, BoxId, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
 
@@ -72,6 +73,9 @@ pub trait Outbox {
     /// A reply sent once this turn's log records are on disk (a `queued`
     /// receipt promises the message survives a crash).
     fn send_when_durable(&mut self, to: ConnId, json: &[u8]);
+    /// The connection's token was renewed: it may stay open until
+    /// `until_unix_secs` (the new `exp` plus the leeway).
+    fn renew(&mut self, conn: ConnId, until_unix_secs: u64);
     /// Closes a connection with a WebSocket close code.
     fn close(&mut self, conn: ConnId, code: CloseCode, reason: &'static str);
 }
@@ -135,6 +139,8 @@ pub struct Router {
     last_target: Option<(Rc<str>, usize)>,
     last_id: u64,
     scratch: Vec<u8>,
+    /// Verifies token renewals; `Auth::None` refuses them.
+    auth: Auth,
     pub stats: RouterStats,
 }
 
@@ -151,8 +157,15 @@ impl Router {
             last_id: outboxes.max_id,
             outboxes,
             scratch: Vec::with_capacity(256),
+            auth: Auth::None,
             stats: RouterStats::default(),
         }
+    }
+
+    /// Connections are authenticated (`--auth jwt`): a user's newer
+    /// connection replaces its older one, and tokens may be renewed.
+    pub fn set_auth(&mut self, auth: Auth) {
+        self.auth = auth;
     }
 
     /// Message ids must grow across restarts too (clients de-duplicate by
@@ -213,7 +226,28 @@ impl Router {
     /// A WebSocket connection opened with `query`: admit it under its name,
     /// or refuse it with an error event and a close code. Returns the name.
     pub fn join(&mut self, slot: ConnId, query: &str, out: &mut impl Outbox) -> Option<Rc<str>> {
-        let requested = username::query_param(query, "username");
+        self.join_as(slot, query, None, out)
+    }
+
+    /// [`join`](Self::join) for a connection whose token named `verified`
+    /// (its `sub`, a valid username): that is its name, and if the user is
+    /// online already, this connection takes over (see `replace`).
+    pub fn join_as(
+        &mut self,
+        slot: ConnId,
+        query: &str,
+        verified: Option<&str>,
+        out: &mut impl Outbox,
+    ) -> Option<Rc<str>> {
+        if let Some(name) = verified {
+            if let Some(&position) = self.index.get(name) {
+                return Some(self.replace(position, slot, query, out));
+            }
+        }
+        let requested = match verified {
+            Some(name) => Some(std::borrow::Cow::Borrowed(name)),
+            None => username::query_param(query, "username"),
+        };
         let name = match requested.as_deref() {
             Some(name) if username::is_valid(name) => name,
             _ => {
@@ -275,6 +309,49 @@ impl Router {
         self.scratch = json;
         self.replay_held(slot, &name, resume, out);
         Some(name)
+    }
+
+    /// The same (authenticated) user connected again: a phone whose old
+    /// connection is half-open. The old connection is closed with 4010 after
+    /// what it was sent; the new one takes over the name, its place and its
+    /// outbox. Others see no `leave` and `join`: the user never left.
+    fn replace(
+        &mut self,
+        position: usize,
+        slot: ConnId,
+        query: &str,
+        out: &mut impl Outbox,
+    ) -> Rc<str> {
+        let old = self.members[position].conn;
+        self.positions[old.0] = NOT_A_MEMBER;
+        out.close(old, CloseCode::Replaced, "replaced by a newer session");
+        self.set_position(slot, position);
+        let resume = username::query_param(query, "resume").map(|v| v.parse::<u64>().unwrap_or(0));
+        let member = &mut self.members[position];
+        member.conn = slot;
+        member.reliable = resume.is_some();
+        let name = member.name.clone();
+        // The others, as a welcome lists them (not the roster: it has this name).
+        let mut others = Vec::new();
+        for (i, member) in self.members.iter().enumerate().take(LIST_LIMIT + 1) {
+            if i != position && others.len() < LIST_LIMIT {
+                encode::name_list_push(&mut others, &member.name);
+            }
+        }
+        let mut json = std::mem::take(&mut self.scratch);
+        json.clear();
+        encode::roster_encoded(
+            &mut json,
+            "welcome",
+            Some(&name),
+            self.members.len(),
+            &others,
+        );
+        out.send(slot, &json, Class::Reply);
+        json.clear();
+        self.scratch = json;
+        self.replay_held(slot, &name, resume, out);
+        name
     }
 
     /// Where `name` is in `members`, if online.
@@ -426,6 +503,7 @@ impl Router {
                 encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
                 out.send(slot, &json, Class::Reply);
             }
+            Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
             Request::Ack { seq } => {
                 if self
                     .index
@@ -438,6 +516,39 @@ impl Router {
         }
         json.clear();
         self.scratch = json;
+    }
+
+    /// A newer token for the connection's user: renewed, refused with an
+    /// error (the current token stays good until it expires), or, for
+    /// another user, an error and the connection closed (4003).
+    fn renew(
+        &mut self,
+        slot: ConnId,
+        from: &str,
+        token: &str,
+        reference: Option<&str>,
+        now_ms: u64,
+        out: &mut impl Outbox,
+    ) {
+        if !self.auth.is_on() {
+            let message = "this server does not use tokens";
+            self.send_error(slot, "invalid_token", message, reference, out);
+            return;
+        }
+        match self.auth.verify(Some(token), now_ms / 1000) {
+            Ok(claims) if claims.sub == from => {
+                out.renew(slot, claims.exp.saturating_add(self.auth.leeway_secs()));
+                let mut json = Vec::with_capacity(48);
+                encode::auth_renewed(&mut json, claims.exp, reference);
+                out.send(slot, &json, Class::Reply);
+            }
+            Ok(_) => {
+                let message = "the token names another user";
+                self.send_error(slot, "invalid_token", message, reference, out);
+                out.close(slot, CloseCode::TokenExpired, "token for another user");
+            }
+            Err(e) => self.send_error(slot, "invalid_token", &e.to_string(), reference, out),
+        }
     }
 
     /// Routes one private message: live to an online recipient (and held
@@ -664,6 +775,7 @@ mod tests {
         gone: Vec<usize>,
         broadcasts: usize,
         busy: Vec<usize>,
+        renewed: Vec<(usize, u64)>,
         durable: Vec<(usize, Value)>,
     }
 
@@ -717,6 +829,9 @@ mod tests {
         }
         fn close(&mut self, ConnId(slot): ConnId, code: CloseCode, _reason: &'static str) {
             self.closed.push((slot, code.to_u16()));
+        }
+        fn renew(&mut self, ConnId(slot): ConnId, until_unix_secs: u64) {
+            self.renewed.push((slot, until_unix_secs));
         }
     }
 
@@ -1009,6 +1124,89 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.take()[0].1["seq"], 1);
+    }
+
+    #[test]
+    fn an_authenticated_user_replaces_its_older_session_without_presence_flicker() {
+        let mut r = router(10);
+        let mut out = Recorder::default();
+        r.join_as(ConnId(1), "", Some("alice"), &mut out);
+        r.join_as(ConnId(2), "", Some("bob"), &mut out);
+        out.take();
+        // alice again (her phone reconnects; the old connection is half-open).
+        let name = r.join_as(ConnId(3), "resume=0", Some("alice"), &mut out);
+        assert_eq!(name.as_deref(), Some("alice"));
+        assert_eq!(out.closed, vec![(1, 4010)]);
+        assert_eq!(
+            out.take(),
+            vec![(
+                3,
+                json!({"type":"welcome","username":"alice","online":2,"users":["bob"]})
+            )],
+            "bob sees no leave and no join"
+        );
+        // The old connection's departure frees nothing.
+        r.leave(ConnId(1), &mut out);
+        assert!(out.take().is_empty());
+        assert_eq!(r.online(), 2);
+        r.handle(
+            ConnId(2),
+            r#"{"type":"private","to":"alice","body":"hi"}"#,
+            1,
+            &mut out,
+        );
+        assert_eq!(
+            out.take()[0].0,
+            3,
+            "alice's messages go to the new connection"
+        );
+        // Without a token, a taken name is still refused.
+        assert!(r.join(ConnId(4), "username=bob", &mut out).is_none());
+        assert_eq!(out.closed.last(), Some(&(4, 4009)));
+    }
+
+    #[test]
+    fn a_token_renewal_extends_the_session_and_another_users_token_ends_it() {
+        use crate::auth::jwt::tests::mint;
+        use crate::auth::{Auth, Rules, Secret};
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let mut r = router(10);
+        r.set_auth(Auth::Jwt {
+            secret: Secret::new(secret.to_vec()).expect("32 bytes"),
+            rules: Rules {
+                leeway_secs: 30,
+                audience: None,
+                issuer: None,
+            },
+        });
+        let mut out = Recorder::default();
+        r.join_as(ConnId(1), "", Some("alice"), &mut out);
+        out.take();
+        let now_ms = 1_800_000_000_000;
+        let token = |sub: &str| {
+            let claims = format!(r#"{{"sub":"{sub}","exp":1800000600}}"#);
+            mint(r#"{"alg":"HS256"}"#, &claims, secret)
+        };
+        let renew = |r: &mut Router, out: &mut Recorder, token: &str| {
+            let text = format!(r#"{{"type":"auth","token":"{token}","ref":1}}"#);
+            r.handle(ConnId(1), &text, now_ms, out);
+        };
+        renew(&mut r, &mut out, &token("alice"));
+        assert_eq!(out.renewed, vec![(1, 1_800_000_630)]);
+        assert_eq!(
+            out.take(),
+            vec![(1, json!({"type":"auth","exp":1800000600,"ref":1}))]
+        );
+        renew(&mut r, &mut out, "not.a.token");
+        assert_eq!(out.take()[0].1["code"], "invalid_token");
+        assert!(
+            out.closed.is_empty(),
+            "a bad renewal leaves the session as it was"
+        );
+        renew(&mut r, &mut out, &token("mallory"));
+        assert_eq!(out.take()[0].1["code"], "invalid_token");
+        assert_eq!(out.closed, vec![(1, 4003)]);
+        assert_eq!(out.renewed.len(), 1);
     }
 
     #[test]

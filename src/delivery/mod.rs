@@ -63,6 +63,11 @@ pub struct Post {
     times: Times,
     /// The time of this turn, for judging readers.
     pub now: Tick,
+    /// The wall clock at `now`, in milliseconds since 1970.
+    pub now_ms: u64,
+    /// A token renewal for the connection being decoded: its slot and new
+    /// expiry.
+    renewal: Option<(usize, Tick)>,
     flush_list: Vec<usize>,
     /// `join`/`leave` events of the current window (see `presence`).
     pub presence: PresenceBatch,
@@ -93,6 +98,8 @@ impl Post {
             marks,
             times,
             now,
+            now_ms: 0,
+            renewal: None,
             flush_list: Vec::new(),
             presence: PresenceBatch::default(),
             departures: Vec::new(),
@@ -104,6 +111,14 @@ impl Post {
             bytes_out: 0,
             senders_held: 0,
             frame_scratch: Vec::with_capacity(256),
+        }
+    }
+
+    /// The new token expiry of `slot`, if its last message renewed it.
+    pub fn take_renewal(&mut self, slot: usize) -> Option<Tick> {
+        match self.renewal.take() {
+            Some((renewed, until)) if renewed == slot => Some(until),
+            _ => None,
         }
     }
 
@@ -662,10 +677,24 @@ impl Outbox for Mailer<'_> {
     }
 
     fn close(&mut self, ConnId(slot): ConnId, code: CloseCode, reason: &'static str) {
+        let why = match code {
+            CloseCode::Replaced => CloseReason::Replaced,
+            CloseCode::TokenExpired => CloseReason::TokenExpired,
+            _ => CloseReason::Refused(code),
+        };
         if let Some(conn) = self.conns.get_mut(slot) {
-            self.post
-                .close(conn, slot, code, reason, CloseReason::Refused(code));
+            self.post.close(conn, slot, code, reason, why);
         }
+    }
+
+    fn renew(&mut self, ConnId(slot): ConnId, until_unix_secs: u64) {
+        let left_ms = until_unix_secs
+            .saturating_mul(1000)
+            .saturating_sub(self.post.now_ms);
+        let until = self.post.now + std::time::Duration::from_millis(left_ms);
+        // A renewal comes from the connection being decoded, whose state is
+        // lent out: the decoding loop applies it (`Post::take_renewal`).
+        self.post.renewal = Some((slot, until));
     }
 }
 

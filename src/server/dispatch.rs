@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::{wall_clock_ms, App, Core};
+use crate::auth::{self, Refusal, TokenError};
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, OpenState, Phase};
 use crate::delivery::{policy, Mailer};
 use crate::endpoints;
 use crate::handshake::{self, Outcome};
+use crate::http::{Response, Status};
 use crate::log;
 use crate::persist;
 use crate::ws::{CloseCode, Message, Opcode};
@@ -52,10 +54,47 @@ impl Core {
         match handshake::parse(&head, &self.policy) {
             Outcome::Partial => conn.phase = Phase::Handshake(head),
             Outcome::Upgrade(upgrade) => {
+                let claims = match (&self.app, self.auth.is_on()) {
+                    (App::Chat(_), true) => match auth::authenticate(
+                        &self.auth,
+                        upgrade.authorization.as_deref(),
+                        &upgrade.query,
+                        self.now_ms / 1000,
+                    ) {
+                        Ok(claims) => Some(claims),
+                        Err(refusal) => {
+                            // The reason, never the token.
+                            log::info!("#{} refused: 401 ({refusal})", conn.id);
+                            let challenge = match refusal {
+                                Refusal::Token(TokenError::Missing) => r#"Bearer realm="wschat""#,
+                                _ => r#"Bearer realm="wschat", error="invalid_token""#,
+                            };
+                            let response =
+                                Response::text(Status::Unauthorized, &refusal.to_string())
+                                    .with_header("WWW-Authenticate", challenge);
+                            self.post.respond_and_close(
+                                conn,
+                                slot,
+                                response.to_bytes(),
+                                CloseReason::HandshakeRejected(401),
+                            );
+                            return;
+                        }
+                    },
+                    _ => None,
+                };
                 self.post.upgrade(conn, slot, upgrade.response);
                 let now_tick = self.clock.tick(now);
                 let mut state = OpenState::new(now_tick);
                 state.next_ping = now_tick + self.config.ping_interval;
+                if let Some(claims) = &claims {
+                    let until_ms = claims
+                        .exp
+                        .saturating_add(self.auth.leeway_secs())
+                        .saturating_mul(1000);
+                    let left = Duration::from_millis(until_ms.saturating_sub(self.now_ms));
+                    state.token_expires = Some(now_tick + left);
+                }
                 conn.phase = Phase::Open(state);
                 conn.deadline = None;
                 if let Some(next) = self.heartbeat_deadline(conn) {
@@ -66,7 +105,8 @@ impl Core {
                         conns,
                         post: &mut self.post,
                     };
-                    match router.join(ConnId(slot), &upgrade.query, &mut mailer) {
+                    let verified = claims.as_ref().map(|c| c.sub.as_str());
+                    match router.join_as(ConnId(slot), &upgrade.query, verified, &mut mailer) {
                         Some(name) => log::debug!("#{} joined as {name}", conns[slot].id),
                         None => return, // refused: closing
                     }
@@ -121,6 +161,9 @@ impl Core {
                     if let Some(message) = message {
                         routed += u64::from(matches!(message, Message::Text(_)));
                         self.on_message(conns, slot, message);
+                        if let Some(until) = self.post.take_renewal(slot) {
+                            state.token_expires = Some(until);
+                        }
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
                         }

@@ -168,6 +168,17 @@ impl Core {
                     );
                     return;
                 }
+                if state.token_expires.is_some_and(|at| now >= at) {
+                    log::debug!("#{}: token expired", conn.id);
+                    self.post.close(
+                        conn,
+                        slot,
+                        CloseCode::TokenExpired,
+                        "token expired",
+                        CloseReason::TokenExpired,
+                    );
+                    return;
+                }
                 if policy::write_stalled(conn.stalled_since, now, self.post.times()) {
                     // A close frame could not get through a full socket either.
                     self.kill(conn, slot, CloseReason::WriteStall);
@@ -195,7 +206,10 @@ impl Core {
         if matches!(self.app, App::Echo) {
             return stall;
         }
-        let next = (state.last_rx + self.config.idle_timeout).min(state.next_ping);
+        let mut next = (state.last_rx + self.config.idle_timeout).min(state.next_ping);
+        if let Some(expires) = state.token_expires {
+            next = next.min(expires);
+        }
         Some(stall.map_or(next, |stall| stall.min(next)))
     }
 

@@ -22,8 +22,13 @@ pub enum CloseCode {
     TooBig,
     /// 4001: the chat refused the requested username as invalid.
     InvalidUsername,
+    /// 4003: the connection's token expired unrenewed, or a renewal named
+    /// another user.
+    TokenExpired,
     /// 4009: the chat refused the username because it is online already.
     UsernameTaken,
+    /// 4010: a newer connection of the same (authenticated) user took over.
+    Replaced,
     /// Any other valid code, echoed back to the peer that sent it.
     Other(u16),
 }
@@ -39,7 +44,9 @@ impl CloseCode {
             CloseCode::Policy => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::InvalidUsername => 4001,
+            CloseCode::TokenExpired => 4003,
             CloseCode::UsernameTaken => 4009,
+            CloseCode::Replaced => 4010,
             CloseCode::Other(code) => code,
         }
     }
@@ -56,7 +63,9 @@ impl From<u16> for CloseCode {
             1008 => CloseCode::Policy,
             1009 => CloseCode::TooBig,
             4001 => CloseCode::InvalidUsername,
+            4003 => CloseCode::TokenExpired,
             4009 => CloseCode::UsernameTaken,
+            4010 => CloseCode::Replaced,
             other => CloseCode::Other(other),
         }
     }
@@ -75,7 +84,7 @@ mod tests {
     #[test]
     fn codes_round_trip() {
         for code in [
-            1000, 1001, 1002, 1003, 1007, 1008, 1009, 4001, 4009, 3000, 4999,
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 4001, 4003, 4009, 4010, 3000, 4999,
         ] {
             assert_eq!(CloseCode::from(code).to_u16(), code);
         }
