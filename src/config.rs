@@ -433,7 +433,7 @@ pub const OPTIONS: &[Opt] = &[
         default: Some("30s"),
         kind: Kind::Value,
         set: |c, name, v| {
-            c.auth_leeway = parse_duration(name, v)?;
+            c.auth_leeway = parse_duration_or_zero(name, v)?;
             Ok(())
         },
     },
@@ -716,6 +716,18 @@ fn parse_origin(name: &str, text: &str) -> Result<String, ConfigError> {
 
 /// `10` (seconds), `10s`, `500ms`, `2m`.
 pub fn parse_duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
+    match parse_duration_or_zero(name, text)? {
+        Duration::ZERO => Err(ConfigError::invalid(
+            name,
+            text,
+            "a duration such as 500ms, 10s or 2m",
+        )),
+        duration => Ok(duration),
+    }
+}
+
+/// [`parse_duration`] that also takes zero (`0s`: no leeway at all).
+fn parse_duration_or_zero(name: &str, text: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError::invalid(name, text, "a duration such as 500ms, 10s or 2m");
     let (number, unit_ms) = if let Some(n) = text.strip_suffix("ms") {
         (n, 1)
@@ -732,9 +744,6 @@ pub fn parse_duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
     };
     let n: u64 = number.parse().map_err(|_| bad())?;
     let ms = n.checked_mul(unit_ms).ok_or_else(bad)?;
-    if ms == 0 {
-        return Err(bad());
-    }
     Ok(Duration::from_millis(ms))
 }
 
