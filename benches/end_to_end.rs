@@ -213,6 +213,8 @@ fn main() {
                 &[
                     "--fsync",
                     fsync,
+                    // The recipients never connect.
+                    "--offline-to-unknown",
                     "--offline-max-per-user",
                     "100000000",
                     "--offline-max-bytes",

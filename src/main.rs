@@ -177,6 +177,7 @@ fn open_store(config: &Config) -> Result<(Option<Log>, Outboxes), String> {
         max_per_user: config.offline_max_per_user,
         max_bytes: config.offline_max_bytes,
         ttl_ms: config.offline_ttl.as_millis() as u64,
+        max_known_users: config.max_known_users,
     });
     if config.echo {
         return Ok((None, outboxes));

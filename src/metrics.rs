@@ -97,6 +97,10 @@ pub struct Snapshot {
     pub private_refused: u64,
     /// Bytes written to clients (counted where they are written).
     pub bytes_out: u64,
+    /// Names remembered as users (who may be sent offline messages).
+    pub known_users: usize,
+    /// Users not remembered because `--max-known-users` were.
+    pub known_users_full: u64,
 }
 
 impl Metrics {
@@ -253,6 +257,18 @@ impl Metrics {
             );
         }
 
+        gauge(
+            &mut out,
+            "wschat_known_users",
+            "Names remembered as users, who may be sent offline messages (bounded by --max-known-users).",
+            s.known_users as u64,
+        );
+        counter(
+            &mut out,
+            "wschat_known_users_full_total",
+            "Users who connected but were not remembered because --max-known-users names were.",
+            s.known_users_full,
+        );
         gauge(
             &mut out,
             "wschat_offline_messages",

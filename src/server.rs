@@ -175,6 +175,8 @@ impl Server {
             if auth.is_on() {
                 router.set_auth(auth.clone());
             }
+            // With tokens, only names a valid token named are users.
+            router.set_offline_to_unknown(config.offline_to_unknown && !auth.is_on());
             App::Chat(Box::new(router))
         };
         let clock = Clock::starting_now();
@@ -542,6 +544,8 @@ impl Core {
             s.public_shed = router.stats.shed;
             s.errors = router.stats.errors;
             s.private_refused = router.stats.refused;
+            s.known_users = router.known_users();
+            s.known_users_full = router.stats.known_full;
             (s.offline_messages, s.offline_bytes) = router.held();
         }
         self.metrics.render(&s)

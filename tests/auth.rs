@@ -437,3 +437,53 @@ fn an_unusable_secret_file_is_a_start_up_error() {
         exit.stderr
     );
 }
+
+#[test]
+fn offline_mail_only_for_users_a_token_named_and_they_survive_kill_9() {
+    let dir = secret_file(b"unused", 0o600)
+        .parent()
+        .expect("a temp dir")
+        .join("data");
+    let dir = dir.to_str().expect("UTF-8").to_string();
+    let start = || server(&["--data-dir", &dir]);
+    let mut first = start();
+    // alice was here once; zed never was.
+    let mut alice = open_with_query(first.addr, &token_for("alice", 600));
+    alice.recv_type("welcome", "alice");
+    alice.close();
+    let mut bob = open_with_query(first.addr, &token_for("bob", 600));
+    bob.recv_type("welcome", "bob");
+    let send = |bob: &mut Chat, to: &str| -> Value {
+        bob.send(json!({"type":"private","to":to,"body":"hi"}));
+        loop {
+            let v = bob.recv("answer");
+            if v["type"] == "receipt" || v["type"] == "error" {
+                return v;
+            }
+        }
+    };
+    assert_eq!(send(&mut bob, "alice")["status"], "queued");
+    let refused = send(&mut bob, "zed");
+    assert_eq!(refused["code"], "unknown_user", "{refused}");
+    // kill -9: who is known is on disk like the messages.
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(5));
+    let second = start();
+    let mut bob = open_with_query(second.addr, &token_for("bob", 600));
+    bob.recv_type("welcome", "bob again");
+    assert_eq!(send(&mut bob, "alice")["status"], "queued");
+    assert_eq!(send(&mut bob, "zed")["code"], "unknown_user");
+    let metrics = http_get(second.addr, "/metrics");
+    assert!(metrics.contains("\nwschat_known_users 2\n"), "{metrics}");
+    // alice gets both, in order.
+    let mut alice = open_with_query(second.addr, &token_for("alice", 600));
+    alice.recv_type("welcome", "alice back");
+    for _ in 0..2 {
+        let v = alice.recv_type("private", "held for alice");
+        assert_eq!(
+            (v["from"].clone(), v["offline"].clone()),
+            (json!("bob"), json!(true))
+        );
+    }
+    let _ = std::fs::remove_dir_all(PathBuf::from(&dir).parent().expect("parent"));
+}

@@ -483,6 +483,10 @@ fn a_reconnecting_user_gets_all_its_stored_messages_however_many_fit_the_store()
     // 30 × 8 KB held: past twice --max-outbound, all replayed at the welcome.
     let server = ChatServer::start(&["--max-outbound", "65536", "--max-body", "9000"]);
     let mut sender = Chat::joined(server.addr, "sender");
+    // away was here once (only users get offline messages), and left.
+    Chat::joined(server.addr, "away").close();
+    sender.recv_type("join", "away joins");
+    sender.recv_type("leave", "away leaves");
     for k in 0..30 {
         sender.send(json!({"type":"private","to":"away","body":body(k, 8000)}));
         assert_eq!(sender.recv_type("receipt", "queued")["status"], "queued");

@@ -100,6 +100,8 @@ pub struct RouterStats {
     pub expired: u64,
     /// Private messages refused because the recipient was flooded.
     pub refused: u64,
+    /// Users not remembered because `--max-known-users` were.
+    pub known_full: u64,
 }
 
 #[derive(Debug)]
@@ -141,6 +143,8 @@ pub struct Router {
     scratch: Vec<u8>,
     /// Verifies token renewals; `Auth::None` refuses them.
     auth: Auth,
+    /// Hold private messages for names that never connected, too.
+    offline_to_unknown: bool,
     pub stats: RouterStats,
 }
 
@@ -158,6 +162,7 @@ impl Router {
             outboxes,
             scratch: Vec::with_capacity(256),
             auth: Auth::None,
+            offline_to_unknown: false,
             stats: RouterStats::default(),
         }
     }
@@ -166,6 +171,18 @@ impl Router {
     /// connection replaces its older one, and tokens may be renewed.
     pub fn set_auth(&mut self, auth: Auth) {
         self.auth = auth;
+    }
+
+    /// Private messages to names that never connected are held too
+    /// (`--offline-to-unknown`, only without authentication), instead of
+    /// refused with `unknown_user`.
+    pub fn set_offline_to_unknown(&mut self, hold: bool) {
+        self.offline_to_unknown = hold;
+    }
+
+    /// Names remembered as users.
+    pub fn known_users(&self) -> usize {
+        self.outboxes.known_users()
     }
 
     /// Message ids must grow across restarts too (clients de-duplicate by
@@ -289,6 +306,9 @@ impl Router {
         );
         out.send(slot, &json, Class::Reply);
 
+        if self.outboxes.remember(&name) == store::Remembered::Full {
+            self.stats.known_full += 1;
+        }
         self.index.insert(name.clone(), self.members.len());
         self.set_position(slot, self.members.len());
         self.members.push(Member {
@@ -573,6 +593,13 @@ impl Router {
             self.send_error(slot, "invalid_username", message, reference, out);
             return;
         }
+        // Offline storage is for users: a name nobody ever connected under
+        // (or, with tokens, that no valid token named) cannot fill the store.
+        if target.is_none() && !self.offline_to_unknown && !self.outboxes.is_known(to) {
+            let message = "no user of that name has ever connected";
+            self.send_error(slot, "unknown_user", message, reference, out);
+            return;
+        }
         self.stats.private += 1;
         let hold = !matches!(target, Some((_, false)));
         if hold {
@@ -758,6 +785,7 @@ pub fn unlimited_outboxes() -> Outboxes {
         max_per_user: usize::MAX,
         max_bytes: usize::MAX,
         ttl_ms: u64::MAX,
+        max_known_users: usize::MAX,
     })
 }
 
@@ -841,14 +869,17 @@ mod tests {
         }
     }
 
+    /// A router that holds messages for any name, as the older tests expect.
     fn router(presence_limit: usize) -> Router {
-        Router::new(
+        let mut r = Router::new(
             Limits {
                 max_body: 100,
                 presence_limit,
             },
             unlimited_outboxes(),
-        )
+        );
+        r.set_offline_to_unknown(true);
+        r
     }
 
     #[test]
@@ -1210,6 +1241,55 @@ mod tests {
     }
 
     #[test]
+    fn offline_messages_only_for_names_that_connected() {
+        let mut r = Router::new(
+            Limits {
+                max_body: 100,
+                presence_limit: 10,
+            },
+            Outboxes::new(store::Limits {
+                max_per_user: 10,
+                max_bytes: 1 << 20,
+                ttl_ms: u64::MAX,
+                max_known_users: 2,
+            }),
+        );
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
+        r.leave(ConnId(2), &mut out);
+        r.join(ConnId(3), "username=carol", &mut out); // past --max-known-users
+        r.leave(ConnId(3), &mut out);
+        out.take();
+        let to = |name: &str| format!(r#"{{"type":"private","to":"{name}","body":"x","ref":1}}"#);
+        r.handle(ConnId(1), &to("bob"), 1, &mut out);
+        assert_eq!(out.durable[0].1["status"], "queued", "bob connected once");
+        for name in ["zed", "carol"] {
+            r.handle(ConnId(1), &to(name), 1, &mut out);
+            let sent = out.take();
+            assert_eq!(sent[0].1["code"], "unknown_user", "{name}");
+        }
+        assert_eq!(r.outboxes.held().0, 1, "nothing stored for them");
+        assert_eq!((r.known_users(), r.stats.known_full), (2, 1));
+        // The log remembers who is known.
+        let mut replayed = Outboxes::new(store::Limits {
+            max_per_user: 10,
+            max_bytes: 1 << 20,
+            ttl_ms: u64::MAX,
+            max_known_users: 2,
+        });
+        let records = r.take_log_records();
+        let mut at = 0;
+        while at < records.len() {
+            let (record, used) = store::record::Record::decode(&records[at..]).expect("a record");
+            replayed.replay(record);
+            at += used;
+        }
+        assert!(replayed.is_known("alice") && replayed.is_known("bob"));
+        assert!(!replayed.is_known("carol"));
+    }
+
+    #[test]
     fn a_connection_that_did_not_join_is_not_heard() {
         let mut r = router(10);
         let mut out = Recorder::default();
@@ -1275,7 +1355,7 @@ mod tests {
         assert!(r.join(ConnId(5), "username=a", &mut out).is_some());
     }
     fn limited_router(max_per_user: usize, ttl_ms: u64) -> Router {
-        Router::new(
+        let mut r = Router::new(
             Limits {
                 max_body: 100,
                 presence_limit: 10,
@@ -1284,8 +1364,11 @@ mod tests {
                 max_per_user,
                 max_bytes: 1 << 20,
                 ttl_ms,
+                max_known_users: usize::MAX,
             }),
-        )
+        );
+        r.set_offline_to_unknown(true);
+        r
     }
 
     #[test]

@@ -5,4 +5,4 @@ pub mod log;
 pub mod outbox;
 pub mod record;
 
-pub use outbox::{BoxId, Entry, Full, Limits, Outboxes};
+pub use outbox::{BoxId, Entry, Full, Limits, Outboxes, Remembered};

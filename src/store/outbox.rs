@@ -3,7 +3,7 @@
 //! clients), or expire. No I/O: each change is also encoded as a log record
 //! into `pending`, which the event loop appends to disk once per turn.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
 use super::record::{Record, FRAME_OVERHEAD};
@@ -24,6 +24,17 @@ pub struct Limits {
     pub max_per_user: usize,
     pub max_bytes: usize,
     pub ttl_ms: u64,
+    /// Names remembered as users (`--max-known-users`).
+    pub max_known_users: usize,
+}
+
+/// What [`Outboxes::remember`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remembered {
+    New,
+    AlreadyKnown,
+    /// `--max-known-users` names are remembered: this one is not.
+    Full,
 }
 
 /// A held private message.
@@ -77,6 +88,11 @@ pub struct Outboxes {
     held_bytes: usize,
     /// What the tracked names themselves cost.
     names_bytes: usize,
+    /// Names that connected: only these may be sent offline messages
+    /// (unless the router says otherwise). Persisted as `Known` records.
+    known: HashSet<Rc<str>>,
+    /// What the known names cost in the log.
+    known_bytes: usize,
     /// Encoded records not yet handed to the log.
     pending: Vec<u8>,
     /// The largest message id held (ids must keep growing across restarts).
@@ -93,6 +109,8 @@ impl Outboxes {
             held: 0,
             held_bytes: 0,
             names_bytes: 0,
+            known: HashSet::new(),
+            known_bytes: 0,
             pending: Vec::new(),
             max_id: 0,
         }
@@ -101,6 +119,39 @@ impl Outboxes {
     /// Messages held, and their bytes.
     pub fn held(&self) -> (usize, usize) {
         (self.held, self.held_bytes)
+    }
+
+    /// Remembers `user` as a user (it connected), up to `max_known_users`.
+    pub fn remember(&mut self, user: &str) -> Remembered {
+        if self.known.contains(user) {
+            return Remembered::AlreadyKnown;
+        }
+        if !self.insert_known(user) {
+            return Remembered::Full;
+        }
+        Record::Known {
+            user: user.to_owned(),
+        }
+        .encode(&mut self.pending);
+        Remembered::New
+    }
+
+    fn insert_known(&mut self, user: &str) -> bool {
+        if self.known.len() >= self.limits.max_known_users {
+            return false;
+        }
+        self.known_bytes += FRAME_OVERHEAD + 5 + user.len();
+        self.known.insert(Rc::from(user))
+    }
+
+    /// Whether `user` ever connected (as far as the log remembers).
+    pub fn is_known(&self, user: &str) -> bool {
+        self.known.contains(user)
+    }
+
+    /// How many names are remembered.
+    pub fn known_users(&self) -> usize {
+        self.known.len()
     }
 
     /// The box of `user`, created (and counted) on first use.
@@ -387,6 +438,11 @@ impl Outboxes {
                 b.floor = b.floor.max(next);
                 b.next_seq = b.next_seq.max(next);
             }
+            Record::Known { user } => {
+                if !self.known.contains(user.as_str()) {
+                    self.insert_known(&user);
+                }
+            }
         }
     }
 
@@ -405,6 +461,12 @@ impl Outboxes {
     /// none) and the next number given out reserves a new block first.
     pub fn snapshot(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
+        for user in &self.known {
+            Record::Known {
+                user: user.to_string(),
+            }
+            .encode(&mut out);
+        }
         for b in &mut self.boxes {
             let user = &b.name;
             b.next_seq = b.next_seq.max(1);
@@ -432,7 +494,7 @@ impl Outboxes {
 
     /// About the size of [`snapshot`](Self::snapshot), for the compaction threshold.
     pub fn live_log_bytes(&self) -> usize {
-        self.held_bytes + self.names_bytes + self.boxes.len() * FRAME_OVERHEAD
+        self.held_bytes + self.names_bytes + self.boxes.len() * FRAME_OVERHEAD + self.known_bytes
     }
 }
 
@@ -445,6 +507,7 @@ mod tests {
             max_per_user: 3,
             max_bytes: 10_000,
             ttl_ms: 1000,
+            max_known_users: usize::MAX,
         })
     }
 
@@ -532,6 +595,7 @@ mod tests {
             max_per_user: 100,
             max_bytes: 300,
             ttl_ms: 1000,
+            max_known_users: usize::MAX,
         });
         let e = entry(&mut o, "bob", 1, 1);
         assert_eq!(o.check_room("bob", 5, 100), Ok(()));

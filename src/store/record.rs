@@ -27,6 +27,9 @@ pub enum Record {
     Expire { user: String, seq: u64 },
     /// Sequence numbers below `next` may have been given out for `user`.
     SeqFloor { user: String, next: u64 },
+    /// `user` connected (with authentication: a valid token named it), so
+    /// private messages may be held for it.
+    Known { user: String },
 }
 
 const STORE: u8 = 1;
@@ -34,6 +37,7 @@ const ACK: u8 = 2;
 const EXPIRE: u8 = 3;
 const SEQ_FLOOR: u8 = 4;
 const NOTIFIED: u8 = 5;
+const KNOWN: u8 = 6;
 
 /// Bytes of framing around each payload.
 pub const FRAME_OVERHEAD: usize = 8;
@@ -102,6 +106,10 @@ impl Record {
                 put_str(out, user);
                 put_u64(out, *next);
             }
+            Record::Known { user } => {
+                out.push(KNOWN);
+                put_str(out, user);
+            }
         }
         let payload_len = (out.len() - start - FRAME_OVERHEAD) as u32;
         let crc = crc32(&out[start + FRAME_OVERHEAD..]);
@@ -148,6 +156,7 @@ impl Record {
                 user: r.string()?,
                 next: r.u64()?,
             },
+            KNOWN => Record::Known { user: r.string()? },
             _ => return Err(Corrupt::BadRecord),
         };
         if !r.0.is_empty() {

@@ -60,9 +60,12 @@ impl Drop for TempDir {
 
 /// `wschat --data-dir DIR <extra...>` (chat_support puts `--data-dir none`
 /// first; the later flag wins).
+///
+/// These tests are about storage, not about who may be sent a message:
+/// they hold messages for names that never connected (`--offline-to-unknown`).
 pub fn start_on(dir: &Path, extra: &[&str]) -> ChatServer {
     let dir = dir.to_str().expect("data dir path is UTF-8");
-    let mut args = vec!["--data-dir", dir];
+    let mut args = vec!["--data-dir", dir, "--offline-to-unknown"];
     args.extend_from_slice(extra);
     ChatServer::start(&args)
 }

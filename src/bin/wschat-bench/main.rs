@@ -127,7 +127,8 @@ USAGE: wschat-bench offline --url URL [options]
   --window W       messages in flight per sender; a new one is sent when the
                    server answers one [default: 16]
   --recipients N   offline names <prefix>off<k> the messages go to, round robin;
-                   nobody ever connects under them [default: 100]
+                   nobody ever connects under them, so run wschat with
+                   --offline-to-unknown [default: 100]
   --size BYTES     body size: O<sender>Q<seq>X padded with x [default: 64]
   --duration S     measured window in seconds [default: 5]
   --warmup S       seconds of load before the window [default: 1]
