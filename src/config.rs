@@ -71,6 +71,8 @@ pub struct Config {
     /// Without authentication: hold private messages for names that never
     /// connected, too.
     pub offline_to_unknown: bool,
+    /// Where `/metrics` and `/healthz` are served apart from the chat.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How clients are authenticated (`--auth`).
@@ -112,6 +114,7 @@ impl Default for Config {
             auth_issuer: None,
             max_known_users: 1_000_000,
             offline_to_unknown: false,
+            metrics_listen: None,
         }
     }
 }
@@ -478,6 +481,17 @@ pub const OPTIONS: &[Opt] = &[
         kind: Kind::Switch,
         set: |c, name, v| {
             c.offline_to_unknown = parse_switch(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--metrics-listen",
+        value_name: "ADDR",
+        about: "serve /metrics (and /healthz) here instead of on --listen, e.g. 127.0.0.1:9090",
+        default: None,
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.metrics_listen = Some(parse_addr(name, v)?);
             Ok(())
         },
     },

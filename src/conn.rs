@@ -169,6 +169,8 @@ pub struct Connection {
     pub held: bool,
     /// Senders held (not read) for this reader.
     pub holding: u32,
+    /// Came in through `--metrics-listen`: `/metrics` and `/healthz` only.
+    pub admin: bool,
 }
 
 impl Connection {
@@ -193,6 +195,7 @@ impl Connection {
             blocked: false,
             held: false,
             holding: 0,
+            admin: false,
         }
     }
 

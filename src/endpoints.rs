@@ -2,7 +2,7 @@
 //! and metrics. No I/O: a request and the server's state in, the response
 //! bytes out.
 
-use crate::handshake::Resource;
+use crate::handshake::{Outcome, Resource};
 use crate::http::{Method, Response, Status};
 
 /// The chat page, served at `/`.
@@ -38,9 +38,60 @@ pub fn respond(
     }
 }
 
+/// What a connection may ask for depends on where it came in: through
+/// `--metrics-listen`, only `/metrics` and `/healthz`; through the chat's
+/// address, everything but `/metrics` when that is served apart.
+pub fn by_entrance(outcome: Outcome, admin: bool, metrics_apart: bool) -> Outcome {
+    let allowed = match &outcome {
+        Outcome::Partial | Outcome::Reject(_) => true,
+        Outcome::Serve { resource, .. } => match resource {
+            Resource::Health => true,
+            Resource::Metrics => admin || !metrics_apart,
+            Resource::Page => !admin,
+        },
+        Outcome::Upgrade(_) => !admin,
+    };
+    if allowed {
+        outcome
+    } else {
+        Outcome::Reject(Response::text(Status::NotFound, "not found"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_each_entrance_may_ask_for() {
+        use crate::http::Method;
+        let serve = |resource| Outcome::Serve {
+            resource,
+            method: Method::Get,
+        };
+        let status = |outcome: Outcome| match outcome {
+            Outcome::Reject(r) => r.status.code(),
+            _ => 200,
+        };
+        #[rustfmt::skip]
+        let table = [
+            // resource,          admin, metrics apart, status
+            (Resource::Metrics,   false, false, 200), // as today: all on --listen
+            (Resource::Metrics,   false, true,  404),
+            (Resource::Metrics,   true,  true,  200),
+            (Resource::Health,    false, true,  200),
+            (Resource::Health,    true,  true,  200),
+            (Resource::Page,      true,  true,  404),
+            (Resource::Page,      false, true,  200),
+        ];
+        for (resource, admin, apart, expected) in table {
+            assert_eq!(
+                status(by_entrance(serve(resource), admin, apart)),
+                expected,
+                "{resource:?} admin {admin} apart {apart}"
+            );
+        }
+    }
 
     const RESOURCES: [Resource; 3] = [Resource::Health, Resource::Page, Resource::Metrics];
 

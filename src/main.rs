@@ -82,6 +82,17 @@ fn run(args: Vec<String>) -> i32 {
             return EXIT_CANNOT_START;
         }
     };
+    let admin_listener = match config.metrics_listen.map(Server::listen).transpose() {
+        Ok(listener) => listener,
+        Err(e) => {
+            let addr = config
+                .metrics_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            eprintln!("wschat: cannot listen on {addr} (--metrics-listen): {e}");
+            return EXIT_CANNOT_START;
+        }
+    };
     let auth = match auth_from(&config) {
         Ok(auth) => auth,
         Err(message) => {
@@ -102,8 +113,15 @@ fn run(args: Vec<String>) -> i32 {
         .unwrap_or_else(|| fd_limit.saturating_sub(fd_reserve()).max(1));
     let listen = config.listen;
     let echo = config.echo;
-    let mut server = match Server::new(listener, config, auth, max_connections, store_log, outboxes)
-    {
+    let mut server = match Server::new(
+        listener,
+        admin_listener,
+        config,
+        auth,
+        max_connections,
+        store_log,
+        outboxes,
+    ) {
         Ok(server) => server,
         Err(e) => {
             eprintln!("wschat: cannot start the event loop: {e}");
@@ -111,6 +129,13 @@ fn run(args: Vec<String>) -> i32 {
         }
     };
     let addr = server.local_addr().map_or(listen, |a| a);
+    // Before `listening on`, which scripts and tests wait for.
+    if let Some(admin) = server.admin_addr() {
+        log::write(
+            log::Level::Info,
+            format_args!("metrics on {admin} (/metrics and /healthz)"),
+        );
+    }
     // Printed at every log level: scripts and tests wait for this line.
     log::write(
         log::Level::Info,

@@ -41,6 +41,8 @@ use crate::ws::CloseCode;
 
 const LISTENER: Token = Token(usize::MAX);
 const SIGNAL: Token = Token(usize::MAX - 1);
+/// `--metrics-listen`: `/metrics` and `/healthz` only.
+const ADMIN_LISTENER: Token = Token(usize::MAX - 2);
 
 /// The read buffer every connection shares.
 const READ_BUFFER: usize = 64 * 1024;
@@ -64,6 +66,8 @@ enum App {
 pub struct Server {
     poll: Poll,
     listener: Option<TcpListener>,
+    /// `--metrics-listen`, when metrics are served apart from the chat.
+    admin_listener: Option<TcpListener>,
     signal: Option<ShutdownSignal>,
     conns: Slab<Connection>,
     read_buf: Box<[u8]>,
@@ -138,6 +142,7 @@ impl Server {
     /// the state replayed from it.
     pub fn new(
         mut listener: TcpListener,
+        mut admin_listener: Option<TcpListener>,
         config: Config,
         auth: Auth,
         max_connections: usize,
@@ -147,6 +152,10 @@ impl Server {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(admin) = &mut admin_listener {
+            poll.registry()
+                .register(admin, ADMIN_LISTENER, Interest::READABLE)?;
+        }
         // Set again (it is idempotent) to learn whether the listener has it.
         let nodelay = if cfg!(target_os = "linux") && crate::sys::set_listener_nodelay(&listener) {
             Nodelay::FromListenerAfterFirstDrain
@@ -191,6 +200,7 @@ impl Server {
         Ok(Server {
             poll,
             listener: Some(listener),
+            admin_listener,
             signal: Some(signal),
             conns: Slab::new(),
             read_buf: Box::default(),
@@ -244,7 +254,8 @@ impl Server {
             self.core.post.now_ms = self.core.now_ms;
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(now),
+                    LISTENER => self.accept(now, Entrance::Chat),
+                    ADMIN_LISTENER => self.accept(now, Entrance::Admin),
                     SIGNAL => self.begin_shutdown(now),
                     Token(slot) => {
                         let Some(conn) = self.conns.get_mut(slot) else {
@@ -306,7 +317,8 @@ impl Server {
             .is_some_and(|until| until <= now)
         {
             self.core.accept_paused_until = None;
-            self.accept(now);
+            self.accept(now, Entrance::Chat);
+            self.accept(now, Entrance::Admin);
         }
         self.core.post.release_due_holds(&mut self.conns);
         self.core.take_released();
@@ -347,11 +359,20 @@ impl Server {
         Ok(())
     }
 
-    fn accept(&mut self, now: Instant) {
+    /// The metrics listener's address, when there is one.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin_listener.as_ref()?.local_addr().ok()
+    }
+
+    fn accept(&mut self, now: Instant, entrance: Entrance) {
         if self.core.accept_paused_until.is_some() {
             return;
         }
-        let Some(listener) = &self.listener else {
+        let listener = match entrance {
+            Entrance::Chat => &self.listener,
+            Entrance::Admin => &self.admin_listener,
+        };
+        let Some(listener) = listener else {
             return;
         };
         loop {
@@ -385,7 +406,9 @@ impl Server {
                 }
             };
             let live = self.conns.len() - self.core.dead.len();
-            if live >= self.core.max_connections
+            // The operator's health checks and scrapes get in at the limit.
+            if entrance == Entrance::Chat
+                && live >= self.core.max_connections
                 && !self.core.evict_oldest_handshake(&mut self.conns)
             {
                 if !self.core.refusing {
@@ -405,7 +428,8 @@ impl Server {
                 log::info!("accepting again");
                 self.core.refusing = false;
             }
-            self.core.admit(&mut self.conns, socket, peer, now);
+            self.core
+                .admit(&mut self.conns, socket, peer, now, entrance);
         }
     }
 
@@ -504,6 +528,16 @@ impl Server {
             }
         }
     }
+}
+
+/// Which listener a connection came in through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entrance {
+    /// The chat's address: the page, WebSocket, and (without
+    /// `--metrics-listen`) `/metrics` and `/healthz`.
+    Chat,
+    /// `--metrics-listen`: `/metrics` and `/healthz` only.
+    Admin,
 }
 
 /// How far `Server::read` goes.

@@ -487,3 +487,29 @@ fn offline_mail_only_for_users_a_token_named_and_they_survive_kill_9() {
     }
     let _ = std::fs::remove_dir_all(PathBuf::from(&dir).parent().expect("parent"));
 }
+
+#[test]
+fn metrics_listen_serves_metrics_apart_from_the_chat() {
+    let server = ChatServer::start(&["--metrics-listen", "127.0.0.1:0"]);
+    let logs = server.logs();
+    let admin: SocketAddr = logs
+        .lines()
+        .find_map(|l| {
+            let at = l.find("metrics on ")?;
+            l[at + "metrics on ".len()..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no `metrics on` line:\n{logs}"));
+    assert!(http_get(admin, "/metrics").starts_with("HTTP/1.1 200"));
+    assert!(http_get(admin, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(admin, "/").starts_with("HTTP/1.1 404"));
+    assert!(upgrade(admin, "/ws?username=alice", "").starts_with("HTTP/1.1 404"));
+    // The chat's address no longer shows metrics, and still does the rest.
+    assert!(http_get(server.addr, "/metrics").starts_with("HTTP/1.1 404"));
+    assert!(http_get(server.addr, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(server.addr, "/").starts_with("HTTP/1.1 200"));
+    assert!(upgrade(server.addr, "/ws?username=alice", "").starts_with("HTTP/1.1 101"));
+}

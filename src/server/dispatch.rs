@@ -51,7 +51,12 @@ impl Core {
         now: Instant,
     ) {
         let conn = &mut conns[slot];
-        match handshake::parse(&head, &self.policy) {
+        let outcome = endpoints::by_entrance(
+            handshake::parse(&head, &self.policy),
+            conn.admin,
+            self.config.metrics_listen.is_some(),
+        );
+        match outcome {
             Outcome::Partial => conn.phase = Phase::Handshake(head),
             Outcome::Upgrade(upgrade) => {
                 let claims = match (&self.app, self.auth.is_on()) {

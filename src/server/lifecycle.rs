@@ -8,7 +8,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 use slab::Slab;
 
-use super::{App, Core, Nodelay};
+use super::{App, Core, Entrance, Nodelay};
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, Phase};
 use crate::delivery::{policy, Mailer};
@@ -23,6 +23,7 @@ impl Core {
         mut socket: TcpStream,
         peer: std::net::SocketAddr,
         now: Instant,
+        entrance: Entrance,
     ) {
         // Small frames must not wait for Nagle's algorithm.
         if self.nodelay != Nodelay::FromListener {
@@ -42,6 +43,7 @@ impl Core {
         self.next_id += 1;
         self.metrics.connections_accepted += 1;
         let conn = entry.insert(Connection::new(id, peer, socket));
+        conn.admin = entrance == Entrance::Admin;
         log::info!("open #{id} {peer}");
         self.handshakes.push_back((slot, id));
         let at = self.clock.tick(now) + self.config.handshake_timeout;
