@@ -44,9 +44,70 @@ fn data_dir_args() -> Vec<&'static str> {
 }
 
 /// A chat server on a free loopback port, killed on drop; its stderr is
-/// drained by a thread for the whole run.
+/// drained by a thread for the whole run. The page test sends to a user who
+/// never connected, so those messages are held (`--offline-to-unknown`).
 fn start_server() -> Spawned {
-    spawn::start(&[&["--listen", "127.0.0.1:0"][..], &data_dir_args()].concat())
+    spawn::start(
+        &[
+            &["--listen", "127.0.0.1:0", "--offline-to-unknown"][..],
+            &data_dir_args(),
+        ]
+        .concat(),
+    )
+}
+
+const SECRET: &[u8] = b"the browser test's secret, 40 bytes long";
+
+/// A second server with `--auth jwt`, and a token for `Zoë` valid ten minutes.
+fn start_auth_server(dir: &Path) -> (Spawned, String) {
+    use hmac::{Hmac, Mac};
+    use std::os::unix::fs::PermissionsExt;
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).expect("write the secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let secret = secret.to_str().expect("UTF-8 path").to_string();
+    let server = spawn::start(
+        &[
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--auth",
+                "jwt",
+                "--auth-secret-file",
+                &secret,
+            ][..],
+            &data_dir_args(),
+        ]
+        .concat(),
+    );
+    let b64 = |bytes: &[u8]| {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let mut n = 0u32;
+            for (i, &b) in chunk.iter().enumerate() {
+                n |= u32::from(b) << (16 - 8 * i);
+            }
+            for i in 0..=chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            }
+        }
+        out
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 600;
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(format!(r#"{{"sub":"Zoë","exp":{exp}}}"#).as_bytes())
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET).expect("any key length");
+    mac.update(input.as_bytes());
+    let token = format!("{input}.{}", b64(&mac.finalize().into_bytes()));
+    (server, token)
 }
 
 fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
@@ -71,11 +132,14 @@ fn chat_page_in_a_real_browser() {
     let mut server = start_server();
     let shots: PathBuf = root.join("target/browser");
     std::fs::create_dir_all(&shots).expect("create target/browser");
+    let (auth_server, token) = start_auth_server(&shots);
 
     let mut child = Command::new("node")
         .arg(dir.join("e2e.mjs"))
         .arg(format!("http://{}", server.addr))
         .arg(&shots)
+        .arg(format!("http://{}", auth_server.addr))
+        .arg(&token)
         .current_dir(&dir)
         // its own process group, so a timeout can end node and Chromium together
         .process_group(0)

@@ -321,6 +321,28 @@ await step('bob leaves; messages queued for him arrive once when he comes back',
   assert(JSON.stringify(after) === JSON.stringify(before), `history differs after reload: ${before} vs ${after}`);
 });
 
+// With a second server run with --auth jwt and a token minted for it.
+const authBase = process.argv[4];
+const authToken = process.argv[5];
+if (authBase && authToken) {
+  await step('signs in with a token in the fragment, which leaves the address bar', [], async () => {
+    const context = await browser.newContext({ viewport: { width: 1000, height: 700 }, locale: 'en-US' });
+    context.setDefaultTimeout(WAIT);
+    const page = await context.newPage();
+    page.on('pageerror', (e) => problems.push(`token user: page error ${e.message}`));
+    await page.goto(authBase + '/#token=' + authToken);
+    await expectOnline(page);
+    const name = await page.locator(T('me')).textContent();
+    assert(name === 'Zoë', `signed in as ${name}`);
+    assert(!page.url().includes('token='), `the token stayed in the address bar: ${page.url()}`);
+    // A renewal with the same token is answered, and the session stays.
+    await page.evaluate((t) => window.wschat.renew(t), authToken);
+    await page.getByText('Sign-in renewed').waitFor();
+    await expectOnline(page);
+    await context.close();
+  });
+}
+
 await step('no page errors, no dialogs', [], async () => {
   assert(problems.length === 0, problems.join('; '));
 });
