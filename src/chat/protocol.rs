@@ -110,6 +110,8 @@ pub(super) struct Fields<'a> {
 }
 
 /// serde_json's reading, which the fast path in [`scan`] must agree with.
+#[cold]
+#[inline(never)]
 pub(super) fn read_with_serde(text: &str) -> Result<Fields<'_>, serde_json::Error> {
     let wire: Wire<'_> = serde_json::from_str(text)?;
     Ok(Fields {
@@ -127,7 +129,8 @@ pub(super) fn read_with_serde(text: &str) -> Result<Fields<'_>, serde_json::Erro
 /// the error can carry it.
 pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, Option<&str>)> {
     let fields = match scan::scan(text) {
-        Some(f) => Fields {
+        // The fast path reads no `token`: a renewal (rare) goes to serde.
+        Some(f) if f.kind != Some("auth") => Fields {
             kind: f.kind.map(Cow::Borrowed),
             to: f.to.map(Cow::Borrowed),
             body: f.body.map(Cow::Borrowed),
@@ -135,7 +138,7 @@ pub fn parse(text: &str, max_body: usize) -> Result<Parsed<'_>, (RequestError, O
             seq: f.seq,
             token: None,
         },
-        None => read_with_serde(text)
+        _ => read_with_serde(text)
             .map_err(|e| (RequestError::InvalidJson(short_reason(&e)), None))?,
     };
     let reference = match fields.reference {

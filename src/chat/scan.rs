@@ -47,8 +47,6 @@ pub fn scan(text: &str) -> Option<Fields<'_>> {
                     fields.body = as_text()?;
                     4
                 }
-                // Rare (a token renewal): serde reads it.
-                "token" => return None,
                 "ref" => {
                     // A RawValue takes any value; null is Option's None.
                     fields.reference = (raw != "null").then_some(raw);
