@@ -1063,6 +1063,43 @@ fn held_messages_expire_with_a_receipt_and_are_not_delivered() {
 // ---------------------------------------------------------------------------
 
 #[test]
+fn a_second_server_on_a_data_dir_in_use_exits_2_until_the_first_is_gone() {
+    let tmp = TempDir::new("locked");
+    let dir = tmp.sub("data");
+    let dir_str = dir.to_str().unwrap();
+    let mut first = start_on(&dir, &[]);
+    let mut alice = Chat::joined(first.addr, "alice");
+    send_queued(&mut alice, "bob", "before", "b");
+    let log_before = fs::read(dir.join(LOG_NAME)).unwrap();
+
+    let out = run_to_exit(&["--data-dir", dir_str]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(out.status.code(), Some(2), "second server: {stderr}");
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains(dir_str) && lines[0].contains("another process is using it"),
+        "the line names the directory and why: {stderr}"
+    );
+    assert_eq!(
+        fs::read(dir.join(LOG_NAME)).unwrap(),
+        log_before,
+        "the refused server did not touch the log"
+    );
+
+    // The first one is unaffected.
+    first.assert_running();
+    send_queued(&mut alice, "bob", "after", "a");
+    alice.close();
+    stop(&mut first);
+
+    let server = start_on(&dir, &[]);
+    let (_bob, got) = collect_offline(server.addr, "bob", "after the first server stopped");
+    let bodies: Vec<&str> = got.iter().map(|v| v["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["before", "after"]);
+}
+
+#[test]
 fn an_unusable_data_dir_exits_2_with_one_line() {
     let tmp = TempDir::new("baddir");
     let file = tmp.path.join("plain-file");

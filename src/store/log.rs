@@ -1,6 +1,7 @@
 //! The outbox log on disk: an append-only file of checksummed records,
 //! replayed at start, appended once per loop turn (group commit), and
-//! compacted by rewriting it whole.
+//! compacted by rewriting it whole. Its directory is locked for the
+//! process's life, so that two servers never write one log.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -13,6 +14,7 @@ use super::replay::{Damage, Replay};
 
 const LOG_NAME: &str = "outbox.log";
 const COMPACT_NAME: &str = "outbox.log.compact";
+const LOCK_NAME: &str = "lock";
 
 /// When appended records reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,10 @@ pub struct Replayed {
 /// Why the log could not be opened.
 #[derive(Debug)]
 pub enum OpenError {
+    /// Another process holds the directory's lock: it is using the log.
+    Locked {
+        lock: PathBuf,
+    },
     /// The log is damaged before its last readable record and could not be
     /// kept aside, so it was left as it was.
     KeepAside {
@@ -62,6 +68,12 @@ pub enum OpenError {
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            OpenError::Locked { lock } => write!(
+                f,
+                "another process is using it (it holds the lock on {}); \
+                 two servers on one data directory would lose messages",
+                lock.display()
+            ),
             OpenError::KeepAside { path, source } => write!(
                 f,
                 "{LOG_NAME} is damaged and could not be kept aside as {}: {source}",
@@ -75,6 +87,7 @@ impl fmt::Display for OpenError {
 impl std::error::Error for OpenError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
+            OpenError::Locked { .. } => None,
             OpenError::KeepAside { source, .. } | OpenError::Io(source) => Some(source),
         }
     }
@@ -93,16 +106,30 @@ pub struct Log {
     sync: Sync,
     /// Bytes in the file.
     len: u64,
+    /// Held open for the process's life: its `flock` keeps other servers
+    /// out of `dir`.
+    _lock: File,
     replayed: Replayed,
 }
 
 impl Log {
-    /// Creates `dir` if needed, reads the log, and deals with
+    /// Creates `dir` if needed, locks it, reads the log, and deals with
     /// damage: a damaged tail is cut; damage before the last readable record
     /// is stepped over (see `store::replay`), the file kept aside as
     /// `outbox.log.corrupt-<unix seconds>`, and the log rewritten without it.
     pub fn open(dir: &Path, sync: Sync) -> Result<Opened, OpenError> {
         fs::create_dir_all(dir)?;
+        // Before anything in `dir` is read or changed: a second server must
+        // not cut, rewrite or compact a log that another one is appending to.
+        let lock_path = dir.join(LOCK_NAME);
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)?;
+        if !crate::sys::try_lock_exclusive(&lock)? {
+            return Err(OpenError::Locked { lock: lock_path });
+        }
         // A compaction that did not reach its rename left only a scratch file.
         match fs::remove_file(dir.join(COMPACT_NAME)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
@@ -122,6 +149,7 @@ impl Log {
             file,
             sync,
             len: bytes.len() as u64,
+            _lock: lock,
             replayed: Replayed {
                 records_kept: replay.records.len() as u64,
                 damaged_bytes: replay.damaged_bytes() as u64,
@@ -388,6 +416,22 @@ mod tests {
         assert_eq!(second, dir.join("outbox.log.corrupt-7.1"));
         assert_eq!(fs::read(&first).unwrap(), b"first");
         assert_eq!(fs::read(&second).unwrap(), b"second");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_open_of_a_locked_directory_is_refused_until_the_first_ends() {
+        let dir = temp_dir("lock");
+        let first = Log::open(&dir, Sync::Never).unwrap();
+        // flock locks belong to an open file, so this conflicts within one
+        // process just as between two.
+        match Log::open(&dir, Sync::Never) {
+            Err(OpenError::Locked { lock }) => assert_eq!(lock, dir.join(LOCK_NAME)),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(first);
+        let again = Log::open(&dir, Sync::Never).unwrap();
+        drop(again);
         fs::remove_dir_all(&dir).unwrap();
     }
 
