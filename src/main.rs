@@ -221,11 +221,29 @@ fn open_store(config: &Config) -> Result<(Option<Log>, Outboxes), String> {
             dir.display()
         );
     }
+    let replayed = opened.log.replayed();
+    if let Some(aside) = &opened.kept_aside {
+        log::error!(
+            "outbox log {}: damaged: {} bytes in {} could not be read and the records in them are lost; \
+             {} records around them were kept; the damaged file is kept as {} and the log was rewritten without the damage",
+            dir.display(),
+            replayed.damaged_bytes,
+            match replayed.damaged_regions {
+                1 => "1 stretch".to_string(),
+                n => format!("{n} stretches"),
+            },
+            replayed.records_kept,
+            aside.display()
+        );
+    }
     let records = opened.records.len();
     for record in opened.records {
         outboxes.replay(record);
     }
     outboxes.finish_replay();
+    if replayed.damaged_regions > 0 {
+        outboxes.after_lost_records();
+    }
     let (held, bytes) = outboxes.held();
     log::info!(
         "offline store {}: {records} log records, {held} messages held ({bytes} bytes)",

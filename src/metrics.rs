@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::conn::CloseReason;
 use crate::process::ProcessStats;
+use crate::store::log::Replayed;
 
 /// Upper bounds (seconds) of the routing-latency histogram buckets.
 const LATENCY_BOUNDS: [f64; 12] = [
@@ -101,6 +102,8 @@ pub struct Snapshot {
     pub known_users: usize,
     /// Users not remembered because `--max-known-users` were.
     pub known_users_full: u64,
+    /// What replaying the outbox log found at start.
+    pub replayed: Replayed,
 }
 
 impl Metrics {
@@ -282,6 +285,25 @@ impl Metrics {
             s.offline_bytes as u64,
         );
 
+        gauge(
+            &mut out,
+            "wschat_store_replay_records_kept",
+            "Outbox log records read back at start.",
+            s.replayed.records_kept,
+        );
+        gauge(
+            &mut out,
+            "wschat_store_replay_damaged_bytes",
+            "Outbox log bytes that could not be read at start (a cut tail included).",
+            s.replayed.damaged_bytes,
+        );
+        gauge(
+            &mut out,
+            "wschat_store_replay_damaged_regions",
+            "Separate damaged stretches of the outbox log found at start.",
+            s.replayed.damaged_regions,
+        );
+
         help(
             &mut out,
             "wschat_routing_latency_seconds",
@@ -401,12 +423,20 @@ mod tests {
         };
         let snapshot = Snapshot {
             users_online: 2,
+            replayed: Replayed {
+                records_kept: 99,
+                damaged_bytes: 61,
+                damaged_regions: 1,
+            },
             ..Snapshot::default()
         };
         let text = m.render_with(&snapshot, &process);
         assert!(text.contains("wschat_connection_closes_total{reason=\"protocol_error\"} 1\n"));
         assert!(text.contains("wschat_handshake_failures_total{reason=\"http_404\"} 1\n"));
         assert!(text.contains("wschat_users_online 2\n"));
+        assert!(text.contains("wschat_store_replay_records_kept 99\n"));
+        assert!(text.contains("wschat_store_replay_damaged_bytes 61\n"));
+        assert!(text.contains("wschat_store_replay_damaged_regions 1\n"));
         assert!(text.contains("wschat_routing_latency_seconds_bucket{le=\"0.000005\"} 1\n"));
         assert!(text.contains("wschat_routing_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains(&format!(

@@ -568,6 +568,7 @@ impl Core {
             open_connections,
             senders_held: self.post.senders_held,
             bytes_out: self.post.bytes_out,
+            replayed: self.log.as_ref().map(Log::replayed).unwrap_or_default(),
             ..Snapshot::default()
         };
         if let App::Chat(router) = &self.app {

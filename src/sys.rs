@@ -89,6 +89,25 @@ pub fn set_listener_nodelay(listener: &impl AsRawFd) -> bool {
     }
 }
 
+/// Takes an exclusive `flock` on `file` without waiting; `Ok(false)` if
+/// another open of the file holds one (another process, normally). The lock
+/// lasts while this open stays open, and the kernel drops it when the
+/// process ends, however it ends: no stale lock survives a `kill -9`.
+pub fn try_lock_exclusive(file: &impl AsRawFd) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock on a valid descriptor has no memory effects.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The write end of the signal pipe, for the handler (which may only make

@@ -510,6 +510,19 @@ fn seq_is_never_reused_across_kill_9_and_graceful_restarts() {
 // 6. A torn tail is cut, everything before it kept
 // ---------------------------------------------------------------------------
 
+/// Runs a server on `dir` in which alice queues `m1`..`mN` for bob, stops
+/// it, and returns the log it left.
+fn queued_log(dir: &std::path::Path, n: usize) -> Vec<u8> {
+    let mut server = start_on(dir, &[]);
+    let mut alice = Chat::joined(server.addr, "alice");
+    for i in 1..=n {
+        send_queued(&mut alice, "bob", &format!("m{i}"), &format!("r{i}"));
+    }
+    alice.close();
+    stop(&mut server);
+    fs::read(dir.join(LOG_NAME)).expect("read the log")
+}
+
 /// Writes `bytes` as the log of a fresh data dir, starts the server on it,
 /// and checks the warning and what bob gets.
 fn check_damaged_log(
@@ -553,15 +566,7 @@ fn check_damaged_log(
 #[test]
 fn a_log_torn_or_corrupted_anywhere_in_its_last_record_keeps_the_rest() {
     let tmp = TempDir::new("torn");
-    let dir = tmp.sub("source");
-    let mut server = start_on(&dir, &[]);
-    let mut alice = Chat::joined(server.addr, "alice");
-    for i in 1..=3 {
-        send_queued(&mut alice, "bob", &format!("m{i}"), &format!("r{i}"));
-    }
-    alice.close();
-    stop(&mut server);
-    let whole = fs::read(dir.join(LOG_NAME)).expect("read the log");
+    let whole = queued_log(&tmp.sub("source"), 3);
     let starts = record_starts(&whole);
     let last = *starts.last().expect("records");
     assert_eq!(
@@ -622,6 +627,96 @@ fn a_log_torn_or_corrupted_anywhere_in_its_last_record_keeps_the_rest() {
         "checked {} damaged logs in {:?}",
         2 * (whole.len() - last) + 1,
         started.elapsed()
+    );
+}
+
+/// One record damaged inside the log between two runs: the records after
+/// it are kept, the damaged file is kept aside byte for byte, the log is
+/// rewritten clean, and the counts are logged and in `/metrics`.
+#[test]
+fn a_record_damaged_inside_the_log_loses_only_itself() {
+    let tmp = TempDir::new("inside");
+    let dir = tmp.sub("data");
+    let whole = queued_log(&dir, 100);
+
+    // Flip one byte of m50's body (a string: u32 length, then its bytes).
+    let starts = record_starts(&whole);
+    let body = b"\x03\x00\x00\x00m50";
+    let at = whole
+        .windows(body.len())
+        .position(|w| w == body)
+        .expect("m50 is in the log")
+        + 4;
+    let record = starts.iter().rposition(|&s| s < at).expect("a record");
+    let end = starts.get(record + 1).copied().unwrap_or(whole.len());
+    let mut damaged = whole.clone();
+    damaged[at] ^= 0x01;
+    fs::write(dir.join(LOG_NAME), &damaged).unwrap();
+
+    let mut server = start_on(&dir, &[]);
+    let logs = server.logs();
+    let kept = starts.len() - 1;
+    let lost_bytes = end - starts[record];
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains(DAMAGE_ERROR)).collect();
+    assert_eq!(errors.len(), 1, "one ERROR line about the damage:\n{logs}");
+    assert!(errors[0].contains("ERROR"), "{}", errors[0]);
+    assert!(
+        errors[0].contains(&format!("{lost_bytes} bytes in 1 stretch "))
+            && errors[0].contains(&format!("{kept} records around them were kept")),
+        "{}",
+        errors[0]
+    );
+    assert_eq!(count_lines(&server, CUT_WARNING), 0, "{logs}");
+    let aside = kept_aside(&dir);
+    assert_eq!(aside.len(), 1, "one damaged log kept aside: {aside:?}");
+    assert!(
+        errors[0].contains(&*aside[0].to_string_lossy()),
+        "{}",
+        errors[0]
+    );
+    assert_eq!(
+        fs::read(&aside[0]).unwrap(),
+        damaged,
+        "the kept file is the damaged log, byte for byte"
+    );
+    let rewritten = fs::read(dir.join(LOG_NAME)).unwrap();
+    assert_eq!(
+        rewritten.len(),
+        whole.len() - lost_bytes,
+        "rewritten without it"
+    );
+    for (name, want) in [
+        ("wschat_store_replay_records_kept", kept as u64),
+        ("wschat_store_replay_damaged_bytes", lost_bytes as u64),
+        ("wschat_store_replay_damaged_regions", 1),
+    ] {
+        assert_eq!(metric(server.addr, name), want, "{name}");
+    }
+    stop(&mut server);
+
+    // The next start finds a clean log, and bob gets the other 99.
+    let server = start_on(&dir, &[]);
+    assert_eq!(count_lines(&server, DAMAGE_ERROR), 0, "{}", server.logs());
+    assert_eq!(count_lines(&server, CUT_WARNING), 0, "{}", server.logs());
+    assert_eq!(
+        metric(server.addr, "wschat_store_replay_damaged_regions"),
+        0
+    );
+    assert_eq!(kept_aside(&dir).len(), 1, "nothing new kept aside");
+    let (_bob, got) = collect_offline(server.addr, "bob", "after the damage");
+    let bodies: Vec<&str> = got.iter().map(|v| v["body"].as_str().unwrap()).collect();
+    let want: Vec<String> = (1..=100)
+        .filter(|&i| i != 50)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(bodies, want, "every message but the damaged one, in order");
+    let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=100).filter(|&s| s != 50).collect();
+    assert_eq!(seqs, want, "each keeps its seq");
+    eprintln!(
+        "damaged 1 byte of record {record} of {}: kept {kept} records ({} messages), lost {lost_bytes} bytes (1 message)",
+        starts.len(),
+        got.len()
     );
 }
 
@@ -966,6 +1061,43 @@ fn held_messages_expire_with_a_receipt_and_are_not_delivered() {
 // ---------------------------------------------------------------------------
 // 10. A data directory that cannot be used
 // ---------------------------------------------------------------------------
+
+#[test]
+fn a_second_server_on_a_data_dir_in_use_exits_2_until_the_first_is_gone() {
+    let tmp = TempDir::new("locked");
+    let dir = tmp.sub("data");
+    let dir_str = dir.to_str().unwrap();
+    let mut first = start_on(&dir, &[]);
+    let mut alice = Chat::joined(first.addr, "alice");
+    send_queued(&mut alice, "bob", "before", "b");
+    let log_before = fs::read(dir.join(LOG_NAME)).unwrap();
+
+    let out = run_to_exit(&["--data-dir", dir_str]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(out.status.code(), Some(2), "second server: {stderr}");
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains(dir_str) && lines[0].contains("another process is using it"),
+        "the line names the directory and why: {stderr}"
+    );
+    assert_eq!(
+        fs::read(dir.join(LOG_NAME)).unwrap(),
+        log_before,
+        "the refused server did not touch the log"
+    );
+
+    // The first one is unaffected.
+    first.assert_running();
+    send_queued(&mut alice, "bob", "after", "a");
+    alice.close();
+    stop(&mut first);
+
+    let server = start_on(&dir, &[]);
+    let (_bob, got) = collect_offline(server.addr, "bob", "after the first server stopped");
+    let bodies: Vec<&str> = got.iter().map(|v| v["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, ["before", "after"]);
+}
 
 #[test]
 fn an_unusable_data_dir_exits_2_with_one_line() {

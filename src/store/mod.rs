@@ -4,5 +4,6 @@
 pub mod log;
 pub mod outbox;
 pub mod record;
+pub mod replay;
 
 pub use outbox::{BoxId, Entry, Full, Limits, Outboxes, Remembered};

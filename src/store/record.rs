@@ -2,7 +2,9 @@
 //!
 //! A record on disk is `[len u32 LE][crc32 u32 LE][payload; len]`; the CRC
 //! covers the payload. A torn write (power cut mid-record) leaves a tail
-//! whose length or checksum does not match, which replay detects and cuts.
+//! whose length or checksum does not match, which replay detects and cuts;
+//! a record damaged elsewhere fails its own checksum, and replay finds the
+//! next one that passes (see `store::replay`).
 
 /// A change to the outboxes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,12 +122,8 @@ impl Record {
     /// Reads one framed record from the start of `input`; returns it and
     /// the bytes it took.
     pub fn decode(input: &[u8]) -> Result<(Record, usize), Corrupt> {
-        let header = input.get(..FRAME_OVERHEAD).ok_or(Corrupt::Truncated)?;
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let payload = input
-            .get(FRAME_OVERHEAD..FRAME_OVERHEAD + len)
-            .ok_or(Corrupt::Truncated)?;
+        let (crc, payload) = frame(input)?;
+        let len = payload.len();
         if crc32(payload) != crc {
             return Err(Corrupt::BadRecord);
         }
@@ -164,6 +162,43 @@ impl Record {
         }
         Ok((record, FRAME_OVERHEAD + len))
     }
+
+    /// The bytes a record starting at `input` would take, if its header and
+    /// the lengths inside its payload fit together; `None` if they cannot.
+    /// Constant time: no checksum, no UTF-8 check. Replay asks this at every
+    /// offset while it searches past damage, and pays for a checksum only
+    /// where the answer is yes (see `store::replay`).
+    pub fn shape(input: &[u8]) -> Option<usize> {
+        let (_, payload) = frame(input).ok()?;
+        let mut r = Reader(payload);
+        // The layouts `encode` writes: a string is a u32 length and its bytes.
+        let fits = match r.u8().ok()? {
+            STORE => {
+                r.skip_string() && r.skip(3 * 8) && r.skip_string() && r.skip_string() && r.skip(1)
+            }
+            NOTIFIED | ACK | EXPIRE | SEQ_FLOOR => r.skip_string() && r.skip(8),
+            KNOWN => r.skip_string(),
+            _ => false,
+        };
+        (fits && r.0.is_empty()).then_some(FRAME_OVERHEAD + payload.len())
+    }
+
+    /// What a record's header says it takes, payload included (checked
+    /// against nothing: the length may itself be damaged).
+    pub fn declared_len(input: &[u8]) -> Option<usize> {
+        let header = input.get(..4)?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        usize::try_from(len).ok()?.checked_add(FRAME_OVERHEAD)
+    }
+}
+
+/// Splits a framed record into its checksum and its payload.
+fn frame(input: &[u8]) -> Result<(u32, &[u8]), Corrupt> {
+    let header = input.get(..FRAME_OVERHEAD).ok_or(Corrupt::Truncated)?;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let total = Record::declared_len(header).ok_or(Corrupt::Truncated)?;
+    let payload = input.get(FRAME_OVERHEAD..total).ok_or(Corrupt::Truncated)?;
+    Ok((crc, payload))
 }
 
 fn put_u64(out: &mut Vec<u8>, n: u64) {
@@ -187,6 +222,23 @@ impl Reader<'_> {
         Ok(head)
     }
 
+    /// Skips `n` bytes; false if there are fewer.
+    fn skip(&mut self, n: usize) -> bool {
+        self.take(n).is_ok()
+    }
+
+    /// Skips a string without reading it as UTF-8.
+    fn skip_string(&mut self) -> bool {
+        self.string_len().is_ok_and(|len| self.skip(len))
+    }
+
+    /// A string's length prefix.
+    fn string_len(&mut self) -> Result<usize, Corrupt> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4)?);
+        usize::try_from(u32::from_le_bytes(b)).map_err(|_| Corrupt::BadRecord)
+    }
+
     fn u8(&mut self) -> Result<u8, Corrupt> {
         Ok(self.take(1)?[0])
     }
@@ -198,9 +250,7 @@ impl Reader<'_> {
     }
 
     fn string(&mut self) -> Result<String, Corrupt> {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(self.take(4)?);
-        let len = u32::from_le_bytes(b) as usize;
+        let len = self.string_len()?;
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| Corrupt::BadRecord)
     }
@@ -265,6 +315,9 @@ mod tests {
                 user: "dave".into(),
                 next: 1025,
             },
+            Record::Known {
+                user: "Zoë".into(),
+            },
         ]
     }
 
@@ -304,5 +357,44 @@ mod tests {
             damaged[i] ^= 0x40;
             assert!(Record::decode(&damaged).is_err(), "flip {i}");
         }
+    }
+
+    /// `shape` is the cheap filter replay puts before `decode`: it must
+    /// never turn away a record that decodes, and must say how long it is.
+    #[test]
+    fn shape_accepts_every_record_that_decodes_and_gives_its_length() {
+        let mut inputs = Vec::new();
+        for r in samples() {
+            let mut bytes = Vec::new();
+            r.encode(&mut bytes);
+            for cut in 0..=bytes.len() {
+                inputs.push(bytes[..cut].to_vec());
+            }
+            for i in 0..bytes.len() {
+                for bit in [0x01, 0x20, 0x80] {
+                    let mut damaged = bytes.clone();
+                    damaged[i] ^= bit;
+                    inputs.push(damaged);
+                }
+            }
+            bytes.extend_from_slice(b"next record");
+            inputs.push(bytes);
+        }
+        let mut decoded = 0;
+        for input in &inputs {
+            if let Ok((_, used)) = Record::decode(input) {
+                assert_eq!(Record::shape(input), Some(used), "{input:?}");
+                decoded += 1;
+            }
+        }
+        // The whole records, and each with a following one.
+        assert_eq!(decoded, 2 * samples().len());
+        // Lengths that do not add up are turned away without a checksum.
+        let mut bytes = Vec::new();
+        samples()[2].encode(&mut bytes);
+        bytes[0] += 1;
+        bytes.push(0);
+        assert_eq!(Record::shape(&bytes), None);
+        assert_eq!(Record::shape(&[0; 64]), None, "an empty payload");
     }
 }

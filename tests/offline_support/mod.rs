@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::chat_support::{percent_encode, Chat, ChatServer};
+use crate::chat_support::{percent_encode, tcp, Chat, ChatServer};
 
 /// How long a stopped or killed server may take to exit.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,6 +22,10 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LOG_NAME: &str = "outbox.log";
 pub const COMPACT_NAME: &str = "outbox.log.compact";
 pub const CUT_WARNING: &str = "cut a torn or corrupt tail";
+/// The ERROR line of a log damaged before its last readable record.
+pub const DAMAGE_ERROR: &str = "could not be read and the records in them are lost";
+/// How a kept-aside damaged log's name starts.
+pub const CORRUPT_PREFIX: &str = "outbox.log.corrupt-";
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir {
@@ -123,6 +129,34 @@ pub fn run_to_exit(args: &[&str]) -> Output {
         std::thread::sleep(Duration::from_millis(5));
     }
     child.wait_with_output().expect("collect output")
+}
+
+/// One figure from `GET /metrics`.
+pub fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let mut stream = tcp(addr);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("request /metrics");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read /metrics");
+    let sample = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&sample)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// The damaged logs kept aside in `dir`.
+pub fn kept_aside(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("read the data dir")
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(CORRUPT_PREFIX))
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 // ---------------------------------------------------------------------------
