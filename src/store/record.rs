@@ -316,7 +316,7 @@ mod tests {
                 next: 1025,
             },
             Record::Known {
-                user: "Zoë".into(),
+                user: "Zoë".into()
             },
         ]
     }
