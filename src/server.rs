@@ -268,7 +268,12 @@ impl Server {
                             conn.blocked = false;
                             self.core.post.list_for_flush(slot, conn);
                         }
-                        if event.is_read_closed() || event.is_error() {
+                        if event.is_error() && conn.held {
+                            // Reset: nothing it sent can be read any more,
+                            // so its hold must not keep its name taken.
+                            let why = lost_or(conn);
+                            self.core.kill(conn, slot, why);
+                        } else if event.is_read_closed() || event.is_error() {
                             self.read(slot, Drain::UntilWouldBlock);
                         } else if event.is_readable() {
                             self.read(slot, Drain::UntilShortRead);
@@ -291,7 +296,8 @@ impl Server {
 
     /// How long the loop may sleep: until the next deadline, or forever.
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.core.read_again.is_empty() {
+        // Listed in the last flush round's settle: written next turn, now.
+        if !self.core.read_again.is_empty() || !self.core.post.nothing_to_flush() {
             return Some(Duration::ZERO);
         }
         let clock = self.core.clock;

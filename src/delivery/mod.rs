@@ -234,7 +234,10 @@ impl Post {
         let (now, times) = (self.now, self.times);
         let reader = || policy::reader(conn.stalled_since, now, times);
         let verdict = policy::admit(class, conn.out.bytes(), len, reader, self.marks);
-        if !policy::worth_offering(verdict) || conn.blocked {
+        // A socket that said "full" may have drained since without an
+        // EPOLLOUT edge (the kernel wakes writers only once a third of a
+        // large send buffer is free): before disconnecting, look.
+        if !policy::worth_offering(verdict) || (conn.blocked && verdict != Verdict::Disconnect) {
             return verdict;
         }
         self.offer(conn);
@@ -245,9 +248,20 @@ impl Post {
         policy::admit(class, conn.out.bytes(), len, reader, self.marks)
     }
 
+    /// Offers a blocked connection's queue to its socket once more: the
+    /// kernel raises no EPOLLOUT edge until a third of a large send buffer
+    /// is free, so a reader that drains slowly looks stalled without it.
+    pub fn probe(&mut self, conn: &mut Connection, slot: usize) {
+        self.offer(conn);
+        self.list_for_flush(slot, conn);
+    }
+
     /// Writes what the socket takes now, within the turn. An error is left
     /// for the turn's flush, which meets it again and ends the connection.
     fn offer(&mut self, conn: &mut Connection) {
+        if conn.out.is_empty() {
+            return; // nothing offered, nothing learned about the reader
+        }
         let before = conn.out.bytes();
         if let Ok(flushed) = conn.out.write_to(&mut conn.socket, &mut self.spares) {
             self.note_write(conn, before, flushed);
@@ -983,6 +997,28 @@ mod tests {
         assert!(!conns[sender].held);
         assert_eq!(conns[reader].holding, 0);
         assert_eq!(post.next_hold_due(), None);
+    }
+
+    #[test]
+    fn a_reader_marked_blocked_is_looked_at_again_before_it_is_disconnected() {
+        let mut keep = Vec::new();
+        let mut conns = Slab::new();
+        let sender = conns.insert(open_connection(&mut keep, 1));
+        let reader = conns.insert(open_connection(&mut keep, 2));
+        let mut post = post(4096);
+        // Its last write hit a full socket long ago, and no EPOLLOUT came
+        // since (Linux raises none until a third of a large buffer is free),
+        // but its socket has room now.
+        stall(&mut post, &mut conns[reader], Duration::from_secs(10));
+        conns[reader].out.push(Chunk::Owned(vec![b'q'; 4000]));
+        let mut mailer = Mailer {
+            conns: &mut conns,
+            post: &mut post,
+        };
+        let sent = mailer.send_private(ConnId(sender), ConnId(reader), &[b'm'; 500]);
+        assert_eq!(sent, Delivery::Queued, "it drained: not disconnected");
+        assert!(conns[reader].is_open());
+        assert!(conns[reader].stalled_since.is_none());
     }
 
     #[test]

@@ -149,6 +149,12 @@ impl Core {
     fn on_deadline(&mut self, conn: &mut Connection, slot: usize, now: Instant) {
         let config = &self.config;
         let now = self.clock.tick(now);
+        if matches!(conn.phase, Phase::Open(_))
+            && policy::write_stalled(conn.stalled_since, now, self.post.times())
+        {
+            // Progress the kernel did not announce (see `Post::probe`).
+            self.post.probe(conn, slot);
+        }
         match &mut conn.phase {
             Phase::Handshake(_) => self.kill(conn, slot, CloseReason::HandshakeTimeout),
             Phase::Closing => {
