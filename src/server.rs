@@ -462,7 +462,7 @@ impl Server {
             match conn.phase {
                 Phase::Handshake(_) => self.core.kill(conn, slot, CloseReason::Shutdown),
                 _ => self.core.post.close(
-                    conn,
+                    &mut self.conns,
                     slot,
                     CloseCode::Away,
                     "server shutting down",

@@ -197,7 +197,7 @@ impl Post {
                     conn.out.bytes()
                 );
                 self.close(
-                    conn,
+                    conns,
                     to,
                     CloseCode::Policy,
                     "slow consumer",
@@ -533,38 +533,49 @@ impl Post {
     /// is queued go out first, then the close frame.
     pub fn close(
         &mut self,
-        conn: &mut Connection,
+        conns: &mut Slab<Connection>,
         slot: usize,
         code: CloseCode,
         reason: &str,
         why: CloseReason,
     ) {
-        if !conn.is_open() {
+        self.push_last(conns, slot, encode_close(code.to_u16(), reason), why);
+    }
+
+    /// Answers the peer's close frame: echo its code (RFC 6455 5.5.1).
+    pub fn answer_close(&mut self, conns: &mut Slab<Connection>, slot: usize, code: Option<u16>) {
+        let frame = match code {
+            Some(code) => encode_close(code, ""),
+            None => vec![0x88, 0x00],
+        };
+        self.push_last(conns, slot, frame, CloseReason::Normal);
+    }
+
+    /// Queues an open connection's closing frame behind everything else.
+    fn push_last(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        slot: usize,
+        frame: Vec<u8>,
+        why: CloseReason,
+    ) {
+        if !conns.get(slot).is_some_and(|c| c.is_open()) {
             return;
         }
+        // What it is owed comes before its close, settled as for any bulk
+        // frame: a crowd closing in one turn, each owed the others' leaves,
+        // must not copy a growing window once per leaver.
+        self.settle_presence(conns, slot);
+        let Some(conn) = conns.get_mut(slot) else {
+            return;
+        };
         // What is queued still goes out first: replies to what came before (a
         // peer that breaks the protocol after a valid message gets that
         // message's echo) and messages replayed from an outbox, which count
         // as delivered once queued. The backlog is bounded by the policy; a
         // peer that never reads it is dropped by the write-stall timeout.
-        self.pay_presence_copy(conn);
-        conn.out
-            .push(Chunk::Owned(encode_close(code.to_u16(), reason)));
-        self.leave_open(conn, slot, why);
-    }
-
-    /// Answers the peer's close frame: echo its code (RFC 6455 5.5.1).
-    pub fn answer_close(&mut self, conn: &mut Connection, slot: usize, code: Option<u16>) {
-        if !conn.is_open() {
-            return;
-        }
-        self.pay_presence_copy(conn);
-        let frame = match code {
-            Some(code) => encode_close(code, ""),
-            None => vec![0x88, 0x00],
-        };
         conn.out.push(Chunk::Owned(frame));
-        self.leave_open(conn, slot, CloseReason::Normal);
+        self.leave_open(conn, slot, why);
     }
 
     fn leave_open(&mut self, conn: &mut Connection, slot: usize, why: CloseReason) {
@@ -696,9 +707,7 @@ impl Outbox for Mailer<'_> {
             CloseCode::TokenExpired => CloseReason::TokenExpired,
             _ => CloseReason::Refused(code),
         };
-        if let Some(conn) = self.conns.get_mut(slot) {
-            self.post.close(conn, slot, code, reason, why);
-        }
+        self.post.close(self.conns, slot, code, reason, why);
     }
 
     fn renew(&mut self, ConnId(slot): ConnId, until_unix_secs: u64) {
@@ -811,9 +820,8 @@ mod tests {
 
         // Owed events go out before a close frame.
         mailer.broadcast(b"[4]", Class::Presence, to(&[a]));
-        let conn = &mut conns[a];
-        post.close(conn, a, CloseCode::Normal, "", CloseReason::Normal);
-        let bytes = queued(conn);
+        post.close(&mut conns, a, CloseCode::Normal, "", CloseReason::Normal);
+        let bytes = queued(&mut conns[a]);
         assert!(
             bytes.starts_with(&[framed("[4]"), vec![0x88]].concat()),
             "{bytes:?}"
@@ -831,16 +839,10 @@ mod tests {
             .collect();
         let mut post = post(usize::MAX);
         let text = r#"{"type":"leave","username":"someone","online":100}"#;
-        // Each leaver closes, then its `leave` is owed to everyone still open.
+        // Each leaver closes (answering its client's close frame, as the
+        // loop does), then its `leave` is owed to everyone still open.
         for (i, &slot) in slots.iter().enumerate() {
-            post.settle_presence(&mut conns, slot);
-            post.close(
-                &mut conns[slot],
-                slot,
-                CloseCode::Normal,
-                "",
-                CloseReason::Normal,
-            );
+            post.answer_close(&mut conns, slot, Some(1000));
             let mut mailer = Mailer {
                 conns: &mut conns,
                 post: &mut post,

@@ -178,7 +178,7 @@ impl Core {
                         {
                             log::debug!("#{}: replies piled up unread", conns[slot].id);
                             self.post.close(
-                                &mut conns[slot],
+                                conns,
                                 slot,
                                 CloseCode::Policy,
                                 "slow consumer",
@@ -192,7 +192,7 @@ impl Core {
                     log::debug!("#{} protocol error: {error}", conns[slot].id);
                     let code = error.close_code();
                     self.post.close(
-                        &mut conns[slot],
+                        conns,
                         slot,
                         code,
                         error.reason(),
@@ -216,7 +216,7 @@ impl Core {
         match message {
             Message::Ping(payload) => self.post.pong(conn, slot, payload),
             Message::Pong(_) => {}
-            Message::Close(frame) => self.post.answer_close(conn, slot, frame.map(|f| f.code)),
+            Message::Close(frame) => self.post.answer_close(conns, slot, frame.map(|f| f.code)),
             Message::Text(text) => match &mut self.app {
                 App::Echo => self.post.echo(conn, slot, Opcode::Text, text.as_bytes()),
                 App::Chat(router) => {
@@ -230,7 +230,7 @@ impl Core {
             Message::Binary(bytes) => match self.app {
                 App::Echo => self.post.echo(conn, slot, Opcode::Binary, bytes),
                 App::Chat(_) => self.post.close(
-                    conn,
+                    conns,
                     slot,
                     CloseCode::Unsupported,
                     "binary messages are not supported",

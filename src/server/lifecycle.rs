@@ -131,11 +131,7 @@ impl Core {
             match conn.deadline {
                 Some(deadline) if deadline <= tick => {
                     conn.deadline = None;
-                    // It may close, and many idle users can time out in one turn.
-                    self.post.settle_presence(conns, slot);
-                    if let Some(conn) = conns.get_mut(slot) {
-                        self.on_deadline(conn, slot, now);
-                    }
+                    self.on_deadline(conns, slot, now);
                 }
                 Some(later) => {
                     conn.armed = Some(later);
@@ -146,9 +142,10 @@ impl Core {
         }
     }
 
-    fn on_deadline(&mut self, conn: &mut Connection, slot: usize, now: Instant) {
+    fn on_deadline(&mut self, conns: &mut Slab<Connection>, slot: usize, now: Instant) {
         let config = &self.config;
         let now = self.clock.tick(now);
+        let conn = &mut conns[slot];
         if matches!(conn.phase, Phase::Open(_))
             && policy::write_stalled(conn.stalled_since, now, self.post.times())
         {
@@ -168,7 +165,7 @@ impl Core {
                 if now >= state.last_rx + config.idle_timeout {
                     log::debug!("#{}: idle timeout", conn.id);
                     self.post.close(
-                        conn,
+                        conns,
                         slot,
                         CloseCode::Away,
                         "idle timeout",
@@ -179,7 +176,7 @@ impl Core {
                 if state.token_expires.is_some_and(|at| now >= at) {
                     log::debug!("#{}: token expired", conn.id);
                     self.post.close(
-                        conn,
+                        conns,
                         slot,
                         CloseCode::TokenExpired,
                         "token expired",
