@@ -44,12 +44,20 @@ const KNOWN: u8 = 6;
 /// Bytes of framing around each payload.
 pub const FRAME_OVERHEAD: usize = 8;
 
+/// The largest sequence number a `Store` or `SeqFloor` record may carry. A
+/// server numbers each user's messages from 1 and reserves 1024 ahead, so
+/// it never comes near; a record beyond it is damage, and refusing it keeps
+/// the outboxes' `seq + 1` and `next + 1024` from overflowing. (Other
+/// records may carry any number: a client may acknowledge up to 2^64 - 1.)
+pub const MAX_SEQ: u64 = 1 << 63;
+
 /// Why bytes could not be read as a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Corrupt {
     /// The input ends inside a record.
     Truncated,
-    /// The checksum does not match, or the payload does not parse.
+    /// The checksum does not match, or the payload does not parse or holds
+    /// a sequence number beyond [`MAX_SEQ`].
     BadRecord,
 }
 
@@ -131,7 +139,7 @@ impl Record {
         let record = match r.u8()? {
             STORE => Record::Store {
                 user: r.string()?,
-                seq: r.u64()?,
+                seq: r.seq()?,
                 id: r.u64()?,
                 ts: r.u64()?,
                 from: r.string()?,
@@ -152,7 +160,7 @@ impl Record {
             },
             SEQ_FLOOR => Record::SeqFloor {
                 user: r.string()?,
-                next: r.u64()?,
+                next: r.seq()?,
             },
             KNOWN => Record::Known { user: r.string()? },
             _ => return Err(Corrupt::BadRecord),
@@ -249,6 +257,15 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// A sequence number that a server can have given out.
+    fn seq(&mut self) -> Result<u64, Corrupt> {
+        let n = self.u64()?;
+        if n > MAX_SEQ {
+            return Err(Corrupt::BadRecord);
+        }
+        Ok(n)
+    }
+
     fn string(&mut self) -> Result<String, Corrupt> {
         let len = self.string_len()?;
         let bytes = self.take(len)?;
@@ -339,6 +356,62 @@ mod tests {
             pos += used;
         }
         assert_eq!(pos, bytes.len());
+    }
+
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&crc32(payload).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[test]
+    fn a_sequence_number_no_server_gives_out_is_damage() {
+        // The log_replay fuzz target's crash, its checksum filled in: a
+        // Store for "eE\0" with seq 2^64 - 1, whose replay overflowed
+        // `seq + 1` in `Outboxes::insert`.
+        let crash = b"\x01\x03\0\0\0eE\0\xff\xff\xff\xff\xff\xff\xff\xff\x09\0\x01\0\0\0\0\0\
+                      \0\0\0v\x05\0\0\0\0\0\0\0\x04\0\0\0\0\0\0\0\0";
+        assert_eq!(Record::decode(&framed(crash)), Err(Corrupt::BadRecord));
+        let mut at_most = crash.to_vec();
+        at_most[8..16].copy_from_slice(&MAX_SEQ.to_le_bytes());
+        let (record, _) = Record::decode(&framed(&at_most)).unwrap();
+        assert!(matches!(record, Record::Store { seq: MAX_SEQ, .. }));
+
+        let store = |seq| Record::Store {
+            user: "bob".into(),
+            seq,
+            id: 1,
+            ts: 1,
+            from: "a".into(),
+            body: "b".into(),
+            notified: false,
+        };
+        let floor = |next| Record::SeqFloor {
+            user: "bob".into(),
+            next,
+        };
+        let ack = |seq| Record::Ack {
+            user: "bob".into(),
+            seq,
+        };
+        for (record, kept) in [
+            (store(MAX_SEQ), true),
+            (store(MAX_SEQ + 1), false),
+            (store(u64::MAX), false),
+            (floor(MAX_SEQ), true),
+            (floor(u64::MAX), false),
+            (ack(u64::MAX), true),
+        ] {
+            let mut bytes = Vec::new();
+            record.encode(&mut bytes);
+            let expected = if kept {
+                Ok((record.clone(), bytes.len()))
+            } else {
+                Err(Corrupt::BadRecord)
+            };
+            assert_eq!(Record::decode(&bytes), expected, "{record:?}");
+        }
     }
 
     #[test]
