@@ -652,4 +652,33 @@ mod tests {
         );
         assert_eq!(back.max_id, 3);
     }
+
+    #[test]
+    fn the_highest_sequence_numbers_replay_and_write_back() {
+        // Found by the log_replay fuzz target: a Store of seq 2^63, once
+        // accepted, replayed into a state whose snapshot (SeqFloor 2^63 + 1)
+        // did not read back.
+        use super::super::record::SEQ_LIMIT;
+        let mut log = Vec::new();
+        Record::Store {
+            user: "bob".into(),
+            seq: SEQ_LIMIT - 1,
+            id: 1,
+            ts: 1,
+            from: "alice".into(),
+            body: "hi".into(),
+            notified: false,
+        }
+        .encode(&mut log);
+        Record::SeqFloor {
+            user: "carol".into(),
+            next: SEQ_LIMIT,
+        }
+        .encode(&mut log);
+        let mut o = replayed(&log, outboxes().limits);
+        let snapshot = o.snapshot();
+        let mut back = replayed(&snapshot, o.limits);
+        assert_eq!(back.snapshot(), snapshot);
+        assert_eq!(back.last_seq("bob"), SEQ_LIMIT - 1);
+    }
 }

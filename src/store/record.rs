@@ -44,12 +44,14 @@ const KNOWN: u8 = 6;
 /// Bytes of framing around each payload.
 pub const FRAME_OVERHEAD: usize = 8;
 
-/// The largest sequence number a `Store` or `SeqFloor` record may carry. A
-/// server numbers each user's messages from 1 and reserves 1024 ahead, so
-/// it never comes near; a record beyond it is damage, and refusing it keeps
-/// the outboxes' `seq + 1` and `next + 1024` from overflowing. (Other
-/// records may carry any number: a client may acknowledge up to 2^64 - 1.)
-pub const MAX_SEQ: u64 = 1 << 63;
+/// Where sequence numbers end: a `Store` record's `seq` is below it and a
+/// `SeqFloor` record's `next` at most it, so the state replay builds
+/// writes back as records that read again. A server numbers each user's
+/// messages from 1 and reserves 1024 ahead, so it never comes near; a
+/// record beyond is damage, and refusing it keeps the outboxes' `seq + 1`
+/// and `next + 1024` from overflowing. (Other records may carry any number:
+/// a client may acknowledge up to 2^64 - 1.)
+pub const SEQ_LIMIT: u64 = 1 << 63;
 
 /// Why bytes could not be read as a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +59,7 @@ pub enum Corrupt {
     /// The input ends inside a record.
     Truncated,
     /// The checksum does not match, or the payload does not parse or holds
-    /// a sequence number beyond [`MAX_SEQ`].
+    /// a sequence number beyond [`SEQ_LIMIT`].
     BadRecord,
 }
 
@@ -139,7 +141,7 @@ impl Record {
         let record = match r.u8()? {
             STORE => Record::Store {
                 user: r.string()?,
-                seq: r.seq()?,
+                seq: r.seq(SEQ_LIMIT - 1)?,
                 id: r.u64()?,
                 ts: r.u64()?,
                 from: r.string()?,
@@ -160,7 +162,7 @@ impl Record {
             },
             SEQ_FLOOR => Record::SeqFloor {
                 user: r.string()?,
-                next: r.seq()?,
+                next: r.seq(SEQ_LIMIT)?,
             },
             KNOWN => Record::Known { user: r.string()? },
             _ => return Err(Corrupt::BadRecord),
@@ -257,10 +259,10 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(b))
     }
 
-    /// A sequence number that a server can have given out.
-    fn seq(&mut self) -> Result<u64, Corrupt> {
+    /// A sequence number of at most `max` (see [`SEQ_LIMIT`]).
+    fn seq(&mut self, max: u64) -> Result<u64, Corrupt> {
         let n = self.u64()?;
-        if n > MAX_SEQ {
+        if n > max {
             return Err(Corrupt::BadRecord);
         }
         Ok(n)
@@ -373,10 +375,10 @@ mod tests {
         let crash = b"\x01\x03\0\0\0eE\0\xff\xff\xff\xff\xff\xff\xff\xff\x09\0\x01\0\0\0\0\0\
                       \0\0\0v\x05\0\0\0\0\0\0\0\x04\0\0\0\0\0\0\0\0";
         assert_eq!(Record::decode(&framed(crash)), Err(Corrupt::BadRecord));
-        let mut at_most = crash.to_vec();
-        at_most[8..16].copy_from_slice(&MAX_SEQ.to_le_bytes());
-        let (record, _) = Record::decode(&framed(&at_most)).unwrap();
-        assert!(matches!(record, Record::Store { seq: MAX_SEQ, .. }));
+        let mut highest = crash.to_vec();
+        highest[8..16].copy_from_slice(&(SEQ_LIMIT - 1).to_le_bytes());
+        let (record, _) = Record::decode(&framed(&highest)).unwrap();
+        assert!(matches!(record, Record::Store { seq, .. } if seq == SEQ_LIMIT - 1));
 
         let store = |seq| Record::Store {
             user: "bob".into(),
@@ -396,10 +398,11 @@ mod tests {
             seq,
         };
         for (record, kept) in [
-            (store(MAX_SEQ), true),
-            (store(MAX_SEQ + 1), false),
+            (store(SEQ_LIMIT - 1), true),
+            (store(SEQ_LIMIT), false),
             (store(u64::MAX), false),
-            (floor(MAX_SEQ), true),
+            (floor(SEQ_LIMIT), true),
+            (floor(SEQ_LIMIT + 1), false),
             (floor(u64::MAX), false),
             (ack(u64::MAX), true),
         ] {
