@@ -130,15 +130,13 @@ pub(super) fn read_with_serde(text: &str) -> Result<Fields<'_>, serde_json::Erro
 /// The one-pass reader's reading ([`scan`]), in the shape of serde's;
 /// `None` when it leaves `text` to serde_json.
 fn read_with_scan(text: &str) -> Option<Fields<'_>> {
-    // The fast path reads no `token`: a renewal (rare) goes to serde.
-    let f = scan::scan(text).filter(|f| f.kind != Some("auth"))?;
-    Some(Fields {
+    scan::scan(text).map(|f| Fields {
         kind: f.kind.map(Cow::Borrowed),
         to: f.to.map(Cow::Borrowed),
         body: f.body.map(Cow::Borrowed),
         reference: f.reference,
         seq: f.seq,
-        token: None,
+        token: f.token.map(Cow::Borrowed),
     })
 }
 
@@ -469,6 +467,12 @@ mod tests {
         assert_eq!(err("not json"), ("invalid_json", None));
         assert_eq!(err("[1,2]"), ("invalid_json", None));
         assert_eq!(err(r#"{"type":"public","body":5}"#), ("invalid_json", None));
+        // Whichever reader takes it (the one-pass reader once passed over it).
+        assert_eq!(err(r#"{"type":"users","token":5}"#), ("invalid_json", None));
+        assert_eq!(
+            err(r#"{"type":"public","body":"x","token":"a","token":"b"}"#),
+            ("invalid_json", None)
+        );
         assert_eq!(
             err(r#"{"type":"nope","ref":1}"#),
             ("unknown_type", Some("1"))
