@@ -45,12 +45,12 @@ const KNOWN: u8 = 6;
 pub const FRAME_OVERHEAD: usize = 8;
 
 /// Where sequence numbers end: a `Store` record's `seq` is below it and a
-/// `SeqFloor` record's `next` at most it, so the state replay builds
-/// writes back as records that read again. A server numbers each user's
-/// messages from 1 and reserves 1024 ahead, so it never comes near; a
-/// record beyond is damage, and refusing it keeps the outboxes' `seq + 1`
-/// and `next + 1024` from overflowing. (Other records may carry any number:
-/// a client may acknowledge up to 2^64 - 1.)
+/// `SeqFloor` record's `next` at most it, and the outboxes number nothing
+/// past it, so that what they write reads back. A server numbers each
+/// user's messages from 1, so it never comes near; a record beyond is
+/// damage, and refusing it keeps the outboxes' arithmetic (`seq + 1`, a
+/// block of 1024 ahead) from overflowing. (Other records may carry any
+/// number: a client may acknowledge up to 2^64 - 1.)
 pub const SEQ_LIMIT: u64 = 1 << 63;
 
 /// Why bytes could not be read as a record.
