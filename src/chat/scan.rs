@@ -17,6 +17,7 @@ pub struct Fields<'a> {
     pub body: Option<&'a str>,
     pub reference: Option<&'a str>,
     pub seq: Option<u64>,
+    pub token: Option<&'a str>,
 }
 
 /// Reads `text` if it is a flat object of plain values; `None` means "ask serde".
@@ -55,6 +56,10 @@ pub fn scan(text: &str) -> Option<Fields<'_>> {
                 "seq" => {
                     fields.seq = seq_value(raw)?;
                     16
+                }
+                "token" => {
+                    fields.token = as_text()?;
+                    32
                 }
                 _ => 0,
             };
@@ -177,6 +182,7 @@ mod tests {
         r#"{"type": "public", "body": "hello"}"#,
         r#"{"type": "users"}"#,
         r#"{"type": "ack", "seq": 12}"#,
+        r#"{"type":"auth","token":"eyJhbGciOiJIUzI1NiJ9.e30.c2ln","ref":1}"#,
     ];
 
     const EDGES: &[&str] = &[
@@ -212,6 +218,12 @@ mod tests {
         r#"{"type":5}"#,
         r#"{"type":"public","body":false}"#,
         r#"{"to":["bob"]}"#,
+        // Found by the chat_differential fuzz target: the one-pass reader
+        // passed over `token` as an unknown field while serde reads it.
+        r#"{"typeI1NiJ9":"auth","token":"eyJhbGciOiJIUzI1NiJ9.e30.c2ln","ref":1}"#,
+        r#"{"type":"users","token":5}"#,
+        r#"{"type":"users","token":"a","token":"b"}"#,
+        r#"{"type":"users","token":null}"#,
         r#"{"Type":"users","TYPE":1}"#,
         r#"{"type":"users"} x"#,
         r#"{"type":"users"}}"#,
@@ -249,6 +261,7 @@ mod tests {
         assert_eq!(fast.body, slow.body.as_deref(), "body of {text:?}");
         assert_eq!(fast.reference, slow.reference, "ref of {text:?}");
         assert_eq!(fast.seq, slow.seq, "seq of {text:?}");
+        assert_eq!(fast.token, slow.token.as_deref(), "token of {text:?}");
         true
     }
 

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
-use super::record::{Record, FRAME_OVERHEAD};
+use super::record::{Record, FRAME_OVERHEAD, SEQ_LIMIT};
 
 /// Sequence numbers are reserved on disk this many at a time, so a live
 /// delivery costs no log write while a restart still never reuses one.
@@ -198,10 +198,12 @@ impl Outboxes {
             debug_assert!(false, "boxes are never removed");
             return 0;
         };
-        let seq = b.next_seq;
-        b.next_seq += 1;
+        // Numbers end at SEQ_LIMIT, which no server reaches: past it the
+        // last one is given again, not one that the log would refuse.
+        let seq = b.next_seq.min(SEQ_LIMIT - 1);
+        b.next_seq = seq + 1;
         if b.next_seq > b.floor {
-            b.floor = b.next_seq + SEQ_BLOCK;
+            b.floor = (b.next_seq + SEQ_BLOCK).min(SEQ_LIMIT);
             let record = Record::SeqFloor {
                 user: b.name.to_string(),
                 next: b.floor,
@@ -463,7 +465,7 @@ impl Outboxes {
     /// whose every record was lost is unknown, and starts again from 1.)
     pub fn after_lost_records(&mut self) {
         for b in &mut self.boxes {
-            b.next_seq = b.next_seq.max(b.floor) + SEQ_BLOCK + 1;
+            b.next_seq = (b.next_seq.max(b.floor) + SEQ_BLOCK + 1).min(SEQ_LIMIT);
         }
     }
 
@@ -651,5 +653,40 @@ mod tests {
             vec![2]
         );
         assert_eq!(back.max_id, 3);
+    }
+
+    #[test]
+    fn the_highest_sequence_numbers_replay_and_write_back() {
+        // Found by the log_replay fuzz target: a Store of seq 2^63, once
+        // accepted, replayed into a state whose snapshot (SeqFloor 2^63 + 1)
+        // did not read back; so did a floor of 2^63 after a replay that
+        // lost records.
+        let mut log = Vec::new();
+        Record::Store {
+            user: "bob".into(),
+            seq: SEQ_LIMIT - 1,
+            id: 1,
+            ts: 1,
+            from: "alice".into(),
+            body: "hi".into(),
+            notified: false,
+        }
+        .encode(&mut log);
+        Record::SeqFloor {
+            user: "carol".into(),
+            next: SEQ_LIMIT,
+        }
+        .encode(&mut log);
+        let mut o = replayed(&log, outboxes().limits);
+        o.after_lost_records();
+        let snapshot = o.snapshot();
+        let mut back = replayed(&snapshot, o.limits);
+        assert_eq!(back.snapshot(), snapshot);
+        assert_eq!(back.last_seq("bob"), SEQ_LIMIT - 1);
+        // At the end of the numbers, the last one is given again.
+        assert_eq!(back.next_seq("carol"), SEQ_LIMIT - 1);
+        assert_eq!(back.next_seq("carol"), SEQ_LIMIT - 1);
+        replayed(&back.take_pending(), o.limits);
+        replayed(&back.snapshot(), o.limits);
     }
 }

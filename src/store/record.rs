@@ -44,12 +44,22 @@ const KNOWN: u8 = 6;
 /// Bytes of framing around each payload.
 pub const FRAME_OVERHEAD: usize = 8;
 
+/// Where sequence numbers end: a `Store` record's `seq` is below it and a
+/// `SeqFloor` record's `next` at most it, and the outboxes number nothing
+/// past it, so that what they write reads back. A server numbers each
+/// user's messages from 1, so it never comes near; a record beyond is
+/// damage, and refusing it keeps the outboxes' arithmetic (`seq + 1`, a
+/// block of 1024 ahead) from overflowing. (Other records may carry any
+/// number: a client may acknowledge up to 2^64 - 1.)
+pub const SEQ_LIMIT: u64 = 1 << 63;
+
 /// Why bytes could not be read as a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Corrupt {
     /// The input ends inside a record.
     Truncated,
-    /// The checksum does not match, or the payload does not parse.
+    /// The checksum does not match, or the payload does not parse or holds
+    /// a sequence number beyond [`SEQ_LIMIT`].
     BadRecord,
 }
 
@@ -131,7 +141,7 @@ impl Record {
         let record = match r.u8()? {
             STORE => Record::Store {
                 user: r.string()?,
-                seq: r.u64()?,
+                seq: r.seq(SEQ_LIMIT - 1)?,
                 id: r.u64()?,
                 ts: r.u64()?,
                 from: r.string()?,
@@ -152,7 +162,7 @@ impl Record {
             },
             SEQ_FLOOR => Record::SeqFloor {
                 user: r.string()?,
-                next: r.u64()?,
+                next: r.seq(SEQ_LIMIT)?,
             },
             KNOWN => Record::Known { user: r.string()? },
             _ => return Err(Corrupt::BadRecord),
@@ -249,6 +259,15 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// A sequence number of at most `max` (see [`SEQ_LIMIT`]).
+    fn seq(&mut self, max: u64) -> Result<u64, Corrupt> {
+        let n = self.u64()?;
+        if n > max {
+            return Err(Corrupt::BadRecord);
+        }
+        Ok(n)
+    }
+
     fn string(&mut self) -> Result<String, Corrupt> {
         let len = self.string_len()?;
         let bytes = self.take(len)?;
@@ -339,6 +358,63 @@ mod tests {
             pos += used;
         }
         assert_eq!(pos, bytes.len());
+    }
+
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&crc32(payload).to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[test]
+    fn a_sequence_number_no_server_gives_out_is_damage() {
+        // The log_replay fuzz target's crash, its checksum filled in: a
+        // Store for "eE\0" with seq 2^64 - 1, whose replay overflowed
+        // `seq + 1` in `Outboxes::insert`.
+        let crash = b"\x01\x03\0\0\0eE\0\xff\xff\xff\xff\xff\xff\xff\xff\x09\0\x01\0\0\0\0\0\
+                      \0\0\0v\x05\0\0\0\0\0\0\0\x04\0\0\0\0\0\0\0\0";
+        assert_eq!(Record::decode(&framed(crash)), Err(Corrupt::BadRecord));
+        let mut highest = crash.to_vec();
+        highest[8..16].copy_from_slice(&(SEQ_LIMIT - 1).to_le_bytes());
+        let (record, _) = Record::decode(&framed(&highest)).unwrap();
+        assert!(matches!(record, Record::Store { seq, .. } if seq == SEQ_LIMIT - 1));
+
+        let store = |seq| Record::Store {
+            user: "bob".into(),
+            seq,
+            id: 1,
+            ts: 1,
+            from: "a".into(),
+            body: "b".into(),
+            notified: false,
+        };
+        let floor = |next| Record::SeqFloor {
+            user: "bob".into(),
+            next,
+        };
+        let ack = |seq| Record::Ack {
+            user: "bob".into(),
+            seq,
+        };
+        for (record, kept) in [
+            (store(SEQ_LIMIT - 1), true),
+            (store(SEQ_LIMIT), false),
+            (store(u64::MAX), false),
+            (floor(SEQ_LIMIT), true),
+            (floor(SEQ_LIMIT + 1), false),
+            (floor(u64::MAX), false),
+            (ack(u64::MAX), true),
+        ] {
+            let mut bytes = Vec::new();
+            record.encode(&mut bytes);
+            let expected = if kept {
+                Ok((record.clone(), bytes.len()))
+            } else {
+                Err(Corrupt::BadRecord)
+            };
+            assert_eq!(Record::decode(&bytes), expected, "{record:?}");
+        }
     }
 
     #[test]
