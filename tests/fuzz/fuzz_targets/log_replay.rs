@@ -99,10 +99,14 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(parts(&second.snapshot()), written);
     // The replayed state is usable: a new message for any name is numbered
-    // above everything held for it.
+    // above everything held for it, short of the end of the numbers (a log
+    // can claim 2^63 - 1; past it the last number is given again, by design:
+    // see `Outboxes::next_seq_in`).
     for user in &users {
         let seq = first.next_seq(user);
-        assert!(first.held_after(user, seq - 1).next().is_none());
+        if seq < wschat::store::record::SEQ_LIMIT - 1 {
+            assert!(first.held_after(user, seq - 1).next().is_none());
+        }
     }
 });
 
