@@ -15,10 +15,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chat_support::{percent_encode, tcp, Chat, ChatServer, Event};
-use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use support::eintr::Restarting;
+use support::token::{self, b64url};
 use tungstenite::client::IntoClientRequest;
 
 const SECRET: &[u8] = b"a test secret of forty bytes, not more.!";
@@ -30,31 +29,9 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
-fn b64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let mut n = 0u32;
-        for (i, &b) in chunk.iter().enumerate() {
-            n |= u32::from(b) << (16 - 8 * i);
-        }
-        for i in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-        }
-    }
-    out
-}
-
 /// A JWS compact token: `header` and `claims` as given, HS256 with `secret`.
 fn mint_with(header: &Value, claims: &Value, secret: &[u8]) -> String {
-    let input = format!(
-        "{}.{}",
-        b64url(header.to_string().as_bytes()),
-        b64url(claims.to_string().as_bytes())
-    );
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("any key length");
-    mac.update(input.as_bytes());
-    format!("{input}.{}", b64url(&mac.finalize().into_bytes()))
+    token::mint(&header.to_string(), &claims.to_string(), secret)
 }
 
 fn mint(claims: Value) -> String {

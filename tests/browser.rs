@@ -66,7 +66,6 @@ const SECRET: &[u8] = b"the browser test's secret, 40 bytes long";
 
 /// A second server with `--auth jwt`, and a token for `Zoë` valid ten minutes.
 fn start_auth_server(dir: &Path) -> (Spawned, String) {
-    use hmac::{Hmac, Mac};
     use std::os::unix::fs::PermissionsExt;
     let secret = dir.join("secret");
     std::fs::write(&secret, SECRET).expect("write the secret");
@@ -86,33 +85,12 @@ fn start_auth_server(dir: &Path) -> (Spawned, String) {
         ]
         .concat(),
     );
-    let b64 = |bytes: &[u8]| {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let mut n = 0u32;
-            for (i, &b) in chunk.iter().enumerate() {
-                n |= u32::from(b) << (16 - 8 * i);
-            }
-            for i in 0..=chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            }
-        }
-        out
-    };
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         + 600;
-    let input = format!(
-        "{}.{}",
-        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
-        b64(format!(r#"{{"sub":"Zoë","exp":{exp}}}"#).as_bytes())
-    );
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET).expect("any key length");
-    mac.update(input.as_bytes());
-    let token = format!("{input}.{}", b64(&mac.finalize().into_bytes()));
+    let claims = format!(r#"{{"sub":"Zoë","exp":{exp}}}"#);
+    let token = support::token::mint(r#"{"alg":"HS256","typ":"JWT"}"#, &claims, SECRET);
     (server, token)
 }
 

@@ -6,3 +6,4 @@
 
 pub mod eintr;
 pub mod spawn;
+pub mod token;
