@@ -33,8 +33,6 @@ pub struct OpenState {
     pub last_rx: Tick,
     /// When the server pings next.
     pub next_ping: Tick,
-    /// When the connection's token (with the leeway) expires, unless renewed.
-    pub token_expires: Option<Tick>,
 }
 
 impl OpenState {
@@ -43,7 +41,6 @@ impl OpenState {
             decoder: Decoder::default(),
             last_rx: now,
             next_ping: now,
-            token_expires: None,
         }
     }
 }
@@ -171,6 +168,10 @@ pub struct Connection {
     pub holding: u32,
     /// Came in through `--metrics-listen`: `/metrics` and `/healthz` only.
     pub admin: bool,
+    /// When its token (with the leeway) expires, unless renewed. Kept here,
+    /// not in the open state, so a renewal read while the open state is lent
+    /// to the decoder can set it.
+    pub token_expires: Option<Tick>,
 }
 
 impl Connection {
@@ -196,6 +197,7 @@ impl Connection {
             held: false,
             holding: 0,
             admin: false,
+            token_expires: None,
         }
     }
 

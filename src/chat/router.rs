@@ -290,8 +290,7 @@ impl Router {
             );
             return None;
         }
-        // `resume=SEQ` opts in to acknowledged delivery; a bad number counts as 0.
-        let resume = username::query_param(query, "resume").map(|v| v.parse::<u64>().unwrap_or(0));
+        let resume = resume_point(query);
         let name: Rc<str> = Rc::from(name);
         // Everyone already online is listed first in `members`.
         let online = self.members.len() + 1;
@@ -346,7 +345,7 @@ impl Router {
         self.positions[old.0] = NOT_A_MEMBER;
         out.close(old, CloseCode::Replaced, "replaced by a newer session");
         self.set_position(slot, position);
-        let resume = username::query_param(query, "resume").map(|v| v.parse::<u64>().unwrap_or(0));
+        let resume = resume_point(query);
         let member = &mut self.members[position];
         member.conn = slot;
         member.reliable = resume.is_some();
@@ -766,6 +765,11 @@ impl Router {
         self.send_error(slot, code, message, None, out);
         out.close(slot, close_code, close_reason);
     }
+}
+
+/// `resume=SEQ` opts in to acknowledged delivery; a bad number counts as 0.
+fn resume_point(query: &str) -> Option<u64> {
+    username::query_param(query, "resume").map(|v| v.parse::<u64>().unwrap_or(0))
 }
 
 fn held_entry(seq: u64, id: u64, ts: u64, from: &str, body: &str, notified: bool) -> Entry {

@@ -65,9 +65,6 @@ pub struct Post {
     pub now: Tick,
     /// The wall clock at `now`, in milliseconds since 1970.
     pub now_ms: u64,
-    /// A token renewal for the connection being decoded: its slot and new
-    /// expiry.
-    renewal: Option<(usize, Tick)>,
     flush_list: Vec<usize>,
     /// `join`/`leave` events of the current window (see `presence`).
     pub presence: PresenceBatch,
@@ -99,7 +96,6 @@ impl Post {
             times,
             now,
             now_ms: 0,
-            renewal: None,
             flush_list: Vec::new(),
             presence: PresenceBatch::default(),
             departures: Vec::new(),
@@ -111,14 +107,6 @@ impl Post {
             bytes_out: 0,
             senders_held: 0,
             frame_scratch: Vec::with_capacity(256),
-        }
-    }
-
-    /// The new token expiry of `slot`, if its last message renewed it.
-    pub fn take_renewal(&mut self, slot: usize) -> Option<Tick> {
-        match self.renewal.take() {
-            Some((renewed, until)) if renewed == slot => Some(until),
-            _ => None,
         }
     }
 
@@ -715,9 +703,11 @@ impl Outbox for Mailer<'_> {
             .saturating_mul(1000)
             .saturating_sub(self.post.now_ms);
         let until = self.post.now + std::time::Duration::from_millis(left_ms);
-        // A renewal comes from the connection being decoded, whose state is
-        // lent out: the decoding loop applies it (`Post::take_renewal`).
-        self.post.renewal = Some((slot, until));
+        if let Some(conn) = self.conns.get_mut(slot) {
+            // Only later: the deadline armed for the old expiry finds this
+            // and re-arms.
+            conn.token_expires = Some(until);
+        }
     }
 }
 

@@ -98,7 +98,7 @@ impl Core {
                         .saturating_add(self.auth.leeway_secs())
                         .saturating_mul(1000);
                     let left = Duration::from_millis(until_ms.saturating_sub(self.now_ms));
-                    state.token_expires = Some(now_tick + left);
+                    conn.token_expires = Some(now_tick + left);
                 }
                 conn.phase = Phase::Open(state);
                 conn.deadline = None;
@@ -166,9 +166,6 @@ impl Core {
                     if let Some(message) = message {
                         routed += u64::from(matches!(message, Message::Text(_)));
                         self.on_message(conns, slot, message);
-                        if let Some(until) = self.post.take_renewal(slot) {
-                            state.token_expires = Some(until);
-                        }
                         if !matches!(conns[slot].phase, Phase::Decoding) {
                             break; // closing: the rest is ignored
                         }

@@ -173,7 +173,7 @@ impl Core {
                     );
                     return;
                 }
-                if state.token_expires.is_some_and(|at| now >= at) {
+                if conn.token_expires.is_some_and(|at| now >= at) {
                     log::debug!("#{}: token expired", conn.id);
                     self.post.close(
                         conns,
@@ -212,7 +212,7 @@ impl Core {
             return stall;
         }
         let mut next = (state.last_rx + self.config.idle_timeout).min(state.next_ping);
-        if let Some(expires) = state.token_expires {
+        if let Some(expires) = conn.token_expires {
             next = next.min(expires);
         }
         Some(stall.map_or(next, |stall| stall.min(next)))
