@@ -5,5 +5,6 @@
 //! A test crate that uses a suite helper declares `mod support;` next to it.
 
 pub mod eintr;
+pub mod skip;
 pub mod spawn;
 pub mod token;
