@@ -119,7 +119,9 @@ fn max_fds() -> Option<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return None;
     }
-    Some(limit.rlim_cur)
+    // `rlim_t` is 32 bits wide on 32-bit glibc targets (armv7).
+    #[allow(clippy::unnecessary_cast)] // a u64 already on 64-bit targets
+    Some(limit.rlim_cur as u64)
 }
 
 #[cfg(test)]

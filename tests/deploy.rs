@@ -364,8 +364,10 @@ fn tls_connect(addr: SocketAddr, cert_der: &[u8]) -> TlsStream {
     let name = ServerName::try_from("localhost").expect("server name");
     let connection = ClientConnection::new(Arc::new(config), name).expect("TLS client");
     let tcp = TcpStream::connect(addr).expect("connect to nginx");
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
-    tcp.set_write_timeout(Some(IO_TIMEOUT)).expect("write timeout");
+    tcp.set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
+    tcp.set_write_timeout(Some(IO_TIMEOUT))
+        .expect("write timeout");
     StreamOwned::new(connection, tcp)
 }
 
@@ -405,7 +407,8 @@ fn read_response(stream: &mut impl Read) -> (u16, String) {
 /// `GET path` in plain HTTP (wschat's metrics address).
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut tcp = TcpStream::connect(addr).expect("connect");
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+    tcp.set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
     write!(
         tcp,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -545,7 +548,11 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     };
     // verify checks that ExecStart's program exists: the unit runs the
     // binary under test here instead of /usr/local/bin/wschat.
-    let unit = substitute(SYSTEMD_UNIT, "/usr/local/bin/wschat ", &format!("{} ", spawn::bin()));
+    let unit = substitute(
+        SYSTEMD_UNIT,
+        "/usr/local/bin/wschat ",
+        &format!("{} ", spawn::bin()),
+    );
     let dir = TempDir::new("systemd");
     let path = dir.path("wschat.service");
     std::fs::write(&path, unit).expect("write the unit");
