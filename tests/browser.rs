@@ -21,16 +21,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const E2E_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn skip(why: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("browser test cannot run under CI: {why}");
-    }
-    // Straight to the terminal: the test harness captures `println!` of a
-    // passing test, and a skip must not look like a silent `ok`.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "skipped: chat_page_in_a_real_browser: {why}"
-    );
+    support::skip::skip("chat_page_in_a_real_browser", why);
 }
 
 /// `--data-dir none` where this build of the server has that option.
