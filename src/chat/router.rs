@@ -13,6 +13,7 @@ use std::rc::Rc;
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::auth::Auth;
+use crate::limits::rate::{Charge, MessageLimiter, MessagePolicy, Rate};
 use crate::store::{self, BoxId, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
 
@@ -102,6 +103,10 @@ pub struct RouterStats {
     pub refused: u64,
     /// Users not remembered because `--max-known-users` were.
     pub known_full: u64,
+    /// Messages refused with `rate_limited`.
+    pub rate_limited: u64,
+    /// Connections closed for going on past the rate (1008).
+    pub rate_limit_closes: u64,
 }
 
 #[derive(Debug)]
@@ -145,6 +150,8 @@ pub struct Router {
     auth: Auth,
     /// Hold private messages for names that never connected, too.
     offline_to_unknown: bool,
+    /// Each connection's message allowance (`--rate-limit`).
+    limiter: MessageLimiter,
     pub stats: RouterStats,
 }
 
@@ -163,6 +170,7 @@ impl Router {
             scratch: Vec::with_capacity(256),
             auth: Auth::None,
             offline_to_unknown: false,
+            limiter: MessageLimiter::new(MessagePolicy::new(Rate::UNLIMITED)),
             stats: RouterStats::default(),
         }
     }
@@ -178,6 +186,11 @@ impl Router {
     /// refused with `unknown_user`.
     pub fn set_offline_to_unknown(&mut self, hold: bool) {
         self.offline_to_unknown = hold;
+    }
+
+    /// How fast each connection may send (unlimited until set).
+    pub fn set_message_policy(&mut self, policy: MessagePolicy) {
+        self.limiter = MessageLimiter::new(policy);
     }
 
     /// Names remembered as users.
@@ -455,6 +468,7 @@ impl Router {
             return;
         };
         self.positions[conn.0] = NOT_A_MEMBER;
+        self.limiter.forget(conn.0);
         let member = self.members.swap_remove(position);
         self.index.remove(&member.name);
         self.last_target = None;
@@ -487,7 +501,29 @@ impl Router {
         };
         let from = self.members[position].name.clone();
         let from = &*from;
-        let parsed = match protocol::parse(text, self.limits.max_body) {
+        let parsed = protocol::parse(text, self.limits.max_body);
+        // Everything a client asks for is charged but acknowledgements and
+        // token renewals, which a well-behaved client must be able to send
+        // however fast it chats; errors are charged as the message they answer.
+        let free = matches!(
+            parsed,
+            Ok(protocol::Parsed {
+                request: Request::Ack { .. } | Request::Auth { .. },
+                ..
+            })
+        );
+        if !free {
+            let charge = self.limiter.charge(slot.0, now_ms.saturating_mul(1000));
+            if charge != Charge::Admitted {
+                let reference = match &parsed {
+                    Ok(parsed) => parsed.reference,
+                    Err((_, reference)) => *reference,
+                };
+                self.rate_limited(slot, charge, reference, out);
+                return;
+            }
+        }
+        let parsed = match parsed {
             Ok(parsed) => parsed,
             Err((error, reference)) => {
                 self.reply_error(slot, &error, reference, out);
@@ -751,6 +787,32 @@ impl Router {
         let mut json = Vec::with_capacity(64 + message.len());
         encode::error(&mut json, code, message, reference);
         out.send(slot, &json, Class::Reply);
+    }
+
+    /// A message over the sender's rate: not routed, answered with
+    /// `rate_limited`; the refusal that makes the flood sustained closes.
+    #[cold]
+    fn rate_limited(
+        &mut self,
+        slot: ConnId,
+        charge: Charge,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) {
+        let (Charge::Refused { retry_after_ms } | Charge::RefusedAndClose { retry_after_ms }) =
+            charge
+        else {
+            return;
+        };
+        self.stats.rate_limited += 1;
+        self.stats.errors += 1;
+        let mut json = Vec::with_capacity(128);
+        encode::rate_limited(&mut json, retry_after_ms, reference);
+        out.send(slot, &json, Class::Reply);
+        if matches!(charge, Charge::RefusedAndClose { .. }) {
+            self.stats.rate_limit_closes += 1;
+            out.close(slot, CloseCode::Policy, "rate limit exceeded");
+        }
     }
 
     fn refuse(
