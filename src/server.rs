@@ -424,7 +424,7 @@ impl Server {
             // it (an upgrade there is refused at its handshake).
             if entrance == Entrance::Chat
                 && live >= self.core.max_connections + crate::limits::HTTP_RESERVE
-                && !self.core.evict_oldest_handshake(&mut self.conns)
+                && !self.core.evict_oldest_handshake(&mut self.conns, None)
             {
                 if !self.core.refusing {
                     log::warn!(

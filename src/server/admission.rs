@@ -121,9 +121,13 @@ impl Core {
         now: Instant,
     ) -> bool {
         // This connection is among the live ones; the others are the chat.
-        let others = conns.len() - self.dead.len() - 1;
-        let conn = &mut conns[slot];
-        if others >= self.max_connections {
+        // Unfinished handshakes make room, oldest first, as at accept.
+        let others = |core: &Core, conns: &Slab<Connection>| conns.len() - core.dead.len() - 1;
+        while others(self, conns) >= self.max_connections {
+            if self.evict_oldest_handshake(conns, Some(slot)) {
+                continue;
+            }
+            let conn = &mut conns[slot];
             log::debug!("#{} refused: 503 (at --max-connections)", conn.id);
             self.post.respond_and_close(
                 conn,
@@ -133,6 +137,7 @@ impl Core {
             );
             return true;
         }
+        let conn = &mut conns[slot];
         let peer = peer_ip(&conn.peer);
         let admission = &mut self.admission;
         if !admission.proxies.trusts(peer) {
