@@ -194,8 +194,9 @@ pub const OPTIONS: &[Opt] = &[
     Opt {
         flag: "--max-connections",
         value_name: "N",
-        about: "open sockets beyond N get 503",
-        default: Some("open-file limit - 32"),
+        about: "WebSocket connections (and handshakes) beyond N get 503; 16 more sockets are \
+                kept for /healthz and /metrics",
+        default: Some("open-file limit - 48"),
         kind: Kind::Value,
         set: |c, name, v| {
             c.max_connections = Some(parse_count(name, v, 1)?);

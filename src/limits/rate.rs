@@ -191,12 +191,15 @@ mod tests {
     const S: u64 = 1_000_000;
     const MS: u64 = 1_000;
 
+    /// An event's time and what taking from the bucket then gives.
+    type Event = (u64, Result<(), u64>);
+
     /// Each row: the rate, then (time, admitted?) for successive events
     /// on one bucket starting full.
     #[test]
     fn the_bucket_admits_a_burst_then_the_rate() {
         #[rustfmt::skip]
-        let table: &[(Rate, &[(u64, Result<(), u64>)])] = &[
+        let table: &[(Rate, &[Event])] = &[
             // 2/s, burst 3: three at once, then one per 500 ms.
             (Rate::new(2, 3), &[
                 (10 * S, Ok(())), (10 * S, Ok(())), (10 * S, Ok(())),
