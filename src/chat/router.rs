@@ -501,35 +501,22 @@ impl Router {
         };
         let from = self.members[position].name.clone();
         let from = &*from;
-        let parsed = protocol::parse(text, self.limits.max_body);
         // Everything a client asks for is charged but acknowledgements and
         // token renewals, which a well-behaved client must be able to send
         // however fast it chats; errors are charged as the message they answer.
-        let free = matches!(
-            parsed,
-            Ok(protocol::Parsed {
-                request: Request::Ack { .. } | Request::Auth { .. },
-                ..
-            })
-        );
-        if !free {
-            let charge = self.limiter.charge(slot.0, now_ms.saturating_mul(1000));
-            if charge != Charge::Admitted {
-                let reference = match &parsed {
-                    Ok(parsed) => parsed.reference,
-                    Err((_, reference)) => *reference,
-                };
-                self.rate_limited(slot, charge, reference, out);
-                return;
-            }
-        }
-        let parsed = match parsed {
+        let parsed = match protocol::parse(text, self.limits.max_body) {
             Ok(parsed) => parsed,
             Err((error, reference)) => {
-                self.reply_error(slot, &error, reference, out);
+                if self.admit(slot, now_ms, reference, out) {
+                    self.reply_error(slot, &error, reference, out);
+                }
                 return;
             }
         };
+        let free = matches!(parsed.request, Request::Ack { .. } | Request::Auth { .. });
+        if !free && !self.admit(slot, now_ms, parsed.reference, out) {
+            return;
+        }
         let reference = parsed.reference;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
@@ -787,6 +774,25 @@ impl Router {
         let mut json = Vec::with_capacity(64 + message.len());
         encode::error(&mut json, code, message, reference);
         out.send(slot, &json, Class::Reply);
+    }
+
+    /// Charges one message to the connection's allowance: false if it is
+    /// over its rate (and then it was answered, perhaps closed).
+    #[inline]
+    fn admit(
+        &mut self,
+        slot: ConnId,
+        now_ms: u64,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) -> bool {
+        match self.limiter.charge(slot.0, now_ms.saturating_mul(1000)) {
+            Charge::Admitted => true,
+            refused => {
+                self.rate_limited(slot, refused, reference, out);
+                false
+            }
+        }
     }
 
     /// A message over the sender's rate: not routed, answered with
@@ -1366,6 +1372,61 @@ mod tests {
         assert!(out.take().is_empty());
         r.leave(ConnId(2), &mut out);
         assert_eq!(r.online(), 1, "the refused one's leave frees nobody");
+    }
+
+    #[test]
+    fn messages_are_charged_to_their_sender_but_acks_and_renewals() {
+        let mut r = router(10);
+        r.set_message_policy(MessagePolicy::new(Rate::new(1, 2)));
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
+        out.take();
+        let t = 1_800_000_000_000; // ms
+        let limited = |reference: Value, wait: u64| {
+            let mut e = json!({"type":"error","code":"rate_limited",
+                "message":"too many messages: wait before sending more","retry_after_ms":wait});
+            if !reference.is_null() {
+                e["ref"] = reference;
+            }
+            vec![(1, e)]
+        };
+        #[rustfmt::skip]
+        let table: Vec<(u64, &str, Vec<(usize, Value)>)> = vec![
+            // The burst of two.
+            (t, r#"{"type":"users"}"#, vec![(1, json!({"type":"users","online":2,"users":["alice","bob"]}))]),
+            (t, r#"{"type":"private","to":"bob","body":"1","ref":1}"#, vec![]),
+            // Acks and renewals are free (this server has no tokens: the
+            // renewal's own error, not rate_limited).
+            (t, r#"{"type":"ack","seq":1}"#, vec![]),
+            (t, r#"{"type":"auth","token":"x","ref":2}"#, vec![(1, json!({"type":"error","code":"invalid_token",
+                "message":"this server does not use tokens","ref":2}))]),
+            // Everything else is refused, with the message's ref if it has one.
+            (t, r#"{"type":"private","to":"bob","body":"2","ref":3}"#, limited(json!(3), 1000)),
+            (t + 400, r#"{"type":"public","body":"3","ref":"q"}"#, limited(json!("q"), 600)),
+            (t + 400, "{", limited(Value::Null, 600)),
+            (t + 400, r#"{"type":"dance","ref":4}"#, limited(json!(4), 600)),
+            // One second after the burst, one more.
+            (t + 1000, r#"{"type":"users"}"#, vec![(1, json!({"type":"users","online":2,"users":["alice","bob"]}))]),
+            (t + 1000, r#"{"type":"users"}"#, limited(Value::Null, 1000)),
+        ];
+        for (i, (now, text, expected)) in table.into_iter().enumerate() {
+            r.handle(ConnId(1), text, now, &mut out);
+            let mine: Vec<(usize, Value)> = out
+                .take()
+                .into_iter()
+                .filter(|(slot, v)| *slot == 1 && v["type"] != "receipt")
+                .collect();
+            assert_eq!(mine, expected, "row {i}: {text}");
+        }
+        assert_eq!((r.stats.rate_limited, r.stats.rate_limit_closes), (5, 0));
+        assert!(out.closed.is_empty());
+        // A new tenant of the slot starts with a full bucket.
+        r.leave(ConnId(1), &mut out);
+        r.join(ConnId(1), "username=carol", &mut out);
+        out.take();
+        r.handle(ConnId(1), r#"{"type":"users"}"#, t + 1000, &mut out);
+        assert_eq!(out.take()[0].1["type"], "users");
     }
 
     #[test]

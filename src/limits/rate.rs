@@ -55,7 +55,7 @@ impl Bucket {
         // wall clock) is held to that too, so it costs a sender at most one
         // interval, never the size of the step.
         let most = now_us.saturating_add(rate.tolerance_us + rate.interval_us);
-        let full_at = self.full_at_us.clamp(now_us, most);
+        let full_at = self.full_at_us.max(now_us).min(most);
         let allowed_at = full_at - rate.tolerance_us.min(full_at);
         if now_us < allowed_at {
             self.full_at_us = full_at;
@@ -128,9 +128,15 @@ impl Allowance {
     /// inside a window is [`Charge::RefusedAndClose`].
     #[inline]
     pub fn charge(&mut self, policy: &MessagePolicy, now_us: u64) -> Charge {
-        let Err(wait_us) = self.bucket.take(policy.rate, now_us) else {
-            return Charge::Admitted;
-        };
+        match self.bucket.take(policy.rate, now_us) {
+            Ok(()) => Charge::Admitted,
+            Err(wait_us) => self.refuse(policy, now_us, wait_us),
+        }
+    }
+
+    /// Counts a refusal (see [`Allowance::charge`]).
+    #[cold]
+    fn refuse(&mut self, policy: &MessagePolicy, now_us: u64, wait_us: u64) -> Charge {
         let retry_after_ms = wait_us.div_ceil(1000);
         let in_window = self.refusals > 0
             && now_us.saturating_sub(self.window_start_us) < policy.abuse_window_us;
@@ -170,9 +176,16 @@ impl MessageLimiter {
         if self.policy.rate.is_unlimited() {
             return Charge::Admitted;
         }
-        if slot >= self.by_slot.len() {
-            self.by_slot.resize(slot + 1, Allowance::default());
+        match self.by_slot.get_mut(slot) {
+            Some(allowance) => allowance.charge(&self.policy, now_us),
+            None => self.charge_first(slot, now_us),
         }
+    }
+
+    /// The first message ever from a slot this high: room for it, then the charge.
+    #[cold]
+    fn charge_first(&mut self, slot: usize, now_us: u64) -> Charge {
+        self.by_slot.resize(slot + 1, Allowance::default());
         self.by_slot[slot].charge(&self.policy, now_us)
     }
 
