@@ -2,14 +2,17 @@
 //! per loop turn, compaction when the log is large and mostly dead, and
 //! what happens when the disk refuses (full, or failing): the turn's
 //! offline messages are refused rather than promised, live chat goes on,
-//! and the log is rewritten from memory once the disk takes it again.
+//! and what the log missed is written once the disk takes it again.
 
 use std::io;
 use std::time::{Duration, Instant};
 
+use std::rc::Rc;
+
 use crate::chat::{Outbox, Router};
 use crate::log;
 use crate::store::log::Log;
+use crate::store::record::Record;
 
 /// Whether a log of `len` bytes, of which `live` bytes are still needed,
 /// should be rewritten: only once it is at least `min_bytes` (small logs
@@ -23,6 +26,11 @@ pub fn should_compact(len: u64, live: u64, min_bytes: u64) -> bool {
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const LONGEST_RETRY: Duration = Duration::from_secs(30);
 
+/// The most record bytes kept for appending while the disk fails. Beyond
+/// it they are dropped, and only a rewrite of the whole log from memory
+/// (which needs room for a second copy) ends the failure.
+pub const MAX_BACKLOG: usize = 1 << 20;
+
 /// How long to wait before trying the disk again, after waiting
 /// `previous` (none: the first failure): doubling, within bounds.
 pub fn next_backoff(previous: Option<Duration>) -> Duration {
@@ -32,7 +40,25 @@ pub fn next_backoff(previous: Option<Duration>) -> Duration {
     }
 }
 
-/// Whether the log is being written, and if not, when to try again.
+/// `records` without the `Store` records of the messages in `taken_back`
+/// (held, then refused when the write failed: their senders were told they
+/// were not stored, so a later append must not bring them back).
+pub fn without_taken_back(records: &[u8], taken_back: &[(Rc<str>, u64)]) -> Vec<u8> {
+    let mut kept = Vec::with_capacity(records.len());
+    let mut at = 0;
+    while let Ok((record, used)) = Record::decode(&records[at..]) {
+        let refused = matches!(&record, Record::Store { user, seq, .. }
+            if taken_back.iter().any(|(u, s)| **u == **user && s == seq));
+        if !refused {
+            kept.extend_from_slice(&records[at..at + used]);
+        }
+        at += used;
+    }
+    debug_assert_eq!(at, records.len(), "records encoded here decode");
+    kept
+}
+
+/// Whether the log is being written, and if not, what waits for it.
 #[derive(Debug, Default)]
 pub struct Disk {
     failing: Option<Failing>,
@@ -40,14 +66,17 @@ pub struct Disk {
     compact_not_before: Option<Instant>,
     /// Writes (appends, syncs, rewrites) that failed.
     pub write_failures: u64,
-    /// Times the log was rewritten after failures and written again.
+    /// Times the log took writes again after failing.
     pub recoveries: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Failing {
     retry_at: Instant,
     waited: Duration,
+    /// The records since the last that reached the disk, in order; `None`
+    /// once they outgrew [`MAX_BACKLOG`].
+    backlog: Option<Vec<u8>>,
 }
 
 impl Disk {
@@ -58,17 +87,30 @@ impl Disk {
 
     /// When the loop must wake to try the disk again.
     pub fn retry_at(&self) -> Option<Instant> {
-        self.failing.map(|f| f.retry_at)
+        self.failing.as_ref().map(|f| f.retry_at)
     }
 
-    fn failed(&mut self, now: Instant) {
+    /// A write failed at `now`, after `waited_before` (none: the first):
+    /// wait longer before the next try.
+    fn failed(&mut self, now: Instant, waited_before: Option<Duration>, backlog: Option<Vec<u8>>) {
         self.write_failures += 1;
-        let waited = next_backoff(self.failing.map(|f| f.waited));
+        let waited = next_backoff(waited_before);
         self.failing = Some(Failing {
             retry_at: now + waited,
             waited,
+            backlog,
         });
     }
+}
+
+/// Adds `records` to what waits for the disk, within [`MAX_BACKLOG`].
+fn keep_for_later(backlog: Option<Vec<u8>>, records: &[u8]) -> Option<Vec<u8>> {
+    let mut backlog = backlog?;
+    if backlog.len() + records.len() > MAX_BACKLOG {
+        return None;
+    }
+    backlog.extend_from_slice(records);
+    Some(backlog)
 }
 
 /// What became of this turn's records.
@@ -82,9 +124,9 @@ pub enum Committed {
 }
 
 /// Group commit: this turn's outbox records go to the log with one sync
-/// (none for `None`: memory only). While the disk fails, records are not
-/// written at all (the state in memory is the truth, and the rewrite that
-/// ends the failure writes all of it), and offline messages are refused.
+/// (none for `None`: memory only). While the disk fails, offline messages
+/// are refused, the records of everything else wait in a bounded backlog,
+/// and the disk is tried again with backoff (see [`retry`]).
 pub fn commit(
     router: &mut Router,
     log: Option<&mut Log>,
@@ -98,7 +140,8 @@ pub fn commit(
         router.stored_durably();
         return Committed::Durable;
     };
-    if let Some(failing) = disk.failing {
+    if let Some(failing) = &mut disk.failing {
+        failing.backlog = keep_for_later(failing.backlog.take(), &records);
         if now >= failing.retry_at {
             retry(router, log, disk, now);
         }
@@ -109,8 +152,9 @@ pub fn commit(
         log::error!(
             "cannot write the outbox log: {e}; offline messages are refused until it can be written (live chat goes on)"
         );
-        disk.failed(now);
-        router.storage_failed(out);
+        let taken_back = router.storage_failed(out);
+        let backlog = keep_for_later(Some(Vec::new()), &without_taken_back(&records, &taken_back));
+        disk.failed(now, None, backlog);
         return Committed::Refused;
     }
     router.stored_durably();
@@ -132,20 +176,28 @@ pub fn commit(
     Committed::Durable
 }
 
-/// Rewrites the log from memory, which ends a failure if it succeeds.
+/// Tries the disk again: appends what waited (the log on disk then says
+/// what it would have without the failure), or, if that outgrew its bound,
+/// rewrites the log from memory. Either ends the failure if it succeeds.
 fn retry(router: &mut Router, log: &mut Log, disk: &mut Disk, now: Instant) {
-    match compact(router, log) {
+    let Some(failing) = disk.failing.take() else {
+        return;
+    };
+    let (written, how) = match &failing.backlog {
+        Some(backlog) => (log.append(backlog), "appended what waited"),
+        None => (compact(router, log), "rewritten from memory"),
+    };
+    match written {
         Ok(()) => {
-            disk.failing = None;
             disk.recoveries += 1;
             router.storage_recovered();
             log::info!(
-                "the outbox log is written again ({} bytes, rewritten from memory); offline messages are accepted",
+                "the outbox log is written again ({how}; {} bytes); offline messages are accepted",
                 log.len()
             );
         }
         Err(e) => {
-            disk.failed(now);
+            disk.failed(now, Some(failing.waited), failing.backlog);
             log::warn!("the outbox log still cannot be written: {e}");
         }
     }
@@ -159,6 +211,56 @@ pub fn compact(router: &mut Router, log: &mut Log) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_messages_never_reach_the_log_later() {
+        let store = |user: &str, seq| Record::Store {
+            user: user.into(),
+            seq,
+            id: seq,
+            ts: 1,
+            from: "alice".into(),
+            body: "b".into(),
+            notified: false,
+        };
+        let ack = Record::Ack {
+            user: "bob".into(),
+            seq: 9,
+        };
+        let mut records = Vec::new();
+        for r in [
+            store("bob", 1),
+            ack.clone(),
+            store("carol", 2),
+            store("bob", 3),
+        ] {
+            r.encode(&mut records);
+        }
+        let taken_back: Vec<(Rc<str>, u64)> = vec![(Rc::from("bob"), 3), (Rc::from("carol"), 1)];
+        let kept =
+            crate::store::replay::Replay::read(&without_taken_back(&records, &taken_back)).records;
+        assert_eq!(kept, [store("bob", 1), ack, store("carol", 2)]);
+        assert_eq!(without_taken_back(&records, &[]), records);
+    }
+
+    #[test]
+    fn the_backlog_is_bounded() {
+        let full = vec![0u8; MAX_BACKLOG - 1];
+        assert_eq!(
+            keep_for_later(Some(Vec::new()), b"ab"),
+            Some(b"ab".to_vec())
+        );
+        assert_eq!(
+            keep_for_later(Some(full.clone()), b"a").map(|b| b.len()),
+            Some(MAX_BACKLOG)
+        );
+        assert_eq!(
+            keep_for_later(Some(full), b"ab"),
+            None,
+            "past the bound: a rewrite"
+        );
+        assert_eq!(keep_for_later(None, b"a"), None, "stays dropped");
+    }
 
     #[test]
     fn the_backoff_table() {

@@ -758,9 +758,11 @@ impl Router {
     /// for offline users this turn are taken back and their senders told
     /// (the caller drops the `queued` receipts), and until
     /// [`storage_recovered`](Self::storage_recovered) no offline message is
-    /// accepted. Live chat goes on.
-    pub fn storage_failed(&mut self, out: &mut impl Outbox) {
+    /// accepted. Live chat goes on. Returns the (user, seq) taken back, whose
+    /// records must never reach the log.
+    pub fn storage_failed(&mut self, out: &mut impl Outbox) -> Vec<(Rc<str>, u64)> {
         self.storage_available = false;
+        let mut taken_back = Vec::new();
         for taken in std::mem::take(&mut self.awaiting_disk) {
             self.outboxes.unhold(&taken.user, taken.seq);
             self.stats.stored -= 1;
@@ -773,10 +775,12 @@ impl Router {
                 taken.reference.as_deref(),
                 out,
             );
+            taken_back.push((taken.user, taken.seq));
         }
+        taken_back
     }
 
-    /// The log is written again (rewritten from the state in memory).
+    /// The log is written again.
     pub fn storage_recovered(&mut self) {
         self.storage_available = true;
     }
