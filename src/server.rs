@@ -34,6 +34,7 @@ use crate::handshake::{self, Policy};
 use crate::http;
 use crate::log;
 use crate::metrics::{Metrics, Snapshot};
+use crate::persist;
 use crate::store::log::Log;
 use crate::store::Outboxes;
 use crate::sys::ShutdownSignal;
@@ -104,6 +105,8 @@ struct Core {
     shutdown_by: Option<Instant>,
     /// The outbox log; `None` keeps offline messages in memory only.
     log: Option<Log>,
+    /// Whether the log can be written now.
+    disk: persist::Disk,
     /// Wall-clock milliseconds, read once per turn for message timestamps.
     now_ms: u64,
     /// Who may connect as whom.
@@ -183,7 +186,7 @@ impl Server {
                 },
                 outboxes,
             );
-            router.start_ids_after(wall_clock_ms());
+            router.start_numbers_after(wall_clock_ms());
             if auth.is_on() {
                 router.set_auth(auth.clone());
             }
@@ -227,6 +230,7 @@ impl Server {
                 refusing: false,
                 shutdown_by: None,
                 log,
+                disk: persist::Disk::default(),
                 now_ms: 0,
                 auth,
                 admission,
@@ -314,6 +318,7 @@ impl Server {
             self.core.post.presence.due,
             self.core.shutdown_by,
             self.core.next_expiry(now),
+            self.core.disk.retry_at(),
         ]
         .into_iter()
         .flatten()
@@ -343,7 +348,7 @@ impl Server {
         self.core.fire_timers(&mut self.conns, now);
         self.core.expire_held(&mut self.conns);
         self.core.settle(&mut self.conns, now);
-        self.core.commit(&mut self.conns)?;
+        self.core.commit(&mut self.conns, now);
         // A connection that dies in the flush departs, and its `leave`
         // must not wait for the next event: flush again (a few rounds at most).
         for _ in 0..3 {
@@ -593,6 +598,9 @@ impl Core {
             bytes_out: self.post.bytes_out,
             replayed: self.log.as_ref().map(Log::replayed).unwrap_or_default(),
             per_ip_tracked: self.admission.tracked(),
+            store_degraded: self.disk.degraded(),
+            store_write_failures: self.disk.write_failures,
+            store_recoveries: self.disk.recoveries,
             ..Snapshot::default()
         };
         if let App::Chat(router) = &self.app {
@@ -607,7 +615,9 @@ impl Core {
             s.known_users_full = router.stats.known_full;
             s.rate_limited = router.stats.rate_limited;
             s.rate_limit_closes = router.stats.rate_limit_closes;
+            s.store_refused = router.stats.storage_refused;
             (s.offline_messages, s.offline_bytes) = router.held();
+            s.offline_users = router.held_users();
         }
         self.metrics.render(&s)
     }
