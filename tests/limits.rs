@@ -9,7 +9,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use chat_support::{client_frame, Chat, ChatServer, Raw, IO_TIMEOUT, OP_CLOSE, OP_PING, OP_TEXT};
@@ -20,45 +19,17 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 /// as an operator's scraper would have (or `--metrics-listen`).
 const OPERATOR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 
-/// A TCP connection to `addr` from `source` (port chosen by the kernel).
+/// A TCP connection to `addr` from `source` (port chosen by the kernel),
+/// with the suite's timeouts.
 fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    let SocketAddr::V4(to) = addr else {
-        panic!("the test server listens on IPv4");
-    };
-    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh socket, owned by the TcpStream made from it (or
-    // closed here on failure); the addresses are valid sockaddr_in values.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let from = sockaddr(source, 0);
-        let to = sockaddr(*to.ip(), to.port());
-        let bound = libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len);
-        let connected =
-            bound == 0 && libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len) == 0;
-        if !connected {
-            let e = std::io::Error::last_os_error();
-            libc::close(fd);
-            panic!("connecting from {source} to {addr}: {e}");
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .expect("read timeout");
-        stream
-            .set_write_timeout(Some(IO_TIMEOUT))
-            .expect("write timeout");
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        stream
-    }
+    let stream = support::source::connect_from(source, addr);
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
+    stream
+        .set_write_timeout(Some(IO_TIMEOUT))
+        .expect("write timeout");
+    stream
 }
 
 /// Sends an upgrade request (plus `extra` header lines) on `stream` and

@@ -6,5 +6,6 @@
 
 pub mod eintr;
 pub mod skip;
+pub mod source;
 pub mod spawn;
 pub mod token;
