@@ -14,7 +14,7 @@ mod support;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -25,6 +25,8 @@ use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
 use serde_json::{json, Value};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::http::HeaderValue;
 use tungstenite::{Message, WebSocket};
 
 use support::skip::{find_program, skip};
@@ -349,8 +351,9 @@ impl ServerCertVerifier for PinnedCertificate {
 
 type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
-/// A TLS connection to `addr` as `localhost`, trusting only `cert_der`.
-fn tls_connect(addr: SocketAddr, cert_der: &[u8]) -> TlsStream {
+/// A TLS connection from `source` to `addr` as `localhost`, trusting only
+/// `cert_der`.
+fn tls_connect(source: Ipv4Addr, addr: SocketAddr, cert_der: &[u8]) -> TlsStream {
     let provider = Arc::new(ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -363,7 +366,7 @@ fn tls_connect(addr: SocketAddr, cert_der: &[u8]) -> TlsStream {
         .with_no_client_auth();
     let name = ServerName::try_from("localhost").expect("server name");
     let connection = ClientConnection::new(Arc::new(config), name).expect("TLS client");
-    let tcp = TcpStream::connect(addr).expect("connect to nginx");
+    let tcp = support::source::connect_from(source, addr);
     tcp.set_read_timeout(Some(IO_TIMEOUT))
         .expect("read timeout");
     tcp.set_write_timeout(Some(IO_TIMEOUT))
@@ -373,7 +376,7 @@ fn tls_connect(addr: SocketAddr, cert_der: &[u8]) -> TlsStream {
 
 /// `GET path` over TLS; the status code and body.
 fn https_get(addr: SocketAddr, cert_der: &[u8], path: &str) -> (u16, String) {
-    let mut tls = tls_connect(addr, cert_der);
+    let mut tls = tls_connect(Ipv4Addr::LOCALHOST, addr, cert_der);
     write!(
         tls,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -423,10 +426,24 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 type Client = WebSocket<TlsStream>;
 
-/// `username` connected through nginx; returns once its `welcome` came.
-fn join(nginx: SocketAddr, cert_der: &[u8], username: &str) -> Client {
+/// Where the two chat clients connect to nginx from.
+const ALICE_AT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const BOB_AT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+/// What each client claims in an `X-Forwarded-For` of its own, which nginx
+/// must replace.
+const FORGED_CLIENT: &str = "203.0.113.9";
+
+/// `username` connected through nginx from `source`, claiming to be
+/// `FORGED_CLIENT` in its own `X-Forwarded-For`; returns once its
+/// `welcome` came.
+fn join(source: Ipv4Addr, nginx: SocketAddr, cert_der: &[u8], username: &str) -> Client {
     let url = format!("wss://localhost:{}/ws?username={username}", nginx.port());
-    let (mut client, response) = tungstenite::client(url.as_str(), tls_connect(nginx, cert_der))
+    let mut request = url.into_client_request().expect("a client request");
+    request
+        .headers_mut()
+        .insert("X-Forwarded-For", HeaderValue::from_static(FORGED_CLIENT));
+    let tls = tls_connect(source, nginx, cert_der);
+    let (mut client, response) = tungstenite::client(request, tls)
         .unwrap_or_else(|e| panic!("WebSocket handshake through nginx for {username}: {e}"));
     assert_eq!(response.status().as_u16(), 101);
     let welcome = next_of_type(&mut client, "welcome");
@@ -482,13 +499,20 @@ fn chat_over_wss_through_the_nginx_recipe() {
     };
     let dir = TempDir::new("nginx");
     let cert = make_certificate(&openssl, &dir);
-    let server = spawn::start_test_server(&["--metrics-listen", "127.0.0.1:0"]);
+    // As the recipe's upstream comment says, with a metrics port of its own.
+    let server = spawn::start_test_server(&[
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let recipe = recipe_for_test(addr, &cert, server.addr);
     let proxy = Nginx::start(&nginx, dir, &recipe, addr);
 
-    let mut alice = join(addr, &cert.der, "alice");
-    let mut bob = join(addr, &cert.der, "bob");
+    // Two clients at addresses of their own, as wschat should see them.
+    let mut alice = join(ALICE_AT, addr, &cert.der, "alice");
+    let mut bob = join(BOB_AT, addr, &cert.der, "bob");
 
     send(
         &mut alice,
@@ -529,6 +553,15 @@ fn chat_over_wss_through_the_nginx_recipe() {
     let (status, metrics) = http_get(metrics_addr(&server), "/metrics");
     assert_eq!(status, 200);
     assert!(metrics.contains("wschat_"), "{metrics}");
+
+    // wschat took each client's address from nginx's X-Forwarded-For, not
+    // the proxy's and not what the client wrote in its own.
+    let log = server.log.text();
+    for client in [ALICE_AT, BOB_AT] {
+        let line = format!("client {client} (through 127.0.0.1)");
+        assert!(log.contains(&line), "no {line:?} in:\n{log}");
+    }
+    assert!(!log.contains(FORGED_CLIENT), "{log}");
 
     for client in [&mut alice, &mut bob] {
         let _ = client.close(None);
