@@ -23,6 +23,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 
 use crate::auth::Auth;
+use crate::budget;
 use crate::chat::{Limits, Router};
 use crate::config::Config;
 use crate::conn::{CloseReason, Connection, Phase};
@@ -108,6 +109,8 @@ struct Core {
     /// Who may connect as whom.
     auth: Auth,
     metrics: Metrics,
+    /// What the loop remembers of the memory ledger (see `budget`).
+    memory: budget::Watch,
 }
 
 /// Where accepted sockets get TCP_NODELAY (small frames must not wait for
@@ -188,6 +191,10 @@ impl Server {
             router.set_offline_to_unknown(config.offline_to_unknown && !auth.is_on());
             App::Chat(Box::new(router))
         };
+        budget::set_limits(budget::Limits {
+            memory_budget: config.memory_budget,
+            max_partial: config.max_partial_bytes,
+        });
         let clock = Clock::starting_now();
         let post = Post::new(
             Marks::new(config.max_outbound),
@@ -225,6 +232,7 @@ impl Server {
                 now_ms: 0,
                 auth,
                 metrics: Metrics::default(),
+                memory: budget::Watch::default(),
             },
         })
     }
@@ -362,6 +370,7 @@ impl Server {
                 log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
             }
         }
+        self.core.give_back_memory();
         Ok(())
     }
 
@@ -427,6 +436,10 @@ impl Server {
                 // Best effort: the socket is fresh, so its buffer has room.
                 let _ = (&socket).write(http::OVERLOADED);
                 self.core.metrics.count_refused_at_capacity();
+                let _ = socket.shutdown(Shutdown::Both);
+                continue;
+            }
+            if entrance == Entrance::Chat && self.core.refuse_over_memory_mark(&socket) {
                 let _ = socket.shutdown(Shutdown::Both);
                 continue;
             }
@@ -575,6 +588,9 @@ impl Core {
             senders_held: self.post.senders_held,
             bytes_out: self.post.bytes_out,
             replayed: self.log.as_ref().map(Log::replayed).unwrap_or_default(),
+            held: budget::held(),
+            memory_budget: self.config.memory_budget,
+            max_partial_bytes: self.config.max_partial_bytes,
             ..Snapshot::default()
         };
         if let App::Chat(router) = &self.app {

@@ -22,6 +22,7 @@ use std::rc::Rc;
 
 use slab::Slab;
 
+use crate::budget;
 use crate::chat::protocol::encode;
 use crate::chat::{Class, ConnId, Delivery, Fanout, Outbox};
 use crate::conn::{CloseReason, Connection};
@@ -221,7 +222,8 @@ impl Post {
     fn judge(&mut self, slot: usize, conn: &mut Connection, class: Class, len: usize) -> Verdict {
         let (now, times) = (self.now, self.times);
         let reader = || policy::reader(conn.stalled_since, now, times);
-        let verdict = policy::admit(class, conn.out.bytes(), len, reader, self.marks);
+        let pressure = budget::current_pressure;
+        let verdict = policy::admit(class, conn.out.bytes(), len, reader, pressure, self.marks);
         // A socket that said "full" may have drained since without an
         // EPOLLOUT edge (the kernel wakes writers only once a third of a
         // large send buffer is free): before disconnecting, look.
@@ -233,7 +235,7 @@ impl Post {
         // turn's flush, which registers for writability.
         self.list_for_flush(slot, conn);
         let reader = || policy::reader(conn.stalled_since, now, times);
-        policy::admit(class, conn.out.bytes(), len, reader, self.marks)
+        policy::admit(class, conn.out.bytes(), len, reader, pressure, self.marks)
     }
 
     /// Offers a blocked connection's queue to its socket once more: the

@@ -2,6 +2,7 @@
 //! heartbeat, idle, write stall, close), told to the router when it stops
 //! being open, and killed.
 
+use std::io::Write;
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -9,6 +10,8 @@ use mio::{Interest, Token};
 use slab::Slab;
 
 use super::{App, Core, Entrance, Nodelay};
+use crate::budget;
+use crate::http;
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, Phase};
 use crate::delivery::{policy, Mailer};
@@ -48,6 +51,41 @@ impl Core {
         self.handshakes.push_back((slot, id));
         let at = self.clock.tick(now) + self.config.handshake_timeout;
         self.set_deadline(conn, slot, at);
+    }
+
+    /// Above the memory budget's high mark: answers a new connection 503
+    /// (best effort: the socket is fresh, so its buffer has room) and says
+    /// so; the caller closes it.
+    pub(super) fn refuse_over_memory_mark(&mut self, socket: &TcpStream) -> bool {
+        let held = budget::held();
+        if budget::admits_connection(held, budget::limits()) {
+            if self.memory.refusing {
+                log::info!("memory below the high mark: accepting again");
+                self.memory.refusing = false;
+            }
+            return false;
+        }
+        if !self.memory.refusing {
+            log::warn!(
+                "memory held by peers at {} of --memory-budget {} bytes: refusing new connections with 503",
+                held.total(),
+                self.config.memory_budget
+            );
+            self.memory.refusing = true;
+        }
+        let _ = (&*socket).write(http::BUSY);
+        self.metrics.memory.connections_refused += 1;
+        self.metrics.count_refused_at_capacity();
+        true
+    }
+
+    /// At the end of a turn: gives freed memory back to the OS once what
+    /// peers held fell far below its peak (a crowd left).
+    pub(super) fn give_back_memory(&mut self) {
+        if self.memory.note(budget::held().total()) {
+            crate::sys::give_back_free_memory();
+            self.metrics.memory.trims += 1;
+        }
     }
 
     /// Drops entries at the front of `handshakes` whose connection is past
@@ -173,6 +211,18 @@ impl Core {
                     );
                     return;
                 }
+                if state.decoder.partial_message_due().is_some_and(|at| now >= at) {
+                    log::debug!("#{}: message timeout", conn.id);
+                    self.metrics.memory.message_timeouts += 1;
+                    self.post.close(
+                        conns,
+                        slot,
+                        CloseCode::Policy,
+                        "message timeout",
+                        CloseReason::MessageTimeout,
+                    );
+                    return;
+                }
                 if conn.token_expires.is_some_and(|at| now >= at) {
                     log::debug!("#{}: token expired", conn.id);
                     self.post.close(
@@ -202,12 +252,18 @@ impl Core {
         }
     }
 
-    /// The next time an open connection needs a look: ping, idle or stall.
+    /// The next time an open connection needs a look: ping, idle, stall or
+    /// an unfinished message.
     pub(super) fn heartbeat_deadline(&self, conn: &Connection) -> Option<Tick> {
         let Phase::Open(state) = &conn.phase else {
             return None;
         };
         let stall = policy::write_stall_deadline(conn.stalled_since, self.post.times());
+        // An unfinished message is timed in echo mode too.
+        let stall = [stall, state.decoder.partial_message_due()]
+            .into_iter()
+            .flatten()
+            .min();
         if matches!(self.app, App::Echo) {
             return stall;
         }

@@ -7,6 +7,10 @@
 //! (zero copy); only a message that spans reads or frames is copied, into a
 //! buffer that exists just while that message is incomplete. Between
 //! messages the decoder holds nothing but a partial frame header.
+//!
+//! That buffer is charged to the process's ledger ([`crate::budget`]): a
+//! message whose growth would pass the process's bound for partial
+//! messages fails with [`ProtocolError::OverBudget`] (1009).
 
 use super::frame::{
     apply_mask, parse_header, unmask_reporting_ascii, FrameHeader, HeaderError, Opcode, Role,
@@ -14,6 +18,8 @@ use super::frame::{
 };
 use super::utf8::Utf8Validator;
 use super::CloseCode;
+use crate::budget::{grown_capacity, PartialBytes};
+use crate::timer::Tick;
 
 /// One complete message or control frame from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,6 +48,9 @@ pub enum ProtocolError {
     ExpectedContinuation,
     /// The message would exceed the configured size limit.
     MessageTooBig,
+    /// The message would take the partial messages of the whole process
+    /// past their bound (`--max-partial-bytes` or `--memory-budget`).
+    OverBudget,
     InvalidUtf8,
     /// A close frame with a one-byte payload (a code needs two).
     CloseTooShort,
@@ -56,7 +65,10 @@ impl ProtocolError {
             ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => {
                 CloseCode::InvalidPayload
             }
-            ProtocolError::MessageTooBig => CloseCode::TooBig,
+            // It names the cause from the client's side: this message was
+            // too big to be held now (1013, "try again later", is not an
+            // RFC 6455 code and many clients do not know it).
+            ProtocolError::MessageTooBig | ProtocolError::OverBudget => CloseCode::TooBig,
             _ => CloseCode::Protocol,
         }
     }
@@ -75,6 +87,7 @@ impl ProtocolError {
             ProtocolError::UnexpectedContinuation => "continuation without a message",
             ProtocolError::ExpectedContinuation => "expected a continuation frame",
             ProtocolError::MessageTooBig => "message too big",
+            ProtocolError::OverBudget => "server busy: partial messages over budget",
             ProtocolError::InvalidUtf8 => "invalid UTF-8 in text message",
             ProtocolError::CloseTooShort => "close payload of one byte",
             ProtocolError::InvalidCloseCode(_) => "invalid close code",
@@ -113,8 +126,11 @@ enum DataKind {
 #[derive(Debug)]
 struct Assembly {
     kind: DataKind,
-    bytes: Vec<u8>,
+    bytes: PartialBytes,
     utf8: Utf8Validator,
+    /// When it must be complete, once the caller timed it (kept here, so an
+    /// idle connection carries no field for it).
+    due: Option<Tick>,
 }
 
 /// The frame whose payload is being received.
@@ -197,11 +213,7 @@ impl Decoder {
         input: &'a mut [u8],
         max_message: usize,
     ) -> Result<(usize, Option<Message<'a>>), ProtocolError> {
-        match std::mem::take(&mut self.lent) {
-            Lent::Nothing => {}
-            Lent::Control => self.control = None,
-            Lent::Assembly => self.assembly = None,
-        }
+        self.release_lent();
         let mut pos = 0;
         let frame = loop {
             if let Some(frame) = self.frame {
@@ -264,8 +276,9 @@ impl Decoder {
                     } else {
                         DataKind::Text
                     },
-                    bytes: Vec::new(),
+                    bytes: PartialBytes::new(),
                     utf8: Utf8Validator::default(),
+                    due: None,
                 })
             });
             if assembly.kind == DataKind::Text {
@@ -274,7 +287,17 @@ impl Decoder {
                     .feed(piece)
                     .map_err(|_| ProtocolError::InvalidUtf8)?;
             }
-            assembly.bytes.extend_from_slice(piece);
+            // Room for the rest of this frame at once (its length is known
+            // and within the message limit), and exactly the message's size
+            // when this frame ends it.
+            let frame_rest = (header.payload_len - frame.received) as usize;
+            let end = assembly.bytes.len() + frame_rest;
+            let capacity = grown_capacity(assembly.bytes.capacity(), end, header.fin, max_message);
+            assembly
+                .bytes
+                .try_reserve_total(capacity)
+                .map_err(|_| ProtocolError::OverBudget)?;
+            assembly.bytes.extend(piece, max_message);
         }
         let received = frame.received + take as u64;
         if received < header.payload_len {
@@ -317,6 +340,44 @@ impl Decoder {
     /// per-connection state that an idle one would not.
     pub fn is_mid_message(&self) -> bool {
         self.header_len > 0 || self.frame.is_some() || self.assembly.is_some()
+    }
+
+    /// The message being reassembled, if any (not one already lent out).
+    fn partial(&self) -> Option<&Assembly> {
+        self.assembly.as_deref().filter(|_| self.lent != Lent::Assembly)
+    }
+
+    /// True while a data message is being reassembled and the caller has
+    /// not timed it yet (its bytes are held until it completes, so
+    /// `--message-timeout` bounds how long).
+    pub fn partial_message_untimed(&self) -> bool {
+        self.partial().is_some_and(|a| a.due.is_none())
+    }
+
+    /// When the message being reassembled must be complete; the deadline
+    /// goes with the message.
+    pub fn partial_message_due(&self) -> Option<Tick> {
+        self.partial().and_then(|a| a.due)
+    }
+
+    /// Times the message being reassembled (nothing without one).
+    pub fn time_partial_message(&mut self, due: Tick) {
+        if self.lent != Lent::Assembly {
+            if let Some(assembly) = self.assembly.as_mut() {
+                assembly.due = Some(due);
+            }
+        }
+    }
+
+    /// Drops what the last message was lent from. `decode` does it at its
+    /// next call; the caller does it when the input ran out, so a completed
+    /// message's buffer is not kept while the connection idles.
+    pub fn release_lent(&mut self) {
+        match std::mem::take(&mut self.lent) {
+            Lent::Nothing => {}
+            Lent::Control => self.control = None,
+            Lent::Assembly => self.assembly = None,
+        }
     }
 
     /// Parses a header from buffered bytes plus `input`; buffers a partial one.
