@@ -396,7 +396,11 @@ mod tests {
             (0,     0,     true,  100,   0),
         ];
         for (capacity, end, last, max, grown) in table {
-            assert_eq!(grown_capacity(capacity, end, last, max), grown, "{capacity} {end} {last}");
+            assert_eq!(
+                grown_capacity(capacity, end, last, max),
+                grown,
+                "{capacity} {end} {last}"
+            );
         }
     }
 

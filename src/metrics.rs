@@ -454,7 +454,10 @@ impl Metrics {
             ("partial_message", m.partial_refused),
             ("message_timeout", m.message_timeouts),
         ] {
-            let _ = writeln!(out, "wschat_memory_refusals_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "wschat_memory_refusals_total{{reason=\"{reason}\"}} {n}"
+            );
         }
         counter(
             out,

@@ -260,6 +260,7 @@ impl Server {
             self.core.now_ms = wall_clock_ms();
             self.core.post.now = self.core.clock.tick(now);
             self.core.post.now_ms = self.core.now_ms;
+            self.core.post.pressure = budget::current_pressure();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now, Entrance::Chat),

@@ -55,11 +55,13 @@ fn wait_for_metric(admin: SocketAddr, name: &str, ok: impl Fn(u64) -> bool) -> u
 const PARTIAL: &str = "wschat_memory_held_bytes{kind=\"partial\"}";
 
 fn text_of(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| b'a' + ((i + seed as usize) % 26) as u8).collect()
+    (0..len)
+        .map(|i| b'a' + ((i + seed as usize) % 26) as u8)
+        .collect()
 }
 
 /// Reads frames until the close frame, answering nothing; returns its code
-/// and the pongs seen before it.
+/// and the pongs seen before it (chat events and server pings are skipped).
 fn close_code_after_pongs(stream: &mut std::net::TcpStream, context: &str) -> (Option<u16>, usize) {
     let mut pongs = 0;
     loop {
@@ -67,9 +69,30 @@ fn close_code_after_pongs(stream: &mut std::net::TcpStream, context: &str) -> (O
         match frame.opcode {
             OP_PONG => pongs += 1,
             OP_CLOSE => return (frame.close_code(), pongs),
+            OP_TEXT | OP_PING => {}
             other => panic!("{context}: unexpected opcode {other:#x}"),
         }
     }
+}
+
+#[test]
+fn in_the_chat_too_an_unfinished_message_is_closed_with_1008() {
+    let server = Server::start(&["--message-timeout", "500ms"]);
+    let mut s = ws_raw_request(server.addr, &upgrade_request("/ws?username=slow", &[]));
+    send(
+        &mut s,
+        &ClientFrame::text(r#"{"type":"public","bo"#).fin(false),
+    );
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(900) {
+        if s.write_all(&ClientFrame::ping("p").encode()).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, pongs) = close_code_after_pongs(&mut s, "unfinished chat message");
+    assert_eq!(code, Some(1008));
+    assert!(pongs >= 3, "{pongs} pongs");
 }
 
 #[test]
@@ -100,7 +123,10 @@ fn a_message_not_completed_within_the_timeout_is_closed_with_1008_whatever_the_p
     }
     let (code, pongs) = close_code_after_pongs(&mut slow, "unfinished message");
     assert_eq!(code, Some(1008), "after {pings} pings");
-    assert!(pongs >= 3, "pings were answered until the deadline ({pongs} pongs)");
+    assert!(
+        pongs >= 3,
+        "pings were answered until the deadline ({pongs} pongs)"
+    );
     expect_eof(&mut slow);
     // A completed message stops its clock: the other connection lives on.
     expect_text(&mut prompt, b"in time", "completed in time");
@@ -108,7 +134,10 @@ fn a_message_not_completed_within_the_timeout_is_closed_with_1008_whatever_the_p
     expect_text(&mut prompt, b"still here", "past the timeout, idle");
     let admin = admin_addr(&server);
     assert_eq!(
-        metric(admin, "wschat_memory_refusals_total{reason=\"message_timeout\"}"),
+        metric(
+            admin,
+            "wschat_memory_refusals_total{reason=\"message_timeout\"}"
+        ),
         1
     );
 }
@@ -136,7 +165,10 @@ fn the_client_whose_partial_message_would_pass_the_bound_is_closed_and_the_other
     assert_eq!(code, Some(1009));
     expect_eof(&mut late);
     assert_eq!(
-        metric(admin, "wschat_memory_refusals_total{reason=\"partial_message\"}"),
+        metric(
+            admin,
+            "wschat_memory_refusals_total{reason=\"partial_message\"}"
+        ),
         1
     );
 
@@ -182,10 +214,16 @@ fn over_the_memory_budgets_high_mark_newcomers_get_503_until_the_pressure_drops(
     ]);
     let admin = admin_addr(&server);
     assert_eq!(metric(admin, "wschat_memory_budget_bytes"), 65_536);
-    assert!(answer_to_a_newcomer(server.addr).is_none(), "accepted at first");
+    assert!(
+        answer_to_a_newcomer(server.addr).is_none(),
+        "accepted at first"
+    );
 
     let mut heavy = ws_raw(server.addr);
-    send(&mut heavy, &ClientFrame::text(text_of(50_000, 0)).fin(false));
+    send(
+        &mut heavy,
+        &ClientFrame::text(text_of(50_000, 0)).fin(false),
+    );
     wait_for_metric(admin, PARTIAL, |held| held >= 50_000);
 
     let refused = answer_to_a_newcomer(server.addr).expect("an answer over the high mark");

@@ -538,6 +538,37 @@ mod tests {
     }
 
     #[test]
+    fn the_ledger_counts_what_queues_hold_until_written_or_dropped() {
+        use crate::budget;
+        let entry = std::mem::size_of::<Entry>();
+        let mut spares = Spares::default();
+        let mut q = Outbound::default();
+        q.push_frame(Opcode::Text, b"one", Lane::Urgent, &mut spares);
+        q.push_frame(Opcode::Text, b"two", Lane::Urgent, &mut spares); // corked
+        let public = Chunk::Shared(Rc::from(&b"[public]"[..]));
+        q.push_reusing(public, Lane::Bulk, &mut spares); // shared: its entry
+        q.push_control_bounded(Chunk::Static(b"\x8a\x00"), 1);
+        q.push_control_bounded(Chunk::Owned(b"\x8a\x01p".to_vec()), 1); // replaces it
+        q.push(Chunk::Owned(vec![0; 100]));
+        let held = budget::held().outbound;
+        assert_eq!(held, (10 + entry) + entry + (3 + entry) + (100 + entry));
+        // Partly written: the front entry is still held.
+        let mut partly = sink(2, 1);
+        q.write_to(&mut partly, &mut spares).unwrap();
+        assert_eq!(budget::held().outbound, held);
+        let mut all = sink(1 << 20, usize::MAX);
+        q.write_to(&mut all, &mut spares).unwrap();
+        assert_eq!(budget::held().outbound, 0);
+        // A connection that ends with bytes unsent gives them back.
+        let mut q = Outbound::default();
+        q.push(Chunk::Owned(vec![0; 100]));
+        q.push_control(Chunk::Static(b"\x89\x00"));
+        assert_eq!(budget::held().outbound, 100 + 2 * entry);
+        drop(q);
+        assert_eq!(budget::held().outbound, 0);
+    }
+
+    #[test]
     fn emptied_buffers_are_reused_and_the_connection_keeps_nothing() {
         let mut spares = Spares::default();
         let mut q = Outbound::default();

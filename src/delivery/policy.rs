@@ -24,7 +24,8 @@
 //!   `--max-outbound`.
 //! - Any backlog that makes no progress for `--write-timeout` ends the
 //!   connection (`write stall`).
-//! - Under memory pressure (see `budget`): from the high mark, public
+//! - Under memory pressure (see `budget`; read once per loop turn, so the
+//!   usual frame pays one comparison for it): from the high mark, public
 //!   messages and presence are shed for every reader with bytes still
 //!   waiting, not only past the soft mark; at the budget itself, a private
 //!   message that would wait is refused to its sender. Replies are queued
@@ -94,32 +95,33 @@ pub enum Verdict {
 
 /// The verdict for a frame of `len` bytes and `class` for a reader with
 /// `backlog` unsent bytes (after the kernel was offered them), with the
-/// process's memory `pressure`. `reader` and `pressure` are asked only
-/// when the reader has bytes waiting or the frame does not fit under the
-/// soft mark (the usual case costs three comparisons).
+/// process's memory `pressure` (as of this loop turn). `reader` is asked
+/// only when the frame does not fit under the soft mark (the usual case
+/// costs three comparisons).
 pub fn admit(
     class: Class,
     backlog: usize,
     len: usize,
     reader: impl FnOnce() -> Reader,
-    pressure: impl FnOnce() -> Pressure,
+    pressure: Pressure,
     marks: Marks,
 ) -> Verdict {
     let after = backlog.saturating_add(len);
-    if backlog == 0 && after <= marks.soft {
-        // Nothing waits: the frame goes out with this turn's flush.
+    // With memory to spare, or nothing waiting (the frame goes out with this
+    // turn's flush), a frame under the soft mark is queued.
+    if after <= marks.soft && (pressure == Pressure::Normal || backlog == 0) {
         return Verdict::Queue;
     }
     match class {
         Class::Reply => Verdict::Queue,
         Class::Public | Class::Presence => {
-            if backlog > marks.soft || (backlog > 0 && pressure() >= Pressure::High) {
+            if backlog > marks.soft || (backlog > 0 && pressure >= Pressure::High) {
                 Verdict::Shed
             } else {
                 Verdict::Queue
             }
         }
-        Class::Private if backlog > 0 && pressure() == Pressure::Full => Verdict::Refuse,
+        Class::Private if backlog > 0 && pressure == Pressure::Full => Verdict::Refuse,
         Class::Private if after <= marks.soft => Verdict::Queue,
         Class::Private => match (after <= marks.max, reader()) {
             (true, Reader::Draining) => Verdict::QueueAndHoldSender,
@@ -210,12 +212,11 @@ mod tests {
         for (class, backlog, len, reader, verdict) in table {
             for pressure in [Pressure::Normal, Pressure::High] {
                 // High pressure sheds more, but none of these rows.
-                let high_sheds = pressure == Pressure::High
-                    && matches!(class, Public | Presence)
-                    && backlog > 0;
+                let high_sheds =
+                    pressure == Pressure::High && matches!(class, Public | Presence) && backlog > 0;
                 let expected = if high_sheds { Shed } else { verdict };
                 assert_eq!(
-                    admit(class, backlog, len, || reader, || pressure, marks),
+                    admit(class, backlog, len, || reader, pressure, marks),
                     expected,
                     "{class:?} backlog {backlog} len {len} {reader:?} {pressure:?}"
                 );
@@ -249,21 +250,23 @@ mod tests {
         ];
         for (class, backlog, len, pressure, verdict) in table {
             assert_eq!(
-                admit(class, backlog, len, || Stalled, || pressure, marks),
+                admit(class, backlog, len, || Stalled, pressure, marks),
                 verdict,
                 "{class:?} backlog {backlog} len {len} {pressure:?}"
             );
         }
-        // The idle reader's frame asks neither the reader nor the pressure.
-        let verdict = admit(
-            Public,
-            0,
-            10,
-            || unreachable!("reader asked"),
-            || unreachable!("pressure asked"),
-            marks,
-        );
-        assert_eq!(verdict, Queue);
+        // A frame under the soft mark does not ask about the reader.
+        for pressure in [Normal, High, Full] {
+            let verdict = admit(
+                Public,
+                0,
+                10,
+                || unreachable!("reader asked"),
+                pressure,
+                marks,
+            );
+            assert_eq!(verdict, Queue);
+        }
     }
 
     #[test]

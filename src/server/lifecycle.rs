@@ -11,10 +11,10 @@ use slab::Slab;
 
 use super::{App, Core, Entrance, Nodelay};
 use crate::budget;
-use crate::http;
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, Phase};
 use crate::delivery::{policy, Mailer};
+use crate::http;
 use crate::log;
 use crate::timer::Tick;
 use crate::ws::CloseCode;
@@ -211,7 +211,11 @@ impl Core {
                     );
                     return;
                 }
-                if state.decoder.partial_message_due().is_some_and(|at| now >= at) {
+                if state
+                    .decoder
+                    .partial_message_due()
+                    .is_some_and(|at| now >= at)
+                {
                     log::debug!("#{}: message timeout", conn.id);
                     self.metrics.memory.message_timeouts += 1;
                     self.post.close(
@@ -260,18 +264,18 @@ impl Core {
         };
         let stall = policy::write_stall_deadline(conn.stalled_since, self.post.times());
         // An unfinished message is timed in echo mode too.
-        let stall = [stall, state.decoder.partial_message_due()]
+        let stall_or_message = [stall, state.decoder.partial_message_due()]
             .into_iter()
             .flatten()
             .min();
         if matches!(self.app, App::Echo) {
-            return stall;
+            return stall_or_message;
         }
         let mut next = (state.last_rx + self.config.idle_timeout).min(state.next_ping);
         if let Some(expires) = conn.token_expires {
             next = next.min(expires);
         }
-        Some(stall.map_or(next, |stall| stall.min(next)))
+        Some(stall_or_message.map_or(next, |at| at.min(next)))
     }
 
     /// Ends a connection now; its slot is freed at the end of the turn.

@@ -344,7 +344,9 @@ impl Decoder {
 
     /// The message being reassembled, if any (not one already lent out).
     fn partial(&self) -> Option<&Assembly> {
-        self.assembly.as_deref().filter(|_| self.lent != Lent::Assembly)
+        self.assembly
+            .as_deref()
+            .filter(|_| self.lent != Lent::Assembly)
     }
 
     /// True while a data message is being reassembled and the caller has
@@ -761,6 +763,90 @@ mod tests {
         }
         let mut masked = client_frame(true, 1, b"x", 1);
         assert!(Decoder::client().decode(&mut masked, LIMIT).is_err());
+    }
+
+    #[test]
+    fn partial_messages_are_charged_and_refused_past_the_process_bound() {
+        use crate::budget::{self, Limits};
+        // This test thread's own ledger.
+        budget::set_limits(Limits {
+            memory_budget: 1 << 20,
+            max_partial: 1000,
+        });
+        let mut first = Decoder::default();
+        let mut bytes = client_frame(false, 1, &[b'a'; 600], 1);
+        assert_eq!(decode_with(&mut first, &mut bytes), Ok(None));
+        assert_eq!(budget::held().partial, 600, "the whole frame, reserved");
+        assert!(first.partial_message_untimed());
+
+        // A second message that would pass 1000 in all is refused at its
+        // first frame; the first keeps its room.
+        let mut second = Decoder::default();
+        let mut bytes = client_frame(false, 1, &[b'b'; 401], 2);
+        assert_eq!(
+            decode_with(&mut second, &mut bytes),
+            Err(ProtocolError::OverBudget)
+        );
+        assert_eq!(ProtocolError::OverBudget.close_code().to_u16(), 1009);
+        drop(second);
+        assert_eq!(budget::held().partial, 600);
+
+        // The first finishes: its final frame reserves exactly the rest.
+        let mut bytes = client_frame(true, 0, &[b'a'; 400], 3);
+        let message = decode_with(&mut first, &mut bytes).map(|m| m.map(|m| m.len()));
+        assert_eq!(message, Ok(Some(1000)));
+        assert_eq!(budget::held().partial, 1000);
+        assert!(!first.partial_message_untimed(), "lent, not partial");
+        first.release_lent();
+        assert_eq!(budget::held().partial, 0, "released without another read");
+        budget::set_limits(Limits::UNLIMITED);
+    }
+
+    /// Decodes all of `bytes`; the last message's length, if any.
+    fn decode_with(
+        decoder: &mut Decoder,
+        bytes: &mut [u8],
+    ) -> Result<Option<Vec<u8>>, ProtocolError> {
+        let mut pos = 0;
+        let mut last = None;
+        while pos < bytes.len() {
+            let (used, message) = decoder.decode(&mut bytes[pos..], LIMIT)?;
+            pos += used;
+            if let Some(Message::Text(t)) = message {
+                last = Some(t.as_bytes().to_vec());
+            }
+        }
+        Ok(last)
+    }
+
+    #[test]
+    fn a_partial_message_is_timed_once_and_its_deadline_goes_with_it() {
+        let clock = crate::timer::Clock::starting_now();
+        let due = clock.tick(std::time::Instant::now());
+        let mut decoder = Decoder::default();
+        assert!(!decoder.partial_message_untimed());
+        decoder.time_partial_message(due); // nothing held: nothing timed
+        let mut bytes = client_frame(false, 1, b"abc", 1);
+        bytes.extend(client_frame(true, 9, b"ping", 2));
+        let mut pos = 0;
+        while pos < bytes.len() {
+            pos += decoder.decode(&mut bytes[pos..], LIMIT).unwrap().0;
+        }
+        assert!(decoder.partial_message_untimed());
+        decoder.time_partial_message(due);
+        assert!(!decoder.partial_message_untimed());
+        assert_eq!(decoder.partial_message_due(), Some(due));
+        let mut ping = client_frame(true, 9, b"", 3);
+        decoder.decode(&mut ping, LIMIT).unwrap();
+        assert_eq!(
+            decoder.partial_message_due(),
+            Some(due),
+            "pings do not move it"
+        );
+        let mut last = client_frame(true, 0, b"def", 4);
+        decoder.decode(&mut last, LIMIT).unwrap();
+        decoder.release_lent();
+        assert_eq!(decoder.partial_message_due(), None);
     }
 
     #[test]
