@@ -59,6 +59,10 @@ pub struct Config {
     pub offline_max_per_user: usize,
     /// Bytes all outboxes together may hold.
     pub offline_max_bytes: usize,
+    /// Messages one sender may have held at once, over all recipients.
+    pub offline_max_per_sender: usize,
+    /// Bytes one sender may have held at once, over all recipients.
+    pub offline_max_bytes_per_sender: usize,
     /// How long a held message waits before it expires.
     pub offline_ttl: Duration,
     /// The log is compacted once it is at least this big (and mostly dead).
@@ -80,6 +84,8 @@ pub struct Config {
     pub offline_to_unknown: bool,
     /// Where `/metrics` and `/healthz` are served apart from the chat.
     pub metrics_listen: Option<SocketAddr>,
+    /// Message rate, per-address limits and trusted proxies.
+    pub limits: crate::limits::Settings,
 }
 
 /// How clients are authenticated (`--auth`).
@@ -115,6 +121,8 @@ impl Default for Config {
             fsync: Sync::Always,
             offline_max_per_user: 1000,
             offline_max_bytes: 64 * 1024 * 1024,
+            offline_max_per_sender: 1000,
+            offline_max_bytes_per_sender: 4 * 1024 * 1024,
             offline_ttl: Duration::from_secs(7 * 24 * 3600),
             compact_min_bytes: 4 * 1024 * 1024,
             auth: AuthMode::None,
@@ -125,14 +133,30 @@ impl Default for Config {
             max_known_users: 1_000_000,
             offline_to_unknown: false,
             metrics_listen: None,
+            limits: crate::limits::Settings::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The offline store's bounds.
+    pub fn store_limits(&self) -> crate::store::Limits {
+        crate::store::Limits {
+            max_per_user: self.offline_max_per_user,
+            max_bytes: self.offline_max_bytes,
+            max_per_sender: self.offline_max_per_sender,
+            max_bytes_per_sender: self.offline_max_bytes_per_sender,
+            ttl_ms: self.offline_ttl.as_millis().try_into().unwrap_or(u64::MAX),
+            max_known_users: self.max_known_users,
         }
     }
 }
 
 /// File descriptors kept back from `--max-connections`' default: the
-/// listener, epoll, stdio, and room to answer 503 at the limit.
+/// listener, epoll, stdio, room to answer 503 at the limit, and the sockets
+/// kept for health checks beyond it ([`crate::limits::HTTP_RESERVE`]).
 pub fn fd_reserve() -> usize {
-    32
+    32 + crate::limits::HTTP_RESERVE
 }
 
 /// How an option takes its value.
@@ -200,8 +224,9 @@ pub const OPTIONS: &[Opt] = &[
     Opt {
         flag: "--max-connections",
         value_name: "N",
-        about: "open sockets beyond N get 503",
-        default: Some("open-file limit - 32"),
+        about: "WebSocket connections (and handshakes) beyond N get 503; 16 more sockets are \
+                kept for /healthz and /metrics",
+        default: Some("open-file limit - 48"),
         kind: Kind::Value,
         set: |c, name, v| {
             c.max_connections = Some(parse_count(name, v, 1)?);
@@ -429,6 +454,28 @@ pub const OPTIONS: &[Opt] = &[
         },
     },
     Opt {
+        flag: "--offline-max-per-sender",
+        value_name: "N",
+        about: "messages one sender may have held, over all recipients",
+        default: Some("1000"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.offline_max_per_sender = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--offline-max-bytes-per-sender",
+        value_name: "BYTES",
+        about: "bytes one sender may have held, over all recipients",
+        default: Some("4194304"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.offline_max_bytes_per_sender = parse_count(name, v, 1024)?;
+            Ok(())
+        },
+    },
+    Opt {
         flag: "--offline-ttl",
         value_name: "DUR",
         about: "held messages expire after this",
@@ -539,6 +586,66 @@ pub const OPTIONS: &[Opt] = &[
         kind: Kind::Value,
         set: |c, name, v| {
             c.metrics_listen = Some(parse_addr(name, v)?);
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--rate-limit",
+        value_name: "N",
+        about: "chat messages per second per connection (acks and token renewals are free); \
+                beyond it rate_limited errors, and close 1008 for a sender that keeps on; 0 = off",
+        default: Some("20"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.rate_limit = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--rate-burst",
+        value_name: "N",
+        about: "messages a connection may send at once before --rate-limit applies",
+        default: Some("40"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.rate_burst = parse_u32(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-connections-per-ip",
+        value_name: "N",
+        about: "connections one client address (an IPv6 /64) may hold; more get 429; 0 = off",
+        default: Some("64"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.max_connections_per_ip = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-handshakes-per-ip",
+        value_name: "N",
+        about: "connections one client address may open per second; more get 429; 0 = off",
+        default: Some("30"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.max_handshakes_per_ip = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--trusted-proxy",
+        value_name: "IP|CIDR",
+        about: "a reverse proxy whose X-Forwarded-For names the client, for the per-address \
+                limits and the log (repeatable)",
+        default: None,
+        kind: Kind::List,
+        set: |c, name, v| {
+            let cidr = crate::limits::forwarded::Cidr::parse(v).ok_or_else(|| {
+                ConfigError::invalid(name, v, "an IP address or a CIDR such as 10.0.0.0/8")
+            })?;
+            c.limits.trusted_proxies.0.push(cidr);
             Ok(())
         },
     },
@@ -743,6 +850,17 @@ fn parse_addr(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| ConfigError::invalid(name, text, "an address such as 127.0.0.1:8080"))
 }
 
+fn parse_u32(name: &str, text: &str, min: u32) -> Result<u32, ConfigError> {
+    match text.parse::<u32>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(ConfigError::invalid(
+            name,
+            text,
+            format!("a whole number from {min} to {}", u32::MAX),
+        )),
+    }
+}
+
 fn parse_count(name: &str, text: &str, min: usize) -> Result<usize, ConfigError> {
     match text.parse::<usize>() {
         Ok(n) if n >= min => Ok(n),
@@ -852,6 +970,7 @@ mod tests {
             "PATH" => "/run/secrets/wschat",
             "AUD" => "chat",
             "ISS" => "https://auth.example",
+            "IP|CIDR" => "10.0.0.0/8",
             other => panic!("no example value for {other}: add one"),
         }
     }
@@ -905,6 +1024,55 @@ mod tests {
     }
 
     #[test]
+    fn limits_take_their_values() {
+        let c = config_in(
+            &[
+                "--rate-limit",
+                "0",
+                "--rate-burst=3",
+                "--trusted-proxy",
+                "10.0.0.1",
+            ],
+            &[
+                ("WSCHAT_MAX_CONNECTIONS_PER_IP", "5"),
+                ("WSCHAT_MAX_HANDSHAKES_PER_IP", "0"),
+                ("WSCHAT_TRUSTED_PROXY", "192.0.2.0/24, fd00::/8"),
+            ],
+        );
+        assert_eq!((c.limits.rate_limit, c.limits.rate_burst), (0, 3));
+        assert_eq!(c.limits.max_connections_per_ip, 5);
+        assert_eq!(c.limits.max_handshakes_per_ip, 0);
+        // The flag wins over its variable, as for every option.
+        let proxies: Vec<String> = c
+            .limits
+            .trusted_proxies
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(proxies, ["10.0.0.1/32"]);
+        let c = config_in(&[], &[("WSCHAT_TRUSTED_PROXY", "192.0.2.0/24, fd00::/8")]);
+        let proxies: Vec<String> = c
+            .limits
+            .trusted_proxies
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(proxies, ["192.0.2.0/24", "fd00::/8"]);
+        let d = Config::default().limits;
+        assert_eq!(
+            (
+                d.rate_limit,
+                d.rate_burst,
+                d.max_connections_per_ip,
+                d.max_handshakes_per_ip
+            ),
+            (20, 40, 64, 30)
+        );
+    }
+
+    #[test]
     fn mistakes_are_one_line_errors() {
         for args in [
             &["--bogus"][..],
@@ -917,6 +1085,11 @@ mod tests {
             &["--log", "loud"],
             &["--allowed-origin", "chat.example"],
             &["--echo=yes"],
+            &["--rate-limit", "-1"],
+            &["--rate-limit", "4294967296"],
+            &["--rate-burst", "0"],
+            &["--trusted-proxy", "proxy.example"],
+            &["--trusted-proxy", "10.0.0.0/33"],
         ] {
             let err = parse(args).expect_err("should fail");
             assert!(!err.to_string().contains('\n'), "{err}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::budget::Held;
 use crate::conn::CloseReason;
+use crate::limits::per_ip::Refusal;
 use crate::process::ProcessStats;
 use crate::store::log::Replayed;
 
@@ -68,7 +69,7 @@ fn close_index(reason: CloseReason) -> Option<usize> {
 }
 
 /// HTTP statuses counted as handshake failures.
-const HANDSHAKE_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 426, 431, 503];
+const HANDSHAKE_STATUSES: [u16; 9] = [400, 401, 403, 404, 405, 426, 429, 431, 503];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -81,6 +82,9 @@ pub struct Metrics {
     latency_buckets: [u64; LATENCY_BOUNDS.len() + 1],
     latency_count: u64,
     latency_sum: f64,
+    /// Connections refused for their address's limits: too many
+    /// connections, too many handshakes (see `limits::per_ip`).
+    refused_per_ip: [u64; 2],
     pub memory: MemoryCounters,
 }
 
@@ -111,6 +115,8 @@ pub struct Snapshot {
     pub errors: u64,
     pub offline_messages: usize,
     pub offline_bytes: usize,
+    /// Names with messages held.
+    pub offline_users: usize,
     /// Times a sender was held (not read) for a flooded reader.
     pub senders_held: u64,
     /// Private messages refused because the recipient was flooded.
@@ -127,6 +133,19 @@ pub struct Snapshot {
     pub held: Held,
     pub memory_budget: usize,
     pub max_partial_bytes: usize,
+    /// Messages refused with `rate_limited`.
+    pub rate_limited: u64,
+    /// Connections closed (1008) for going on past the rate.
+    pub rate_limit_closes: u64,
+    /// Client addresses in the per-address table.
+    pub per_ip_tracked: usize,
+    /// The outbox log cannot be written now.
+    pub store_degraded: bool,
+    /// Writes of the outbox log that failed, and recoveries from that.
+    pub store_write_failures: u64,
+    pub store_recoveries: u64,
+    /// Offline messages refused because the log could not be written.
+    pub store_refused: u64,
 }
 
 impl Metrics {
@@ -149,6 +168,21 @@ impl Metrics {
     pub fn count_refused_at_capacity(&mut self) {
         if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == 503) {
             self.handshake_failures[i] += 1;
+        }
+    }
+
+    /// Counts a connection refused with 429 for its address's limits;
+    /// `at_accept`: answered before a connection was made (a refusal at
+    /// the handshake is counted with its close).
+    pub fn count_refused_per_ip(&mut self, refusal: Refusal, at_accept: bool) {
+        self.refused_per_ip[match refusal {
+            Refusal::Connections => 0,
+            Refusal::Handshakes => 1,
+        }] += 1;
+        if at_accept {
+            if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == 429) {
+                self.handshake_failures[i] += 1;
+            }
         }
     }
 
@@ -241,6 +275,36 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "wschat_rate_limited_total",
+            "Messages refused (rate_limited) because their sender passed --rate-limit.",
+            s.rate_limited,
+        );
+        counter(
+            &mut out,
+            "wschat_rate_limit_closes_total",
+            "Connections closed (1008) for sending on past --rate-limit.",
+            s.rate_limit_closes,
+        );
+        help(
+            &mut out,
+            "wschat_per_ip_refused_total",
+            "Connections refused (429) for their client address's limits, by limit.",
+            "counter",
+        );
+        for (label, n) in ["connections", "handshakes"]
+            .iter()
+            .zip(self.refused_per_ip)
+        {
+            let _ = writeln!(out, "wschat_per_ip_refused_total{{reason=\"{label}\"}} {n}");
+        }
+        gauge(
+            &mut out,
+            "wschat_per_ip_tracked_addresses",
+            "Client addresses (IPv6: /64s) in the per-address limits' table.",
+            s.per_ip_tracked as u64,
+        );
+        counter(
+            &mut out,
             "wschat_received_bytes_total",
             "Bytes read from clients.",
             self.bytes_in,
@@ -307,7 +371,37 @@ impl Metrics {
             "Bytes held in offline outboxes.",
             s.offline_bytes as u64,
         );
+        gauge(
+            &mut out,
+            "wschat_offline_users",
+            "Names with messages held (a name with nothing held costs nothing).",
+            s.offline_users as u64,
+        );
 
+        gauge(
+            &mut out,
+            "wschat_store_degraded",
+            "1 while the outbox log cannot be written (offline messages are refused with storage_unavailable).",
+            u64::from(s.store_degraded),
+        );
+        counter(
+            &mut out,
+            "wschat_store_write_failures_total",
+            "Writes of the outbox log (append, sync or rewrite) that failed.",
+            s.store_write_failures,
+        );
+        counter(
+            &mut out,
+            "wschat_store_recoveries_total",
+            "Times the outbox log was rewritten from memory after write failures and accepted writes again.",
+            s.store_recoveries,
+        );
+        counter(
+            &mut out,
+            "wschat_store_refused_total",
+            "Offline messages refused with storage_unavailable.",
+            s.store_refused,
+        );
         gauge(
             &mut out,
             "wschat_store_replay_records_kept",

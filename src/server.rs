@@ -9,6 +9,7 @@
 //! can never reach a newcomer in a reused slot. What goes into a
 //! connection's queue is decided in [`crate::delivery`] alone.
 
+mod admission;
 mod dispatch;
 mod lifecycle;
 
@@ -34,6 +35,7 @@ use crate::handshake::{self, Policy};
 use crate::http;
 use crate::log;
 use crate::metrics::{Metrics, Snapshot};
+use crate::persist;
 use crate::store::log::Log;
 use crate::store::Outboxes;
 use crate::sys::ShutdownSignal;
@@ -104,10 +106,14 @@ struct Core {
     shutdown_by: Option<Instant>,
     /// The outbox log; `None` keeps offline messages in memory only.
     log: Option<Log>,
+    /// Whether the log can be written now.
+    disk: persist::Disk,
     /// Wall-clock milliseconds, read once per turn for message timestamps.
     now_ms: u64,
     /// Who may connect as whom.
     auth: Auth,
+    /// Per-address limits and trusted proxies.
+    admission: admission::Admission,
     metrics: Metrics,
     /// What the loop remembers of the memory ledger (see `budget`).
     memory: budget::Watch,
@@ -183,12 +189,13 @@ impl Server {
                 },
                 outboxes,
             );
-            router.start_ids_after(wall_clock_ms());
+            router.start_numbers_after(wall_clock_ms());
             if auth.is_on() {
                 router.set_auth(auth.clone());
             }
             // With tokens, only names a valid token named are users.
             router.set_offline_to_unknown(config.offline_to_unknown && !auth.is_on());
+            router.set_message_policy(config.limits.message_policy());
             App::Chat(Box::new(router))
         };
         budget::set_limits(budget::Limits {
@@ -204,6 +211,7 @@ impl Server {
             },
             clock.tick(Instant::now()),
         );
+        let admission = admission::Admission::new(&config.limits);
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -229,8 +237,10 @@ impl Server {
                 refusing: false,
                 shutdown_by: None,
                 log,
+                disk: persist::Disk::default(),
                 now_ms: 0,
                 auth,
+                admission,
                 metrics: Metrics::default(),
                 memory: budget::Watch::default(),
             },
@@ -317,6 +327,7 @@ impl Server {
             self.core.post.presence.due,
             self.core.shutdown_by,
             self.core.next_expiry(now),
+            self.core.disk.retry_at(),
         ]
         .into_iter()
         .flatten()
@@ -346,7 +357,7 @@ impl Server {
         self.core.fire_timers(&mut self.conns, now);
         self.core.expire_held(&mut self.conns);
         self.core.settle(&mut self.conns, now);
-        self.core.commit(&mut self.conns)?;
+        self.core.commit(&mut self.conns, now);
         // A connection that dies in the flush departs, and its `leave`
         // must not wait for the next event: flush again (a few rounds at most).
         for _ in 0..3 {
@@ -367,6 +378,7 @@ impl Server {
                     self.core.take_released();
                 }
                 let conn = self.conns.remove(slot);
+                self.core.admission.release(slot);
                 self.core.metrics.count_close(conn.close_reason);
                 log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
             }
@@ -422,10 +434,12 @@ impl Server {
                 }
             };
             let live = self.conns.len() - self.core.dead.len();
-            // The operator's health checks and scrapes get in at the limit.
+            // The operator's health checks and scrapes get in at the limit:
+            // through the admin listener, or in the few sockets kept beyond
+            // it (an upgrade there is refused at its handshake).
             if entrance == Entrance::Chat
-                && live >= self.core.max_connections
-                && !self.core.evict_oldest_handshake(&mut self.conns)
+                && live >= self.core.max_connections + crate::limits::HTTP_RESERVE
+                && !self.core.evict_oldest_handshake(&mut self.conns, None)
             {
                 if !self.core.refusing {
                     log::warn!(
@@ -441,7 +455,10 @@ impl Server {
                 continue;
             }
             if entrance == Entrance::Chat && self.core.refuse_over_memory_mark(&socket) {
-                let _ = socket.shutdown(Shutdown::Both);
+                continue;
+            }
+            let slot = self.conns.vacant_key();
+            if entrance == Entrance::Chat && self.core.refuse_at_accept(&socket, peer, slot, now) {
                 continue;
             }
             if self.core.refusing {
@@ -450,6 +467,10 @@ impl Server {
             }
             self.core
                 .admit(&mut self.conns, socket, peer, now, entrance);
+            if !self.conns.contains(slot) {
+                // Not registered: nothing holds the count taken for it.
+                self.core.admission.release(slot);
+            }
         }
     }
 
@@ -592,6 +613,10 @@ impl Core {
             held: budget::held(),
             memory_budget: self.config.memory_budget,
             max_partial_bytes: self.config.max_partial_bytes,
+            per_ip_tracked: self.admission.tracked(),
+            store_degraded: self.disk.degraded(),
+            store_write_failures: self.disk.write_failures,
+            store_recoveries: self.disk.recoveries,
             ..Snapshot::default()
         };
         if let App::Chat(router) = &self.app {
@@ -604,7 +629,11 @@ impl Core {
             s.private_refused = router.stats.refused;
             s.known_users = router.known_users();
             s.known_users_full = router.stats.known_full;
+            s.rate_limited = router.stats.rate_limited;
+            s.rate_limit_closes = router.stats.rate_limit_closes;
+            s.store_refused = router.stats.storage_refused;
             (s.offline_messages, s.offline_bytes) = router.held();
+            s.offline_users = router.held_users();
         }
         self.metrics.render(&s)
     }

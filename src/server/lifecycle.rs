@@ -2,7 +2,7 @@
 //! heartbeat, idle, write stall, close), told to the router when it stops
 //! being open, and killed.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -55,7 +55,8 @@ impl Core {
 
     /// Above the memory budget's high mark: answers a new connection 503
     /// (best effort: the socket is fresh, so its buffer has room) and says
-    /// so; the caller closes it.
+    /// so; the caller drops it. Checked before the per-address limits, which
+    /// count a connection they let in.
     pub(super) fn refuse_over_memory_mark(&mut self, socket: &TcpStream) -> bool {
         let held = budget::held();
         if budget::admits_connection(held, budget::limits()) {
@@ -73,7 +74,11 @@ impl Core {
             );
             self.memory.refusing = true;
         }
+        // As for the 429: what already arrived is read, so that closing
+        // sends a FIN after the answer rather than a reset that could destroy it.
         let _ = (&*socket).write(http::BUSY);
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+        let _ = (&*socket).read(&mut [0; 4096]);
         self.metrics.memory.connections_refused += 1;
         self.metrics.count_refused_at_capacity();
         true
@@ -104,10 +109,20 @@ impl Core {
     }
 
     /// At the connection limit: closes the oldest connection still in its
-    /// handshake to make room. False if there is none.
-    pub(super) fn evict_oldest_handshake(&mut self, conns: &mut Slab<Connection>) -> bool {
+    /// handshake (but `except`) to make room. False if there is none.
+    pub(super) fn evict_oldest_handshake(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        except: Option<usize>,
+    ) -> bool {
         self.forget_finished_handshakes(conns);
-        let Some((slot, _)) = self.handshakes.pop_front() else {
+        let oldest = self.handshakes.iter().position(|&(slot, id)| {
+            Some(slot) != except
+                && conns.get(slot).is_some_and(|c| {
+                    c.id == id && !c.dead && matches!(c.phase, Phase::Handshake(_))
+                })
+        });
+        let Some((slot, _)) = oldest.and_then(|i| self.handshakes.remove(i)) else {
             return false;
         };
         let conn = &mut conns[slot];
