@@ -18,14 +18,7 @@ fn admin_addr(server: &Server) -> SocketAddr {
     server
         .logs()
         .iter()
-        .find_map(|l| {
-            let at = l.find("metrics on ")?;
-            l[at + "metrics on ".len()..]
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+        .find_map(|l| support::spawn::address_after(l, "metrics on "))
         .unwrap_or_else(|| panic!("no `metrics on` line: {:?}", server.logs()))
 }
 
