@@ -103,18 +103,17 @@ pub fn may_grow_partial(held: Held, limits: Limits, more: usize) -> bool {
         && held.total().saturating_add(more) <= limits.memory_budget
 }
 
-/// A buffer's new capacity when what it holds must reach `end`: as is if it
-/// fits; exactly `end` when nothing follows (`last`: the final frame of a
-/// message); otherwise doubling (so a message of many small fragments is
-/// copied a few times, not once per fragment), but never past `max` unless
-/// `end` itself is.
-pub fn grown_capacity(capacity: usize, end: usize, last: bool, max: usize) -> usize {
-    if end <= capacity {
+/// A buffer's new capacity when `needed` bytes must fit: as is if they do;
+/// otherwise doubling (so a message of many small fragments is copied a
+/// few times, not once per fragment), but never past `max` unless `needed`
+/// itself is. A buffer grows with the bytes that arrived, never with a
+/// length a peer only declared: a frame header naming megabytes reserves
+/// nothing until they come.
+pub fn grown_capacity(capacity: usize, needed: usize, max: usize) -> usize {
+    if needed <= capacity {
         capacity
-    } else if last {
-        end
     } else {
-        end.max(capacity.saturating_mul(2).min(max))
+        needed.max(capacity.saturating_mul(2).min(max))
     }
 }
 
@@ -267,8 +266,8 @@ impl<const KIND: u8> Charged<KIND> {
     /// (`handshake::MAX_HEAD`) and admission control keeps few, and for
     /// bytes already reserved.
     pub fn extend(&mut self, piece: &[u8], max: usize) {
-        let end = self.bytes.len().saturating_add(piece.len());
-        let capacity = grown_capacity(self.bytes.capacity(), end, false, max);
+        let needed = self.bytes.len().saturating_add(piece.len());
+        let capacity = grown_capacity(self.bytes.capacity(), needed, max);
         let _always = self.reserve_total(capacity, |_| true);
         self.bytes.extend_from_slice(piece);
     }
@@ -382,24 +381,23 @@ mod tests {
     }
 
     #[test]
-    fn capacity_grows_to_the_frame_and_doubles_up_to_the_message_limit() {
+    fn capacity_doubles_with_what_arrived_up_to_the_limit() {
         #[rustfmt::skip]
         let table = [
-            // capacity, end, last, max, grown
-            (0,     10,    false, 100,   10),
-            (10,    10,    false, 100,   10),  // fits: no growth
-            (10,    11,    false, 100,   20),  // doubling
-            (10,    11,    true,  100,   11),  // the message ends there: exactly
-            (10,    50,    false, 100,   50),  // a whole frame at once
-            (60,    61,    false, 100,   100), // doubling stops at the limit
-            (100,   150,   false, 100,   150), // past it only as far as needed
-            (0,     0,     true,  100,   0),
+            // capacity, needed, max, grown
+            (0,     10,    100,   10),  // what arrived, not what a header declared
+            (10,    10,    100,   10),  // fits: no growth
+            (10,    11,    100,   20),  // doubling
+            (10,    11,    11,    11),  // the message ends there: exactly
+            (60,    61,    100,   100), // doubling stops at the limit
+            (100,   150,   100,   150), // past it only as far as needed
+            (0,     0,     100,   0),
         ];
-        for (capacity, end, last, max, grown) in table {
+        for (capacity, needed, max, grown) in table {
             assert_eq!(
-                grown_capacity(capacity, end, last, max),
+                grown_capacity(capacity, needed, max),
                 grown,
-                "{capacity} {end} {last}"
+                "{capacity} {needed} {max}"
             );
         }
     }

@@ -287,12 +287,15 @@ impl Decoder {
                     .feed(piece)
                     .map_err(|_| ProtocolError::InvalidUtf8)?;
             }
-            // Room for the rest of this frame at once (its length is known
-            // and within the message limit), and exactly the message's size
-            // when this frame ends it.
-            let frame_rest = (header.payload_len - frame.received) as usize;
-            let end = assembly.bytes.len() + frame_rest;
-            let capacity = grown_capacity(assembly.bytes.capacity(), end, header.fin, max_message);
+            // Room for what arrived, doubling, up to the message limit; and
+            // never past the message's end once its final frame is here.
+            let needed = assembly.bytes.len() + take;
+            let limit = if header.fin {
+                assembly.bytes.len() + (header.payload_len - frame.received) as usize
+            } else {
+                max_message
+            };
+            let capacity = grown_capacity(assembly.bytes.capacity(), needed, limit);
             assembly
                 .bytes
                 .try_reserve_total(capacity)
@@ -776,7 +779,7 @@ mod tests {
         let mut first = Decoder::default();
         let mut bytes = client_frame(false, 1, &[b'a'; 600], 1);
         assert_eq!(decode_with(&mut first, &mut bytes), Ok(None));
-        assert_eq!(budget::held().partial, 600, "the whole frame, reserved");
+        assert_eq!(budget::held().partial, 600, "what arrived");
         assert!(first.partial_message_untimed());
 
         // A second message that would pass 1000 in all is refused at its
@@ -791,7 +794,7 @@ mod tests {
         drop(second);
         assert_eq!(budget::held().partial, 600);
 
-        // The first finishes: its final frame reserves exactly the rest.
+        // The first finishes: its final frame grows it to exactly its end.
         let mut bytes = client_frame(true, 0, &[b'a'; 400], 3);
         let message = decode_with(&mut first, &mut bytes).map(|m| m.map(|m| m.len()));
         assert_eq!(message, Ok(Some(1000)));
@@ -817,6 +820,18 @@ mod tests {
             }
         }
         Ok(last)
+    }
+
+    #[test]
+    fn a_declared_length_reserves_nothing_until_its_bytes_come() {
+        use crate::budget;
+        let mut decoder = Decoder::default();
+        let mut frame = client_frame(false, 1, &[b'x'; 60_000], 1);
+        let header = frame.len() - 60_000;
+        frame.truncate(header + 10); // the header, its mask, 10 bytes of 60,000
+        let before = budget::held().partial;
+        decoder.decode(&mut frame, LIMIT).unwrap();
+        assert_eq!(budget::held().partial - before, 10);
     }
 
     #[test]
