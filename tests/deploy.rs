@@ -481,10 +481,7 @@ fn metrics_addr(server: &Spawned) -> SocketAddr {
         .log
         .lines()
         .iter()
-        .find_map(|line| {
-            let rest = &line[line.find("metrics on ")? + "metrics on ".len()..];
-            rest.split_whitespace().next()?.parse().ok()
-        })
+        .find_map(|line| spawn::address_after(line, "metrics on "))
         .unwrap_or_else(|| panic!("no `metrics on` line:\n{}", server.log.text()))
 }
 
@@ -500,7 +497,7 @@ fn chat_over_wss_through_the_nginx_recipe() {
     let dir = TempDir::new("nginx");
     let cert = make_certificate(&openssl, &dir);
     // As the recipe's upstream comment says, with a metrics port of its own.
-    let server = spawn::start_test_server(&[
+    let mut server = spawn::start_test_server(&[
         "--trusted-proxy",
         "127.0.0.1",
         "--metrics-listen",
@@ -555,7 +552,10 @@ fn chat_over_wss_through_the_nginx_recipe() {
     assert!(metrics.contains("wschat_"), "{metrics}");
 
     // wschat took each client's address from nginx's X-Forwarded-For, not
-    // the proxy's and not what the client wrote in its own.
+    // the proxy's and not what the client wrote in its own. (It logged that
+    // at the handshake and has flushed its log since, before each wait;
+    // stopping it makes the log read here complete.)
+    server.stop();
     let log = server.log.text();
     for client in [ALICE_AT, BOB_AT] {
         let line = format!("client {client} (through 127.0.0.1)");
@@ -563,9 +563,6 @@ fn chat_over_wss_through_the_nginx_recipe() {
     }
     assert!(!log.contains(FORGED_CLIENT), "{log}");
 
-    for client in [&mut alice, &mut bob] {
-        let _ = client.close(None);
-    }
     drop(proxy);
 }
 
