@@ -12,9 +12,10 @@
 mod dispatch;
 mod lifecycle;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
@@ -108,6 +109,11 @@ struct Core {
     /// Who may connect as whom.
     auth: Auth,
     metrics: Metrics,
+    /// The names of connections the router has let go of whose sockets are
+    /// not yet freed (a closing connection lingers up to `--close-timeout`),
+    /// by connection id: for their `close` log line. Filled only when `info`
+    /// is logged.
+    left_names: HashMap<u64, Rc<str>>,
 }
 
 /// Where accepted sockets get TCP_NODELAY (small frames must not wait for
@@ -225,6 +231,7 @@ impl Server {
                 now_ms: 0,
                 auth,
                 metrics: Metrics::default(),
+                left_names: HashMap::new(),
             },
         })
     }
@@ -359,7 +366,16 @@ impl Server {
                 }
                 let conn = self.conns.remove(slot);
                 self.core.metrics.count_close(conn.close_reason);
-                log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
+                match self.core.left_names.remove(&conn.id) {
+                    Some(name) => log::info!(
+                        "close #{} {} {}: {}",
+                        conn.id,
+                        conn.peer,
+                        log::quoted(&name),
+                        conn.close_reason
+                    ),
+                    None => log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason),
+                }
             }
         }
         Ok(())

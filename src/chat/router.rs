@@ -450,9 +450,11 @@ impl Router {
 
     /// The connection is gone or closing: free its name at once (nothing
     /// if it held none).
-    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) {
+    /// The connection stopped being open: its name is free (and returned)
+    /// and the others are told.
+    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) -> Option<Rc<str>> {
         let Some(position) = self.position_of_conn(conn) else {
-            return;
+            return None;
         };
         self.positions[conn.0] = NOT_A_MEMBER;
         let member = self.members.swap_remove(position);
@@ -477,6 +479,7 @@ impl Router {
             json.clear();
             self.scratch = json;
         }
+        Some(member.name)
     }
 
     /// A text message from the connection `slot`; one that has not joined
