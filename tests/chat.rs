@@ -93,14 +93,14 @@ fn welcome_lists_the_others_and_counts_everyone() {
     let (mut alice, w) = Chat::join(server.addr, "alice");
     assert_eq!(
         w,
-        json!({"type":"welcome","username":"alice","online":1,"users":[]}),
+        json!({"type":"welcome","username":"alice","online":1,"users":[],"limits":{"max_body":8192}}),
         "first user's welcome"
     );
 
     let (mut bob, w) = Chat::join(server.addr, "bob");
     assert_eq!(
         w,
-        json!({"type":"welcome","username":"bob","online":2,"users":["alice"]}),
+        json!({"type":"welcome","username":"bob","online":2,"users":["alice"],"limits":{"max_body":8192}}),
         "second user's welcome"
     );
     assert_presence(
@@ -832,7 +832,8 @@ fn every_error_code_and_the_connection_stays_open() {
 #[test]
 fn body_limit_counts_bytes_not_characters() {
     let server = ChatServer::start(&["--max-body", "16"]);
-    let mut alice = Chat::joined(server.addr, "alice");
+    let (mut alice, welcome) = Chat::join(server.addr, "alice");
+    assert_eq!(welcome["limits"], json!({"max_body":16}), "the welcome tells the limit");
     let t = now_ms();
     let ok = "\u{e9}".repeat(8); // 16 bytes
     alice.public(&ok);

@@ -296,13 +296,8 @@ impl Router {
         let online = self.members.len() + 1;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
-            &mut json,
-            "welcome",
-            Some(&name),
-            online,
-            self.roster_names(),
-        );
+        let max_body = self.limits.max_body;
+        encode::welcome(&mut json, &name, online, self.roster_names(), max_body);
         out.send(slot, &json, Class::Reply);
 
         if self.outboxes.remember(&name) == store::Remembered::Full {
@@ -359,12 +354,12 @@ impl Router {
         }
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
+        encode::welcome(
             &mut json,
-            "welcome",
-            Some(&name),
+            &name,
             self.members.len(),
             &others,
+            self.limits.max_body,
         );
         out.send(slot, &json, Class::Reply);
         json.clear();
@@ -522,7 +517,7 @@ impl Router {
             }
             Request::Users => {
                 let online = self.members.len();
-                encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
+                encode::users(&mut json, online, self.roster_names());
                 out.send(slot, &json, Class::Reply);
             }
             Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
@@ -901,7 +896,7 @@ mod tests {
             out.take(),
             vec![(
                 1,
-                json!({"type":"welcome","username":"alice","online":1,"users":[]})
+                json!({"type":"welcome","username":"alice","online":1,"users":[],"limits":{"max_body":100}})
             )]
         );
         r.join(ConnId(2), "username=bob", &mut out);
@@ -910,7 +905,7 @@ mod tests {
             vec![
                 (
                     2,
-                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"]})
+                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"],"limits":{"max_body":100}})
                 ),
                 (1, json!({"type":"join","username":"bob","online":2})),
             ]
@@ -1179,7 +1174,7 @@ mod tests {
             out.take(),
             vec![(
                 3,
-                json!({"type":"welcome","username":"alice","online":2,"users":["bob"]})
+                json!({"type":"welcome","username":"alice","online":2,"users":["bob"],"limits":{"max_body":100}})
             )],
             "bob sees no leave and no join"
         );
