@@ -833,7 +833,11 @@ fn every_error_code_and_the_connection_stays_open() {
 fn body_limit_counts_bytes_not_characters() {
     let server = ChatServer::start(&["--max-body", "16"]);
     let (mut alice, welcome) = Chat::join(server.addr, "alice");
-    assert_eq!(welcome["limits"], json!({"max_body":16}), "the welcome tells the limit");
+    assert_eq!(
+        welcome["limits"],
+        json!({"max_body":16}),
+        "the welcome tells the limit"
+    );
     let t = now_ms();
     let ok = "\u{e9}".repeat(8); // 16 bytes
     alice.public(&ok);

@@ -448,9 +448,7 @@ impl Router {
     /// The connection stopped being open: its name is free (and returned)
     /// and the others are told.
     pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) -> Option<Rc<str>> {
-        let Some(position) = self.position_of_conn(conn) else {
-            return None;
-        };
+        let position = self.position_of_conn(conn)?;
         self.positions[conn.0] = NOT_A_MEMBER;
         let member = self.members.swap_remove(position);
         self.index.remove(&member.name);
