@@ -13,9 +13,10 @@ mod admission;
 mod dispatch;
 mod lifecycle;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
@@ -117,6 +118,11 @@ struct Core {
     metrics: Metrics,
     /// What the loop remembers of the memory ledger (see `budget`).
     memory: budget::Watch,
+    /// The names of connections the router has let go of whose sockets are
+    /// not yet freed (a closing connection lingers up to `--close-timeout`),
+    /// by connection id: for their `close` log line. Filled only when `info`
+    /// is logged.
+    left_names: HashMap<u64, Rc<str>>,
 }
 
 /// Where accepted sockets get TCP_NODELAY (small frames must not wait for
@@ -243,6 +249,7 @@ impl Server {
                 admission,
                 metrics: Metrics::default(),
                 memory: budget::Watch::default(),
+                left_names: HashMap::new(),
             },
         })
     }
@@ -380,7 +387,16 @@ impl Server {
                 let conn = self.conns.remove(slot);
                 self.core.admission.release(slot);
                 self.core.metrics.count_close(conn.close_reason);
-                log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
+                match self.core.left_names.remove(&conn.id) {
+                    Some(name) => log::info!(
+                        "close #{} {} {}: {}",
+                        conn.id,
+                        conn.peer,
+                        log::quoted(&name),
+                        conn.close_reason
+                    ),
+                    None => log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason),
+                }
             }
         }
         self.core.give_back_memory();

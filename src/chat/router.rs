@@ -338,13 +338,8 @@ impl Router {
         let online = self.members.len() + 1;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
-            &mut json,
-            "welcome",
-            Some(&name),
-            online,
-            self.roster_names(),
-        );
+        let max_body = self.limits.max_body;
+        encode::welcome(&mut json, &name, online, self.roster_names(), max_body);
         out.send(slot, &json, Class::Reply);
 
         if self.outboxes.remember(&name) == store::Remembered::Full {
@@ -400,12 +395,12 @@ impl Router {
         }
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
+        encode::welcome(
             &mut json,
-            "welcome",
-            Some(&name),
+            &name,
             self.members.len(),
             &others,
+            self.limits.max_body,
         );
         out.send(slot, &json, Class::Reply);
         json.clear();
@@ -491,10 +486,10 @@ impl Router {
 
     /// The connection is gone or closing: free its name at once (nothing
     /// if it held none).
-    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) {
-        let Some(position) = self.position_of_conn(conn) else {
-            return;
-        };
+    /// The connection stopped being open: its name is free (and returned)
+    /// and the others are told.
+    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) -> Option<Rc<str>> {
+        let position = self.position_of_conn(conn)?;
         self.positions[conn.0] = NOT_A_MEMBER;
         self.limiter.forget(conn.0);
         let member = self.members.swap_remove(position);
@@ -519,6 +514,7 @@ impl Router {
             json.clear();
             self.scratch = json;
         }
+        Some(member.name)
     }
 
     /// A text message from the connection `slot`; one that has not joined
@@ -570,7 +566,7 @@ impl Router {
             }
             Request::Users => {
                 let online = self.members.len();
-                encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
+                encode::users(&mut json, online, self.roster_names());
                 out.send(slot, &json, Class::Reply);
             }
             Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
@@ -1065,7 +1061,7 @@ mod tests {
             out.take(),
             vec![(
                 1,
-                json!({"type":"welcome","username":"alice","online":1,"users":[]})
+                json!({"type":"welcome","username":"alice","online":1,"users":[],"limits":{"max_body":100}})
             )]
         );
         r.join(ConnId(2), "username=bob", &mut out);
@@ -1074,7 +1070,7 @@ mod tests {
             vec![
                 (
                     2,
-                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"]})
+                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"],"limits":{"max_body":100}})
                 ),
                 (1, json!({"type":"join","username":"bob","online":2})),
             ]
@@ -1343,7 +1339,7 @@ mod tests {
             out.take(),
             vec![(
                 3,
-                json!({"type":"welcome","username":"alice","online":2,"users":["bob"]})
+                json!({"type":"welcome","username":"alice","online":2,"users":["bob"],"limits":{"max_body":100}})
             )],
             "bob sees no leave and no join"
         );
