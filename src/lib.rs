@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;
