@@ -9,6 +9,7 @@
 //! can never reach a newcomer in a reused slot. What goes into a
 //! connection's queue is decided in [`crate::delivery`] alone.
 
+mod cluster;
 mod dispatch;
 mod lifecycle;
 
@@ -108,6 +109,8 @@ struct Core {
     /// Who may connect as whom.
     auth: Auth,
     metrics: Metrics,
+    /// `--cluster`: this process is one node of a chat shared over Redis.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 /// Where accepted sockets get TCP_NODELAY (small frames must not wait for
@@ -129,7 +132,17 @@ impl Server {
     /// Binds the listening socket (first, so a port in use fails before
     /// anything else is touched).
     pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-        let listener = TcpListener::bind(addr)?;
+        Self::listen_on(addr, false)
+    }
+
+    /// [`listen`](Self::listen), sharing the port with other processes
+    /// when `reuseport` (`--reuseport`).
+    pub fn listen_on(addr: std::net::SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+        let listener = if reuseport {
+            crate::cluster::reuseport::bind(addr, LISTEN_BACKLOG)?
+        } else {
+            TcpListener::bind(addr)?
+        };
         // As early as possible: only connections completed after this get it
         // from the listener (see `Nodelay`).
         crate::sys::set_listener_nodelay(&listener);
@@ -197,7 +210,7 @@ impl Server {
             },
             clock.tick(Instant::now()),
         );
-        Ok(Server {
+        let mut server = Server {
             poll,
             listener: Some(listener),
             admin_listener,
@@ -225,8 +238,21 @@ impl Server {
                 now_ms: 0,
                 auth,
                 metrics: Metrics::default(),
+                cluster: None,
             },
-        })
+        };
+        if let (Some(url), App::Chat(_)) = (&server.core.config.cluster, &server.core.app) {
+            let settings = crate::cluster::Settings {
+                url: url.clone(),
+                prefix: server.core.config.cluster_prefix.clone(),
+                lease: server.core.config.cluster_lease,
+            };
+            let addr = url.resolve()?;
+            let cluster = crate::cluster::Cluster::new(settings, addr, Instant::now());
+            log::info!("cluster: node {} using Redis at {addr}", cluster.node());
+            server.core.start_cluster(cluster);
+        }
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
@@ -257,6 +283,10 @@ impl Server {
                     LISTENER => self.accept(now, Entrance::Chat),
                     ADMIN_LISTENER => self.accept(now, Entrance::Admin),
                     SIGNAL => self.begin_shutdown(now),
+                    token @ (crate::cluster::COMMAND_TOKEN | crate::cluster::SUBSCRIBER_TOKEN) => {
+                        self.core.on_cluster_ready(&mut self.conns, token, now);
+                        self.core.settle(&mut self.conns, now);
+                    }
                     Token(slot) => {
                         let Some(conn) = self.conns.get_mut(slot) else {
                             continue;
@@ -308,6 +338,7 @@ impl Server {
             self.core.post.presence.due,
             self.core.shutdown_by,
             self.core.next_expiry(now),
+            self.core.cluster.as_ref().and_then(|c| c.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -336,6 +367,8 @@ impl Server {
         }
         self.core.fire_timers(&mut self.conns, now);
         self.core.expire_held(&mut self.conns);
+        self.core.settle(&mut self.conns, now);
+        self.core.cluster_turn(&mut self.conns, now);
         self.core.settle(&mut self.conns, now);
         self.core.commit(&mut self.conns)?;
         // A connection that dies in the flush departs, and its `leave`
@@ -589,7 +622,15 @@ impl Core {
             s.known_users_full = router.stats.known_full;
             (s.offline_messages, s.offline_bytes) = router.held();
         }
-        self.metrics.render(&s)
+        let mut text = self.metrics.render(&s);
+        if let Some(cluster) = &self.cluster {
+            let remote = match &self.app {
+                App::Chat(router) => router.remote(),
+                App::Echo => None,
+            };
+            cluster.render_metrics(&mut text, remote);
+        }
+        text
     }
 
     /// Held senders released this turn are read again.

@@ -13,8 +13,11 @@ use std::rc::Rc;
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::auth::Auth;
+use crate::cluster::remote::Remote;
 use crate::store::{self, BoxId, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
+
+mod cluster;
 
 /// At most this many names are listed in `welcome` and `users`.
 pub const LIST_LIMIT: usize = 1000;
@@ -145,6 +148,8 @@ pub struct Router {
     auth: Auth,
     /// Hold private messages for names that never connected, too.
     offline_to_unknown: bool,
+    /// Under `--cluster`: the other nodes' users, and what goes to them.
+    remote: Option<Box<Remote>>,
     pub stats: RouterStats,
 }
 
@@ -163,6 +168,7 @@ impl Router {
             scratch: Vec::with_capacity(256),
             auth: Auth::None,
             offline_to_unknown: false,
+            remote: None,
             stats: RouterStats::default(),
         }
     }
@@ -293,16 +299,10 @@ impl Router {
         let resume = resume_point(query);
         let name: Rc<str> = Rc::from(name);
         // Everyone already online is listed first in `members`.
-        let online = self.members.len() + 1;
+        let online = self.online_everywhere() + 1;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
-            &mut json,
-            "welcome",
-            Some(&name),
-            online,
-            self.roster_names(),
-        );
+        self.encode_roster(&mut json, "welcome", Some(&name), online);
         out.send(slot, &json, Class::Reply);
 
         if self.outboxes.remember(&name) == store::Remembered::Full {
@@ -324,6 +324,9 @@ impl Router {
         if online <= self.limits.presence_limit {
             encode::presence(&mut json, "join", &name, online);
             self.broadcast(&json, Some(slot), Class::Presence, out);
+        }
+        if let Some(remote) = &mut self.remote {
+            remote.announce_join(&name);
         }
         self.scratch = json;
         self.replay_held(slot, &name, resume, out);
@@ -363,7 +366,7 @@ impl Router {
             &mut json,
             "welcome",
             Some(&name),
-            self.members.len(),
+            self.online_everywhere(),
             &others,
         );
         out.send(slot, &json, Class::Reply);
@@ -451,9 +454,26 @@ impl Router {
     /// The connection is gone or closing: free its name at once (nothing
     /// if it held none).
     pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) {
-        let Some(position) = self.position_of_conn(conn) else {
+        let Some(member) = self.forget_member(conn) else {
             return;
         };
+        if let Some(remote) = &mut self.remote {
+            remote.announce_leave(&member.name);
+        }
+        let online = self.online_everywhere();
+        if online <= self.limits.presence_limit {
+            let mut json = std::mem::take(&mut self.scratch);
+            json.clear();
+            encode::presence(&mut json, "leave", &member.name, online);
+            self.broadcast(&json, None, Class::Presence, out);
+            json.clear();
+            self.scratch = json;
+        }
+    }
+
+    /// Takes the connection's member out of the index and the list.
+    fn forget_member(&mut self, conn: ConnId) -> Option<Member> {
+        let position = self.position_of_conn(conn)?;
         self.positions[conn.0] = NOT_A_MEMBER;
         let member = self.members.swap_remove(position);
         self.index.remove(&member.name);
@@ -468,15 +488,7 @@ impl Router {
             }
             self.set_position(moved_conn, position);
         }
-        let online = self.members.len();
-        if online <= self.limits.presence_limit {
-            let mut json = std::mem::take(&mut self.scratch);
-            json.clear();
-            encode::presence(&mut json, "leave", &member.name, online);
-            self.broadcast(&json, None, Class::Presence, out);
-            json.clear();
-            self.scratch = json;
-        }
+        Some(member)
     }
 
     /// A text message from the connection `slot`; one that has not joined
@@ -503,6 +515,9 @@ impl Router {
                 encode::public(&mut json, id, now_ms, from, &body, is_plain(&body));
                 self.stats.public += 1;
                 self.broadcast(&json, None, Class::Public, out);
+                if !self.public_to_cluster(&json) {
+                    self.cluster_unavailable(slot, reference, out);
+                }
             }
             Request::Private { to, body } => {
                 let body_is_plain = is_plain(&body);
@@ -518,8 +533,8 @@ impl Router {
                 );
             }
             Request::Users => {
-                let online = self.members.len();
-                encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
+                let online = self.online_everywhere();
+                self.encode_roster(&mut json, "users", None, online);
                 out.send(slot, &json, Class::Reply);
             }
             Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
@@ -586,6 +601,10 @@ impl Router {
     ) {
         let position = self.position_of(to);
         let target = position.map(|p| (self.members[p].conn, self.members[p].reliable));
+        if target.is_none() && self.private_to_cluster(slot, from, to, body, reference, now_ms, out)
+        {
+            return;
+        }
         // Only valid names are online, so only a miss needs the check.
         if target.is_none() && !username::is_valid(to) {
             let message = "no user can have that name";

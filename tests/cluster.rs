@@ -1,0 +1,341 @@
+//! `--cluster`: several real wschat nodes over a real `redis-server` (started
+//! by each test on a free port with a temporary directory). Without
+//! `redis-server` the tests print `skipped: no redis-server` and pass, except
+//! under `CI=true`, where they fail.
+
+mod chat_support;
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chat_support::{ws_path, Chat, ChatServer, Event};
+use serde_json::{json, Value};
+
+/// A `redis-server` of the test's own, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// Starts one, or returns `None` (after saying so) when there is none
+    /// outside CI.
+    fn start() -> Option<Redis> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "redis-server is required under CI"
+            );
+            eprintln!("skipped: no redis-server");
+            return None;
+        }
+        let port = free_port();
+        Some(Redis::start_on(port))
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let dir =
+            std::env::temp_dir().join(format!("wschat-cluster-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let redis = Redis { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while redis.ping().is_none() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn ping(&self) -> Option<()> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.write_all(b"PING\r\n").ok()?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).ok()?;
+        (&buf == b"+PONG\r\n").then_some(())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A node of the cluster on `redis`.
+fn node(redis: &Redis, extra: &[&str]) -> ChatServer {
+    let url = redis.url();
+    let mut args = vec!["--cluster", url.as_str(), "--cluster-lease", "2s"];
+    args.extend_from_slice(extra);
+    ChatServer::start(&args)
+}
+
+/// The node's `/metrics` text.
+fn metrics(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect for /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until every node is up on Redis and has heard from all the others.
+fn wait_for_cluster(nodes: &[&ChatServer]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in nodes {
+        loop {
+            let m = metrics(n.addr);
+            let up = metric(&m, "wschat_cluster_redis_state") == Some(2.0);
+            let peers = metric(&m, "wschat_cluster_peers").unwrap_or(0.0) as usize;
+            if up && peers + 1 >= nodes.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not form:\n{m}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// Reads until an event of `kind` (skipping others such as presence).
+fn recv_kind(c: &mut Chat, kind: &str, context: &str) -> Value {
+    loop {
+        let v = c.recv(context);
+        if v["type"] == json!(kind) {
+            return v;
+        }
+    }
+}
+
+/// Asks for `users` until `name` is listed (presence crosses nodes asynchronously).
+fn wait_listed(c: &mut Chat, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        c.send(json!({"type": "users"}));
+        let v = recv_kind(c, "users", "users");
+        if v["users"]
+            .as_array()
+            .is_some_and(|u| u.contains(&json!(name)))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never listed: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn private_messages_cross_nodes_both_ways_with_receipts() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    wait_for_cluster(&[&a, &b]);
+    let mut alice = Chat::joined(a.addr, "alice");
+    let mut bob = Chat::joined(b.addr, "bob");
+    wait_listed(&mut alice, "bob");
+    wait_listed(&mut bob, "alice");
+
+    alice.send(json!({"type": "private", "to": "bob", "body": "hi bob", "ref": "r1"}));
+    let got = recv_kind(&mut bob, "private", "bob gets alice's private");
+    assert_eq!(
+        (got["from"].clone(), got["body"].clone()),
+        (json!("alice"), json!("hi bob"))
+    );
+    let receipt = recv_kind(&mut alice, "receipt", "alice's receipt");
+    assert_eq!(receipt["status"], json!("delivered"), "{receipt}");
+    assert_eq!(receipt["ref"], json!("r1"), "{receipt}");
+    assert_eq!(receipt["id"], got["id"], "the receipt names the message");
+
+    bob.send(json!({"type": "private", "to": "alice", "body": "hi alice"}));
+    let got = recv_kind(&mut alice, "private", "alice gets bob's private");
+    assert_eq!(got["from"], json!("bob"));
+    let receipt = recv_kind(&mut bob, "receipt", "bob's receipt");
+    assert_eq!(receipt["status"], json!("delivered"), "{receipt}");
+
+    let m = metrics(a.addr);
+    assert!(
+        metric(&m, "wschat_cluster_messages_out_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "wschat_cluster_messages_in_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn publics_reach_every_connection_of_every_node_once_in_order() {
+    let Some(redis) = Redis::start() else { return };
+    let nodes = [node(&redis, &[]), node(&redis, &[]), node(&redis, &[])];
+    wait_for_cluster(&[&nodes[0], &nodes[1], &nodes[2]]);
+    let names = ["ann", "ben", "cy"];
+    let mut clients: Vec<Chat> = names
+        .iter()
+        .zip(&nodes)
+        .map(|(name, n)| Chat::joined(n.addr, name))
+        .collect();
+    for c in &mut clients {
+        for name in names {
+            wait_listed(c, name);
+        }
+    }
+    const EACH: usize = 30;
+    for i in 0..EACH {
+        for c in &mut clients {
+            c.public(&format!("{i}"));
+        }
+    }
+    for c in &mut clients {
+        let mut next: HashMap<String, usize> = HashMap::new();
+        for _ in 0..EACH * names.len() {
+            let m = recv_kind(c, "public", "publics");
+            let from = m["from"].as_str().unwrap().to_string();
+            let expected = next.entry(from.clone()).or_default();
+            assert_eq!(
+                m["body"],
+                json!(expected.to_string()),
+                "{}: from {from} in order, each once",
+                c.label
+            );
+            *expected += 1;
+        }
+        assert!(next.values().all(|&n| n == EACH), "{}: {next:?}", c.label);
+    }
+    // Nothing more: each arrived exactly once.
+    for c in &mut clients {
+        c.send(json!({"type": "users"}));
+        let v = c.recv("after the publics");
+        assert_eq!(v["type"], json!("users"), "{}: a duplicate? {v}", c.label);
+    }
+}
+
+#[test]
+fn a_name_online_on_one_node_is_refused_on_another() {
+    let Some(redis) = Redis::start() else { return };
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    wait_for_cluster(&[&a, &b]);
+    let _alice = Chat::joined(a.addr, "alice");
+    let mut second = Chat::open(b.addr, &ws_path("alice"));
+    second.recv_error("username_taken", "same name on another node");
+    second.expect_close(4009, None, "same name on another node");
+}
+
+#[test]
+fn a_killed_node_frees_its_names_and_its_users_leave_within_the_lease() {
+    let Some(redis) = Redis::start() else { return };
+    let a = node(&redis, &[]);
+    let mut b = node(&redis, &[]);
+    wait_for_cluster(&[&a, &b]);
+    let mut alice = Chat::joined(a.addr, "alice");
+    let _carol = Chat::joined(b.addr, "carol");
+    wait_listed(&mut alice, "carol");
+    let killed = Instant::now();
+    b.signal("KILL");
+    b.wait_exit(Duration::from_secs(5));
+    loop {
+        match alice.event("carol's leave") {
+            Event::Json(v) if v["type"] == json!("leave") => {
+                assert_eq!(v["username"], json!("carol"));
+                break;
+            }
+            Event::Close(c) => panic!("alice closed: {c:?}"),
+            _ => {}
+        }
+    }
+    // The lease is 2 s, checked every third of it.
+    assert!(
+        killed.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        killed.elapsed()
+    );
+    // Her name is free again (its lease lapsed) and alice is unaffected.
+    let _carol_again = Chat::joined(a.addr, "carol");
+    alice.send(json!({"type": "private", "to": "carol", "body": "back?"}));
+    assert_eq!(
+        recv_kind(&mut alice, "receipt", "local")["status"],
+        json!("delivered")
+    );
+}
+
+#[test]
+fn two_nodes_share_one_port_with_reuseport() {
+    let Some(redis) = Redis::start() else { return };
+    let a = node(&redis, &["--reuseport"]);
+    let listen = a.addr.to_string();
+    let b = node(&redis, &["--reuseport", "--listen", &listen]);
+    assert_eq!(a.addr, b.addr);
+    wait_for_cluster(&[&a, &b]);
+    let mut clients: Vec<Chat> = (0..16)
+        .map(|i| Chat::joined(a.addr, &format!("u{i}")))
+        .collect();
+    let on_a = metric(&metrics_direct(&a), "wschat_users_online").unwrap_or(0.0);
+    assert!(
+        on_a > 0.0 && on_a < 16.0,
+        "the kernel spread 16 users: {on_a} on one node"
+    );
+    clients[0].public("to all");
+    for c in &mut clients {
+        assert_eq!(recv_kind(c, "public", "public")["body"], json!("to all"));
+    }
+}
+
+/// `/metrics` from one particular node when both share the port: through
+/// its stderr-announced address does not help, so ask until this node answers.
+fn metrics_direct(n: &ChatServer) -> String {
+    let id = n
+        .logs()
+        .lines()
+        .find_map(|l| {
+            l.split("cluster: node ")
+                .nth(1)
+                .map(|r| r[..16].to_string())
+        })
+        .expect("node id in the log");
+    loop {
+        let m = metrics(n.addr);
+        if m.contains(&id) {
+            return m;
+        }
+    }
+}
