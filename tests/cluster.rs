@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use chat_support::{ws_path, Chat, ChatServer, Event};
 use serde_json::{json, Value};
+use support::token;
 
 /// A `redis-server` of the test's own, killed on drop.
 struct Redis {
@@ -338,4 +339,104 @@ fn metrics_direct(n: &ChatServer) -> String {
             return m;
         }
     }
+}
+
+#[test]
+fn nodes_ride_out_a_redis_restart() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    wait_for_cluster(&[&a, &b]);
+    let mut alice = Chat::joined(a.addr, "alice");
+    let mut bob = Chat::joined(b.addr, "bob");
+    let mut ann = Chat::joined(a.addr, "ann");
+    wait_listed(&mut alice, "bob");
+
+    redis.kill();
+    // Local traffic goes on; what must cross is refused, not lost silently.
+    let down = |n: &ChatServer| metric(&metrics(n.addr), "wschat_cluster_redis_state") != Some(2.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(down(&a) && down(&b)) {
+        assert!(Instant::now() < deadline, "nodes did not notice Redis left");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    alice.send(json!({"type": "private", "to": "ann", "body": "local", "ref": "l"}));
+    assert_eq!(
+        recv_kind(&mut ann, "private", "local private")["body"],
+        json!("local")
+    );
+    assert_eq!(
+        recv_kind(&mut alice, "receipt", "local")["status"],
+        json!("delivered")
+    );
+    alice.send(json!({"type": "private", "to": "bob", "body": "lost?", "ref": "x"}));
+    let e = recv_kind(&mut alice, "error", "cross-node while Redis is down");
+    assert_eq!(
+        (e["code"].clone(), e["ref"].clone()),
+        (json!("cluster_unavailable"), json!("x"))
+    );
+    // A new join waits, then is told to come back later.
+    let mut late = Chat::open(b.addr, &ws_path("late"));
+    late.expect_close(1013, None, "join while Redis is down");
+
+    let _redis = Redis::start_on(redis.port);
+    wait_for_cluster(&[&a, &b]);
+    wait_listed(&mut alice, "bob");
+    alice.send(json!({"type": "private", "to": "bob", "body": "again", "ref": "y"}));
+    assert_eq!(
+        recv_kind(&mut bob, "private", "after the restart")["body"],
+        json!("again")
+    );
+    assert_eq!(
+        recv_kind(&mut alice, "receipt", "after")["status"],
+        json!("delivered")
+    );
+    // The names were registered again: a duplicate is still refused.
+    let mut second = Chat::open(b.addr, &ws_path("alice"));
+    second.recv_error("username_taken", "alice re-registered after the restart");
+    let m = metrics(a.addr);
+    assert!(
+        metric(&m, "wschat_cluster_reconnects_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn with_tokens_a_new_session_on_another_node_replaces_the_old() {
+    let Some(redis) = Redis::start() else { return };
+    let secret = b"a cluster test secret of 32 bytes";
+    let path = std::env::temp_dir().join(format!("wschat-cluster-secret-{}", std::process::id()));
+    std::fs::write(&path, secret).expect("secret");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let path = path.to_str().expect("UTF-8 path").to_string();
+    let auth = ["--auth", "jwt", "--auth-secret-file", path.as_str()];
+    let (a, b) = (node(&redis, &auth), node(&redis, &auth));
+    wait_for_cluster(&[&a, &b]);
+    let exp = chat_support::now_ms() / 1000 + 600;
+    let token = |sub: &str| {
+        let claims = json!({"sub": sub, "exp": exp}).to_string();
+        token::mint(r#"{"alg":"HS256","typ":"JWT"}"#, &claims, secret)
+    };
+    let mut watcher = Chat::open(a.addr, &format!("/?token={}", token("watcher")));
+    watcher.recv_type("welcome", "watcher");
+    let mut old = Chat::open(a.addr, &format!("/?token={}", token("dora")));
+    old.recv_type("welcome", "dora on a");
+    let mut new = Chat::open(b.addr, &format!("/?token={}", token("dora")));
+    let welcome = new.recv_type("welcome", "dora on b");
+    assert_eq!(welcome["username"], json!("dora"));
+    old.expect_close(4010, None, "the old session on the other node");
+    // Messages now reach the new session.
+    wait_listed(&mut watcher, "dora");
+    watcher.private("dora", "which one?");
+    assert_eq!(
+        recv_kind(&mut new, "private", "to the new session")["body"],
+        json!("which one?")
+    );
+    assert_eq!(
+        recv_kind(&mut watcher, "receipt", "receipt")["status"],
+        json!("delivered")
+    );
+    let _ = std::fs::remove_file(&path);
 }

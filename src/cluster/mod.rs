@@ -37,7 +37,7 @@ pub const SUBSCRIBER_TOKEN: Token = Token(usize::MAX - 4);
 pub const MAX_WAITING_JOINS: usize = 10_000;
 /// Commands sent and not answered, at most; beyond, the node sheds.
 pub const MAX_IN_FLIGHT: usize = 100_000;
-/// How long a join waits for Redis before it is told 1013.
+/// How long a join waits for Redis before it is told 1013 (at most the lease).
 pub const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// How long the link may take to come up, or a command to be answered,
 /// before the connection is dropped and made again.
@@ -179,6 +179,11 @@ impl Cluster {
         }
     }
 
+    /// How long a join waits for Redis: [`JOIN_WAIT`], or the lease if shorter.
+    fn join_wait(&self) -> Duration {
+        JOIN_WAIT.min(self.settings.lease)
+    }
+
     /// This node's id (unique: 64 random bits).
     pub fn node(&self) -> &str {
         &self.node
@@ -228,7 +233,7 @@ impl Cluster {
             self.stats.shed += 1;
             return Err(join);
         }
-        join.deadline = now + JOIN_WAIT;
+        join.deadline = now + self.join_wait();
         join.sent = false;
         if self.is_up() {
             self.send_join(&mut join, now);
