@@ -290,8 +290,20 @@ fn a_killed_node_frees_its_names_and_its_users_leave_within_the_lease() {
         "{:?}",
         killed.elapsed()
     );
-    // Her name is free again (its lease lapsed) and alice is unaffected.
-    let _carol_again = Chat::joined(a.addr, "carol");
+    // Her name is free again once its lease lapsed, and alice is unaffected.
+    let _carol_again = loop {
+        let mut c = Chat::open(a.addr, &ws_path("carol"));
+        let v = c.recv("carol again");
+        if v["type"] == json!("welcome") {
+            break c;
+        }
+        assert_eq!(v["code"], json!("username_taken"), "{v}");
+        assert!(
+            killed.elapsed() < Duration::from_millis(2500),
+            "the lease did not lapse"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     alice.send(json!({"type": "private", "to": "carol", "body": "back?"}));
     assert_eq!(
         recv_kind(&mut alice, "receipt", "local")["status"],
@@ -369,6 +381,16 @@ fn nodes_ride_out_a_redis_restart() {
     assert_eq!(
         recv_kind(&mut alice, "receipt", "local")["status"],
         json!("delivered")
+    );
+    alice.send(json!({"type": "public", "body": "here only", "ref": "p"}));
+    assert_eq!(
+        recv_kind(&mut ann, "public", "local public")["body"],
+        json!("here only")
+    );
+    let e = recv_kind(&mut alice, "error", "public while Redis is down");
+    assert_eq!(
+        (e["code"].clone(), e["ref"].clone()),
+        (json!("cluster_unavailable"), json!("p"))
     );
     alice.send(json!({"type": "private", "to": "bob", "body": "lost?", "ref": "x"}));
     let e = recv_kind(&mut alice, "error", "cross-node while Redis is down");

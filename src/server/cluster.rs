@@ -109,8 +109,10 @@ impl Core {
             if let Some(remote) = router.remote_mut() {
                 remote.beat();
             }
-            let lease_ms = self.config.cluster_lease.as_millis() as u64;
-            router.cluster_forget_silent(self.now_ms.saturating_sub(lease_ms), &mut mailer);
+            // Beats come every third of the lease: a node that missed two
+            // is dead, and its users' `leave` goes out within the lease.
+            let silent_ms = self.config.cluster_lease.as_millis() as u64 * 2 / 3;
+            router.cluster_forget_silent(self.now_ms.saturating_sub(silent_ms), &mut mailer);
         }
         if let Some(remote) = router.remote_mut() {
             cluster.send_outgoing(remote, now);
