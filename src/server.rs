@@ -395,6 +395,8 @@ impl Server {
                 log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
             }
         }
+        // Leaves announced in the flush rounds go now, not next turn.
+        self.core.cluster_send(now);
         Ok(())
     }
 

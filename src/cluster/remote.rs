@@ -229,6 +229,10 @@ impl Remote {
         })
     }
 
+    pub fn has_outgoing(&self) -> bool {
+        !self.outgoing.is_empty()
+    }
+
     pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
         self.outgoing_bytes = 0;
         std::mem::take(&mut self.outgoing)

@@ -120,6 +120,19 @@ impl Core {
         cluster.flush(&self.registry, now);
     }
 
+    /// What the router queued for other nodes since `cluster_turn`.
+    pub(super) fn cluster_send(&mut self, now: Instant) {
+        let (Some(cluster), App::Chat(router)) = (&mut self.cluster, &mut self.app) else {
+            return;
+        };
+        if let Some(remote) = router.remote_mut() {
+            if remote.has_outgoing() {
+                cluster.send_outgoing(remote, now);
+                cluster.flush(&self.registry, now);
+            }
+        }
+    }
+
     fn on_cluster_events(
         &mut self,
         conns: &mut Slab<Connection>,
