@@ -42,7 +42,8 @@ read -r b_pid b_port < <(node b)
 sleep 1 # the nodes find each other (hello, rosters)
 
 echo "redis-server $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), $(nproc) cores, $pairs pairs, ${duration}s windows"
-printf '%-7s %-11s %10s %8s %8s %8s %9s %9s %9s\n' rate mode "msg/s" p50_us p99_us max_us "A us/msg" "B us/msg" "redis us"
+printf '%-6s %-6s %8s %7s %7s %7s  %-13s %-13s %-13s %s\n' rate mode "msg/s" p50_us p99_us max_us "node A" "node B" "redis" "loadgen"
+echo "                                                  (% of a core, µs per message)"
 for rate in "${rates[@]}"; do
   for mode in single cross; do
     args=(private --url "ws://127.0.0.1:$a_port/ws" --pairs "$pairs" --rate "$rate"
@@ -62,11 +63,16 @@ except Exception:
     print(f"{rate:<7} {mode:<11} (no result: {line[:60]})"); sys.exit()
 lat = j.get("latency", {})
 per = j.get("delivered_per_s") or 0
-a = j.get("server_cpu_pct")
-a_us = f"{a / 100 * 1e6 / per:.1f}" if a and per else "-"
-b = j.get("receiver_server_cpu_us_per_message")
-r = j.get("redis_cpu_us_per_message")
-print(f"{rate:<7} {mode:<11} {per:>10.0f} {lat.get('p50_us',0):>8.0f} {lat.get('p99_us',0):>8.0f} {lat.get('max_us',0):>8.0f} {a_us:>9} {b if b is not None else '-':>9} {r if r is not None else '-':>9}")
+def cell(pct):
+    if pct is None:
+        return "-"
+    us = pct / 100 * 1e6 / per if per else 0
+    return f"{pct:.0f}% {us:.1f}"
+a = cell(j.get("server_cpu_pct"))
+b = cell(j.get("receiver_cpu_pct"))
+r = cell(j.get("redis_cpu_pct"))
+g = cell(j.get("loadgen_cpu_pct"))
+print(f"{rate:<6} {mode:<6} {per:>8.0f} {lat.get('p50_us',0):>7.0f} {lat.get('p99_us',0):>7.0f} {lat.get('max_us',0):>7.0f}  {a:<13} {b:<13} {r:<13} {g}")
 PY
   done
 done

@@ -448,6 +448,9 @@ fn with_tokens_a_new_session_on_another_node_replaces_the_old() {
     let mut new = Chat::open(b.addr, &format!("/?token={}", token("dora")));
     let welcome = new.recv_type("welcome", "dora on b");
     assert_eq!(welcome["username"], json!("dora"));
+    // Listed and counted once: the session it replaced is not another user.
+    assert_eq!(welcome["users"], json!(["watcher"]), "{welcome}");
+    assert_eq!(welcome["online"], json!(2), "{welcome}");
     old.expect_close(4010, None, "the old session on the other node");
     // Messages now reach the new session.
     wait_listed(&mut watcher, "dora");

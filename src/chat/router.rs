@@ -298,6 +298,9 @@ impl Router {
         }
         let resume = resume_point(query);
         let name: Rc<str> = Rc::from(name);
+        if let Some(remote) = &mut self.remote {
+            remote.claim(&name);
+        }
         // Everyone already online is listed first in `members`.
         let online = self.online_everywhere() + 1;
         let mut json = std::mem::take(&mut self.scratch);

@@ -35,6 +35,8 @@ pub const SUBSCRIBER_TOKEN: Token = Token(usize::MAX - 4);
 
 /// Joins waiting for their lease, at most; beyond, 1013 at once.
 pub const MAX_WAITING_JOINS: usize = 10_000;
+/// Bytes that waiting joins sent behind their request heads, at most.
+pub const MAX_WAITING_BYTES: usize = 4 * 1024 * 1024;
 /// Commands sent and not answered, at most; beyond, the node sheds.
 pub const MAX_IN_FLIGHT: usize = 100_000;
 /// How long a join waits for Redis before it is told 1013 (at most the lease).
@@ -117,7 +119,7 @@ enum Expect {
     /// AUTH, SELECT, PUBLISH, deletes: an error is logged, nothing else.
     Nothing,
     /// `SET name node NX PX lease GET` for a waiting join (by connection id).
-    Join(u64),
+    Join(u64, Rc<str>),
     /// A renewal of a local name's lease; 0 means the key was lost.
     Renew(Rc<str>),
     /// Taking a lost lease back.
@@ -151,6 +153,8 @@ pub struct Cluster {
     /// Replies the command connection owes, in order, with when each was asked.
     expecting: VecDeque<(Expect, Instant)>,
     waiting: VecDeque<WaitingJoin>,
+    /// The `early` bytes of `waiting`.
+    waiting_bytes: usize,
     /// When local leases are renewed and the heartbeat sent next.
     renew_at: Instant,
     seed: u64,
@@ -173,6 +177,7 @@ impl Cluster {
             },
             expecting: VecDeque::new(),
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
             renew_at: now,
             seed,
             stats: Stats::default(),
@@ -229,7 +234,10 @@ impl Cluster {
     /// A connection wants `name`: it waits for the lease (or is told 1013 at
     /// once when too many wait). Returns the join back when refused.
     pub fn begin_join(&mut self, mut join: WaitingJoin, now: Instant) -> Result<(), WaitingJoin> {
-        if self.waiting.len() >= MAX_WAITING_JOINS || self.expecting.len() >= MAX_IN_FLIGHT {
+        if self.waiting.len() >= MAX_WAITING_JOINS
+            || self.expecting.len() >= MAX_IN_FLIGHT
+            || self.waiting_bytes + join.early.len() > MAX_WAITING_BYTES
+        {
             self.stats.shed += 1;
             return Err(join);
         }
@@ -238,6 +246,7 @@ impl Cluster {
         if self.is_up() {
             self.send_join(&mut join, now);
         }
+        self.waiting_bytes += join.early.len();
         self.waiting.push_back(join);
         Ok(())
     }
@@ -248,7 +257,7 @@ impl Cluster {
         let node = self.node.clone();
         self.command(
             &[b"SET", &key, node.as_bytes(), b"NX", b"PX", &lease, b"GET"],
-            Expect::Join(join.conn_id),
+            Expect::Join(join.conn_id, join.name.clone()),
             now,
         );
         join.sent = true;
@@ -366,6 +375,7 @@ impl Cluster {
         }
         while self.waiting.front().is_some_and(|j| now >= j.deadline) {
             if let Some(join) = self.waiting.pop_front() {
+                self.waiting_bytes -= join.early.len();
                 self.stats.joins_timed_out += 1;
                 events.push(Event::JoinTimedOut(join));
             }
@@ -534,18 +544,22 @@ impl Cluster {
                     crate::log::warn!("cluster: Redis said {e}");
                 }
             }
-            Expect::Join(conn_id) => {
+            Expect::Join(conn_id, name) => {
                 let Some(i) = self
                     .waiting
                     .iter()
                     .position(|j| j.conn_id == conn_id && j.sent)
                 else {
-                    // It timed out meanwhile: a lease granted lapses unrenewed.
+                    // It timed out meanwhile: give back a lease it was granted.
+                    if frame == Frame::Bulk(None) {
+                        self.release(&name, now);
+                    }
                     return;
                 };
                 let Some(join) = self.waiting.remove(i) else {
                     return;
                 };
+                self.waiting_bytes -= join.early.len();
                 match frame {
                     Frame::Bulk(None) => events.push(Event::JoinGranted(join)),
                     Frame::Bulk(Some(holder)) if holder == self.node.as_bytes() => {

@@ -278,6 +278,17 @@ impl Remote {
         self.publish(To::All, "join", name.as_bytes());
     }
 
+    /// `name` is joining this node: whatever was known of it elsewhere (a
+    /// session this one replaces) is forgotten.
+    pub fn claim(&mut self, name: &str) {
+        if let Some(node) = self.directory.remove(name) {
+            if let Some(seen) = self.nodes.get_mut(&node) {
+                seen.names.remove(name);
+            }
+            self.listed = None;
+        }
+    }
+
     pub fn announce_leave(&mut self, name: &Rc<str>) {
         self.publish(To::All, "leave", name.as_bytes());
         self.outgoing.push(Outgoing::Release(name.clone()));

@@ -343,14 +343,22 @@ fn private_opts(args: &mut Args) -> Result<private::Opts, String> {
         .transpose()?;
     let mut watch = Vec::new();
     if let Some(pid) = args.opt::<u32>("receiver-pid")? {
-        watch.push(("receiver server cpu", pid));
+        watch.push(private::Watched {
+            label: "receiver node cpu",
+            key: "receiver",
+            pid,
+        });
     }
     if let Some(pid) = args.opt::<u32>("redis-pid")? {
-        watch.push(("redis cpu", pid));
+        watch.push(private::Watched {
+            label: "redis cpu",
+            key: "redis",
+            pid,
+        });
     }
-    for &(label, pid) in &watch {
-        if os::proc_cpu_ns(pid).is_none() {
-            return Err(format!("{label}: no process {pid}"));
+    for w in &watch {
+        if os::proc_cpu_ns(w.pid).is_none() {
+            return Err(format!("{}: no process {}", w.label, w.pid));
         }
     }
     Ok(private::Opts {

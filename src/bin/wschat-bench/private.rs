@@ -26,7 +26,7 @@ pub struct Opts {
     pub receiver_target: Option<crate::net::Target>,
     /// Processes whose CPU over the window is reported per message (the
     /// receivers' node, Redis), with their labels.
-    pub watch: Vec<(&'static str, u32)>,
+    pub watch: Vec<Watched>,
 }
 
 #[derive(Default, Clone)]
@@ -56,6 +56,13 @@ struct PrivateApp {
     types: TypeCounts,
     msg: Vec<u8>,
     flood: Option<Flood>,
+}
+
+/// A process whose CPU is reported: its row label, its JSON key prefix, its pid.
+pub struct Watched {
+    pub label: &'static str,
+    pub key: &'static str,
+    pub pid: u32,
 }
 
 /// The public flood and what the pairs' connections got of it. Tags 0..2P
@@ -305,7 +312,7 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     let watched_before: Vec<Option<u64>> = o
         .watch
         .iter()
-        .map(|&(_, pid)| crate::os::proc_cpu_ns(pid))
+        .map(|w| crate::os::proc_cpu_ns(w.pid))
         .collect();
     let watch_start = now_ns();
     let cpu = run_window(&mut net, &mut app, c, w, |net, app| {
@@ -326,8 +333,8 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         .watch
         .iter()
         .zip(&watched_before)
-        .map(|(&(_, pid), before)| {
-            let after = crate::os::proc_cpu_ns(pid)?;
+        .map(|(w, before)| {
+            let after = crate::os::proc_cpu_ns(w.pid)?;
             Some(after.saturating_sub((*before)?) as f64 * 100.0 / watch_wall)
         })
         .collect();
@@ -396,22 +403,16 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     // The whole run (warm-up included) was watched: per message over what
     // was sent in it.
     let run_rate = sent as f64 / (watch_wall / 1e9);
-    for ((label, pid), pct) in o.watch.iter().zip(&watched) {
+    for (w, pct) in o.watch.iter().zip(&watched) {
         let Some(pct) = pct else { continue };
-        let mut text = format!("{pct:.1} % of one core (pid {pid})");
+        let mut text = format!("{pct:.1} % of one core (pid {})", w.pid);
         if run_rate > 0.0 {
             let us = pct / 100.0 * 1e6 / run_rate;
             text += &format!(", {us:.1} µs per message");
-            r.val(
-                &format!("{}_us_per_message", label.replace(' ', "_")),
-                round1(us),
-            );
+            r.val(&format!("{}_us_per_message", w.key), round1(us));
         }
-        r.row(label, text);
-        r.val(
-            &format!("{}_cpu_pct", label.replace(' ', "_")),
-            round1(*pct),
-        );
+        r.row(w.label, text);
+        r.val(&format!("{}_cpu_pct", w.key), round1(*pct));
     }
     r.net(&net.stats);
     let server_errors = app.types.get("error");

@@ -180,7 +180,14 @@ impl Router {
                     self.receipt_from_cluster(&pending.carried, reference, outcome, out);
                 }
             }
-            Inbound::Kick(name) => self.kicked(&name, out),
+            Inbound::Kick(name) => {
+                self.kicked(&name, out);
+                // The user is now on the node that kicked: its coming `join`
+                // is no news to anyone here.
+                if let Some(remote) = &mut self.remote {
+                    remote.joined(node, name);
+                }
+            }
         }
     }
 
