@@ -769,3 +769,133 @@ fn random_seed() -> u64 {
         .map_or(1, |d| d.as_nanos() as u64);
     now ^ (u64::from(std::process::id()) << 32) | 1
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(lease_secs: u64) -> Cluster {
+        let settings = Settings {
+            url: RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
+            prefix: "t".into(),
+            lease: Duration::from_secs(lease_secs),
+        };
+        let mut c = Cluster::new(settings, "127.0.0.1:1".parse().unwrap(), Instant::now());
+        c.state = State::Up;
+        c
+    }
+
+    fn join(conn_id: u64, name: &str, verified: bool) -> WaitingJoin {
+        WaitingJoin::new(conn_id as usize, conn_id, name, "", verified, b"")
+    }
+
+    fn bulk(s: &str) -> Frame {
+        Frame::Bulk(Some(s.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn backoff_doubles_to_five_seconds_with_jitter_in_the_upper_half() {
+        let mut c = cluster(15);
+        for attempt in 1..20 {
+            let ceiling = BACKOFF_MIN
+                .saturating_mul(1 << attempt.min(10))
+                .min(BACKOFF_MAX);
+            for _ in 0..50 {
+                let d = c.backoff(attempt);
+                assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn join_replies_grant_refuse_or_take_over() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        let node = c.node().to_string();
+        let cases = [
+            (false, Frame::Bulk(None), "granted"),
+            (false, bulk(&node), "granted"),
+            (false, bulk("another"), "refused"),
+            (true, bulk("another"), "took over"),
+            (false, Frame::Error("ERR".into()), "timed out"),
+        ];
+        for (i, (verified, reply, expected)) in cases.into_iter().enumerate() {
+            let id = i as u64;
+            c.begin_join(join(id, "ann", verified), now).unwrap();
+            let mut events = Vec::new();
+            c.on_reply(reply, now, &mut events);
+            let got = match events.as_slice() {
+                [Event::JoinGranted(j)] if j.conn_id == id => "granted",
+                [Event::JoinRefused(j)] if j.conn_id == id => "refused",
+                [Event::JoinTimedOut(j)] if j.conn_id == id => "timed out",
+                [Event::TookOver(holder, name), Event::JoinGranted(_)]
+                    if &**holder == "another" && &**name == "ann" =>
+                {
+                    // The take-over SET is queued behind.
+                    assert!(matches!(c.expecting.back(), Some((Expect::Nothing, _))));
+                    c.expecting.pop_back();
+                    "took over"
+                }
+                other => panic!("case {i}: {other:?}"),
+            };
+            assert_eq!(got, expected, "case {i}");
+            assert!(c.waiting.is_empty() && c.expecting.is_empty(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_lease_granted_after_its_join_timed_out_is_given_back() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        c.begin_join(join(1, "ann", false), now).unwrap();
+        let mut events = Vec::new();
+        c.tick(
+            &mio::Poll::new().unwrap().registry().try_clone().unwrap(),
+            now + Duration::from_secs(6),
+            &mut events,
+        );
+        assert!(matches!(events.as_slice(), [Event::JoinTimedOut(_)]));
+        c.state = State::Up; // the reply timeout dropped the link; say it is back
+        c.expecting
+            .push_back((Expect::Join(1, Rc::from("ann")), now));
+        c.on_reply(Frame::Bulk(None), now, &mut events);
+        assert!(
+            matches!(c.expecting.back(), Some((Expect::Nothing, _))),
+            "a compare-and-delete follows"
+        );
+    }
+
+    #[test]
+    fn a_lost_lease_is_taken_again_or_reported() {
+        let mut c = cluster(15);
+        let now = Instant::now();
+        let names = [Rc::from("ann")];
+        assert!(c.renew(names.iter(), now));
+        assert!(!c.renew(names.iter(), now), "once a third of the lease");
+        let mut events = Vec::new();
+        c.on_reply(Frame::Integer(0), now, &mut events);
+        assert!(matches!(c.expecting.back(), Some((Expect::Reclaim(n), _)) if &**n == "ann"));
+        c.on_reply(bulk("another"), now, &mut events);
+        assert!(matches!(events.as_slice(), [Event::LeaseLost(n)] if &**n == "ann"));
+    }
+
+    #[test]
+    fn waiting_joins_are_bounded() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        c.state = State::Down {
+            retry_at: now,
+            attempt: 1,
+        };
+        for i in 0..MAX_WAITING_JOINS as u64 {
+            assert!(c.begin_join(join(i, "n", false), now).is_ok());
+        }
+        assert!(c.begin_join(join(0, "n", false), now).is_err());
+        let mut c = cluster(15);
+        let big = WaitingJoin::new(1, 1, "n", "", false, &vec![0; MAX_WAITING_BYTES + 1]);
+        assert!(
+            c.begin_join(big, now).is_err(),
+            "early bytes are bounded too"
+        );
+    }
+}
