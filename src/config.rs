@@ -52,6 +52,10 @@ pub struct Config {
     pub offline_max_per_user: usize,
     /// Bytes all outboxes together may hold.
     pub offline_max_bytes: usize,
+    /// Messages one sender may have held at once, over all recipients.
+    pub offline_max_per_sender: usize,
+    /// Bytes one sender may have held at once, over all recipients.
+    pub offline_max_bytes_per_sender: usize,
     /// How long a held message waits before it expires.
     pub offline_ttl: Duration,
     /// The log is compacted once it is at least this big (and mostly dead).
@@ -113,6 +117,8 @@ impl Default for Config {
             fsync: Sync::Always,
             offline_max_per_user: 1000,
             offline_max_bytes: 64 * 1024 * 1024,
+            offline_max_per_sender: 1000,
+            offline_max_bytes_per_sender: 4 * 1024 * 1024,
             offline_ttl: Duration::from_secs(7 * 24 * 3600),
             compact_min_bytes: 4 * 1024 * 1024,
             auth: AuthMode::None,
@@ -127,6 +133,20 @@ impl Default for Config {
             cluster_prefix: "wschat".to_string(),
             cluster_lease: Duration::from_secs(15),
             reuseport: false,
+        }
+    }
+}
+
+impl Config {
+    /// The offline store's bounds.
+    pub fn store_limits(&self) -> crate::store::Limits {
+        crate::store::Limits {
+            max_per_user: self.offline_max_per_user,
+            max_bytes: self.offline_max_bytes,
+            max_per_sender: self.offline_max_per_sender,
+            max_bytes_per_sender: self.offline_max_bytes_per_sender,
+            ttl_ms: self.offline_ttl.as_millis().try_into().unwrap_or(u64::MAX),
+            max_known_users: self.max_known_users,
         }
     }
 }
@@ -390,6 +410,28 @@ pub const OPTIONS: &[Opt] = &[
         kind: Kind::Value,
         set: |c, name, v| {
             c.offline_max_bytes = parse_count(name, v, 1024)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--offline-max-per-sender",
+        value_name: "N",
+        about: "messages one sender may have held, over all recipients",
+        default: Some("1000"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.offline_max_per_sender = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--offline-max-bytes-per-sender",
+        value_name: "BYTES",
+        about: "bytes one sender may have held, over all recipients",
+        default: Some("4194304"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.offline_max_bytes_per_sender = parse_count(name, v, 1024)?;
             Ok(())
         },
     },

@@ -11,22 +11,34 @@ const PAGE: &[u8] = include_bytes!("web/index.html");
 /// The Prometheus text exposition format.
 const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The bytes that answer `method` on `resource`. While `shutting_down`
-/// (after SIGINT/SIGTERM) `/healthz` says 503, so that a load balancer stops
-/// sending clients here. `metrics` renders the Prometheus text; it is called
-/// for `/metrics` alone, HEAD included, since a HEAD must carry the
-/// `Content-Length` its GET would have.
+/// What `/healthz` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// Serving, but the outbox log cannot be written: offline messages are
+    /// refused (`storage_unavailable`). Still 200: live chat works, and a
+    /// load balancer should keep sending clients; the body says why.
+    Degraded,
+    /// After SIGINT/SIGTERM: 503, so that a load balancer stops sending
+    /// clients here.
+    ShuttingDown,
+}
+
+/// The bytes that answer `method` on `resource`. `metrics` renders the
+/// Prometheus text; it is called for `/metrics` alone, HEAD included, since
+/// a HEAD must carry the `Content-Length` its GET would have.
 pub fn respond(
     resource: Resource,
     method: Method,
-    shutting_down: bool,
+    health: Health,
     metrics: impl FnOnce() -> String,
 ) -> Vec<u8> {
     let response = match resource {
-        Resource::Health if shutting_down => {
-            Response::text(Status::ServiceUnavailable, "shutting down")
-        }
-        Resource::Health => Response::text(Status::Ok, "ok"),
+        Resource::Health => match health {
+            Health::Ok => Response::text(Status::Ok, "ok"),
+            Health::Degraded => Response::text(Status::Ok, "degraded: offline storage unavailable"),
+            Health::ShuttingDown => Response::text(Status::ServiceUnavailable, "shutting down"),
+        },
         Resource::Page => {
             Response::with_body(Status::Ok, "text/html; charset=utf-8", PAGE.to_vec())
         }
@@ -96,7 +108,12 @@ mod tests {
     const RESOURCES: [Resource; 3] = [Resource::Health, Resource::Page, Resource::Metrics];
 
     fn text(resource: Resource, method: Method, shutting_down: bool) -> String {
-        String::from_utf8(respond(resource, method, shutting_down, || "m 1\n".into()))
+        let health = if shutting_down {
+            Health::ShuttingDown
+        } else {
+            Health::Ok
+        };
+        String::from_utf8(respond(resource, method, health, || "m 1\n".into()))
             .expect("responses are UTF-8")
     }
 
@@ -153,7 +170,7 @@ mod tests {
         for resource in RESOURCES {
             for method in [Method::Get, Method::Head] {
                 let mut called = false;
-                respond(resource, method, false, || {
+                respond(resource, method, Health::Ok, || {
                     called = true;
                     String::new()
                 });

@@ -21,7 +21,7 @@ use wschat::config::{self, fd_reserve, AuthMode, Command, Config};
 use wschat::log;
 use wschat::server::Server;
 use wschat::store::log::{Log, Sync};
-use wschat::store::{Limits, Outboxes};
+use wschat::store::Outboxes;
 
 /// Process exit statuses.
 const EXIT_OK: i32 = 0;
@@ -198,12 +198,7 @@ fn auth_from(config: &Config) -> Result<Auth, String> {
 
 /// Opens the offline outbox log and replays it. Errors are one line.
 fn open_store(config: &Config) -> Result<(Option<Log>, Outboxes), String> {
-    let mut outboxes = Outboxes::new(Limits {
-        max_per_user: config.offline_max_per_user,
-        max_bytes: config.offline_max_bytes,
-        ttl_ms: config.offline_ttl.as_millis() as u64,
-        max_known_users: config.max_known_users,
-    });
+    let mut outboxes = Outboxes::new(config.store_limits());
     if config.echo {
         return Ok((None, outboxes));
     }

@@ -92,6 +92,8 @@ pub struct Snapshot {
     pub errors: u64,
     pub offline_messages: usize,
     pub offline_bytes: usize,
+    /// Names with messages held.
+    pub offline_users: usize,
     /// Times a sender was held (not read) for a flooded reader.
     pub senders_held: u64,
     /// Private messages refused because the recipient was flooded.
@@ -104,6 +106,13 @@ pub struct Snapshot {
     pub known_users_full: u64,
     /// What replaying the outbox log found at start.
     pub replayed: Replayed,
+    /// The outbox log cannot be written now.
+    pub store_degraded: bool,
+    /// Writes of the outbox log that failed, and recoveries from that.
+    pub store_write_failures: u64,
+    pub store_recoveries: u64,
+    /// Offline messages refused because the log could not be written.
+    pub store_refused: u64,
 }
 
 impl Metrics {
@@ -284,7 +293,37 @@ impl Metrics {
             "Bytes held in offline outboxes.",
             s.offline_bytes as u64,
         );
+        gauge(
+            &mut out,
+            "wschat_offline_users",
+            "Names with messages held (a name with nothing held costs nothing).",
+            s.offline_users as u64,
+        );
 
+        gauge(
+            &mut out,
+            "wschat_store_degraded",
+            "1 while the outbox log cannot be written (offline messages are refused with storage_unavailable).",
+            u64::from(s.store_degraded),
+        );
+        counter(
+            &mut out,
+            "wschat_store_write_failures_total",
+            "Writes of the outbox log (append, sync or rewrite) that failed.",
+            s.store_write_failures,
+        );
+        counter(
+            &mut out,
+            "wschat_store_recoveries_total",
+            "Times the outbox log was rewritten from memory after write failures and accepted writes again.",
+            s.store_recoveries,
+        );
+        counter(
+            &mut out,
+            "wschat_store_refused_total",
+            "Offline messages refused with storage_unavailable.",
+            s.store_refused,
+        );
         gauge(
             &mut out,
             "wschat_store_replay_records_kept",

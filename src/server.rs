@@ -34,6 +34,7 @@ use crate::handshake::{self, Policy};
 use crate::http;
 use crate::log;
 use crate::metrics::{Metrics, Snapshot};
+use crate::persist;
 use crate::store::log::Log;
 use crate::store::Outboxes;
 use crate::sys::ShutdownSignal;
@@ -104,6 +105,8 @@ struct Core {
     shutdown_by: Option<Instant>,
     /// The outbox log; `None` keeps offline messages in memory only.
     log: Option<Log>,
+    /// Whether the log can be written now.
+    disk: persist::Disk,
     /// Wall-clock milliseconds, read once per turn for message timestamps.
     now_ms: u64,
     /// Who may connect as whom.
@@ -193,7 +196,7 @@ impl Server {
                 },
                 outboxes,
             );
-            router.start_ids_after(wall_clock_ms());
+            router.start_numbers_after(wall_clock_ms());
             if auth.is_on() {
                 router.set_auth(auth.clone());
             }
@@ -235,6 +238,7 @@ impl Server {
                 refusing: false,
                 shutdown_by: None,
                 log,
+                disk: persist::Disk::default(),
                 now_ms: 0,
                 auth,
                 metrics: Metrics::default(),
@@ -338,6 +342,7 @@ impl Server {
             self.core.post.presence.due,
             self.core.shutdown_by,
             self.core.next_expiry(now),
+            self.core.disk.retry_at(),
             self.core.cluster.as_ref().and_then(|c| c.next_deadline()),
         ]
         .into_iter()
@@ -370,7 +375,7 @@ impl Server {
         self.core.settle(&mut self.conns, now);
         self.core.cluster_turn(&mut self.conns, now);
         self.core.settle(&mut self.conns, now);
-        self.core.commit(&mut self.conns)?;
+        self.core.commit(&mut self.conns, now);
         // A connection that dies in the flush departs, and its `leave`
         // must not wait for the next event: flush again (a few rounds at most).
         for _ in 0..3 {
@@ -610,6 +615,9 @@ impl Core {
             senders_held: self.post.senders_held,
             bytes_out: self.post.bytes_out,
             replayed: self.log.as_ref().map(Log::replayed).unwrap_or_default(),
+            store_degraded: self.disk.degraded(),
+            store_write_failures: self.disk.write_failures,
+            store_recoveries: self.disk.recoveries,
             ..Snapshot::default()
         };
         if let App::Chat(router) = &self.app {
@@ -622,7 +630,9 @@ impl Core {
             s.private_refused = router.stats.refused;
             s.known_users = router.known_users();
             s.known_users_full = router.stats.known_full;
+            s.store_refused = router.stats.storage_refused;
             (s.offline_messages, s.offline_bytes) = router.held();
+            s.offline_users = router.held_users();
         }
         let mut text = self.metrics.render(&s);
         if let Some(cluster) = &self.cluster {

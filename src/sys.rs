@@ -45,7 +45,10 @@ extern "C" {}
 ///   lines meant for stderr;
 /// - SIGPIPE is ignored, so writing to a peer that reset (`writev` takes no
 ///   `MSG_NOSIGNAL`) or to a log pipe whose reader left is an `EPIPE` error,
-///   not the end of the process.
+///   not the end of the process;
+/// - SIGXFSZ is ignored, so a log that reaches the file-size limit
+///   (`ulimit -f`, systemd's `LimitFSIZE`) is a write error (`EFBIG`), which
+///   the store survives like a full disk, not the end of the process.
 pub fn prepare_process() {
     for fd in 0..=2 {
         // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
@@ -61,6 +64,8 @@ pub fn prepare_process() {
     }
     // SAFETY: setting a signal's disposition to SIG_IGN has no memory effects.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    // SAFETY: as above.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
 }
 
 /// Calls `listen` again with a longer queue (Linux allows changing it on a

@@ -7,7 +7,6 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -45,21 +44,6 @@ fn try_recv(c: &mut Chat) -> Option<Value> {
             Ok(_) => {}
         }
     }
-}
-
-/// Bob connects as a simple client and reads what was held for him: the
-/// private messages that come right after the welcome, up to the `users`
-/// answer that [`drain`] asks for. Everything must be an offline private.
-fn collect_offline(addr: SocketAddr, name: &str, context: &str) -> (Chat, Vec<Value>) {
-    let mut c = Chat::joined(addr, name);
-    let got = drain(&mut c, context);
-    for v in &got {
-        assert!(
-            v["type"] == "private" && v["offline"] == json!(true),
-            "{context}: {name} got something other than a stored private: {v} (all: {got:?})"
-        );
-    }
-    (c, got)
 }
 
 // ---------------------------------------------------------------------------
@@ -112,10 +96,22 @@ fn held_messages_arrive_in_order_after_the_welcome_and_before_live_traffic() {
 
     let (mut bob, _) = Chat::join(addr, "bob");
     // Right after the welcome: the three stored messages, nothing between.
+    let mut seqs = Vec::new();
     for (i, body) in bodies.iter().enumerate() {
         let v = bob.recv("stored messages right after the welcome");
-        let seq = assert_private(&v, "alice", "bob", body, true, "stored message");
-        assert_eq!(seq, i as u64 + 1, "seq of stored message {i}: {v}");
+        seqs.push(assert_private(
+            &v,
+            "alice",
+            "bob",
+            body,
+            true,
+            "stored message",
+        ));
+        assert_eq!(
+            relative_seqs(&seqs)[i],
+            i as u64 + 1,
+            "seq of stored message {i}: {v}"
+        );
         assert_eq!(id_of(&v), ids[i], "stored message keeps its id: {v}");
         let ts = v["ts"].as_u64().unwrap();
         assert!(
@@ -147,10 +143,8 @@ fn held_messages_arrive_in_order_after_the_welcome_and_before_live_traffic() {
         }
         v["type"] == "private"
     });
-    assert_eq!(
-        assert_private(&live, "alice", "bob", "live", false, "live message"),
-        4
-    );
+    let seq = assert_private(&live, "alice", "bob", "live", false, "live message");
+    assert!(seq > seqs[2], "{seq} continues after {seqs:?}");
     assert_eq!(id_of(&live), id_of(&v));
 
     if publics == 0 {
@@ -194,7 +188,11 @@ fn a_simple_client_never_sees_a_message_twice() {
         .zip(["held 1", "held 2"])
         .map(|(v, body)| assert_private(v, "alice", "bob", body, true, "first connect"))
         .collect();
-    assert_eq!((got.len(), seqs), (2, vec![1, 2]), "{got:?}");
+    assert_eq!(
+        (got.len(), relative_seqs(&seqs)),
+        (2, vec![1, 2]),
+        "{got:?}"
+    );
 
     // A live message while online.
     assert_eq!(
@@ -202,10 +200,8 @@ fn a_simple_client_never_sees_a_message_twice() {
         "delivered"
     );
     let v = next(&mut bob, "live 1");
-    assert_eq!(
-        assert_private(&v, "alice", "bob", "live 1", false, "live"),
-        3
-    );
+    let seq = assert_private(&v, "alice", "bob", "live 1", false, "live");
+    assert!(seq > seqs[1], "{seq} continues after {seqs:?}");
 
     // Clean close, reconnect: nothing again.
     bob.close();
@@ -220,10 +216,8 @@ fn a_simple_client_never_sees_a_message_twice() {
         "delivered"
     );
     let v = next(&mut bob, "live 2");
-    assert_eq!(
-        assert_private(&v, "alice", "bob", "live 2", false, "live"),
-        4
-    );
+    let later = assert_private(&v, "alice", "bob", "live 2", false, "live");
+    assert!(later > seq, "{later} continues after {seq}");
     drop_abruptly(bob);
     wait_leave(&mut alice, "bob", "bob's abrupt drop");
     let (bob, got) = collect_offline(addr, "bob", "after an abrupt drop");
@@ -242,13 +236,25 @@ fn a_simple_client_never_sees_a_message_twice() {
 // 3. Reliable clients: resume replays exactly the unacknowledged gap
 // ---------------------------------------------------------------------------
 
-/// Reads one private message per seq in `want` (body `m{seq}`), then
-/// checks that nothing else came.
-fn expect_seqs(c: &mut Chat, want: &[u64], offline: bool, context: &str) -> Vec<Value> {
+/// Reads one private message per seq in `want`, in order, each with the
+/// body `m{i}` where `i` is the seq's place in `numbered` (the seqs of
+/// m1, m2, … as first received), then checks that nothing else came.
+fn expect_seqs(
+    c: &mut Chat,
+    numbered: &[u64],
+    want: &[u64],
+    offline: bool,
+    context: &str,
+) -> Vec<Value> {
     let mut got = Vec::new();
     for &seq in want {
         let v = next(c, context);
-        let body = format!("m{seq}");
+        let i = numbered
+            .iter()
+            .position(|&s| s == seq)
+            .expect("a known seq")
+            + 1;
+        let body = format!("m{i}");
         assert_eq!(
             assert_private(&v, "alice", "bob", &body, offline, context),
             seq,
@@ -258,6 +264,24 @@ fn expect_seqs(c: &mut Chat, want: &[u64], offline: bool, context: &str) -> Vec<
     }
     assert_quiet(c, &format!("{context}: nothing after seq {want:?}"));
     got
+}
+
+/// Reads `n` private messages with the bodies `m1`..`mN`, in order, and
+/// returns them with their seqs (which grow; they need not be consecutive).
+fn receive_numbered(
+    c: &mut Chat,
+    n: usize,
+    offline: bool,
+    context: &str,
+) -> (Vec<Value>, Vec<u64>) {
+    let got: Vec<Value> = (1..=n).map(|_| next(c, context)).collect();
+    let seqs: Vec<u64> = got
+        .iter()
+        .enumerate()
+        .map(|(i, v)| assert_private(v, "alice", "bob", &format!("m{}", i + 1), offline, context))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{context}: {seqs:?}");
+    (got, seqs)
 }
 
 #[test]
@@ -272,7 +296,8 @@ fn resume_replays_exactly_the_unacknowledged_messages_even_after_a_restart() {
         let v = send_and_wait(&mut alice, "bob", &format!("m{i}"), &format!("r{i}"));
         assert_eq!(v["status"], "delivered", "live to a reliable client: {v}");
     }
-    let live = expect_seqs(&mut bob, &[1, 2, 3, 4, 5], false, "live to reliable bob");
+    let (live, s) = receive_numbered(&mut bob, 5, false, "live to reliable bob");
+    assert_quiet(&mut bob, "live to reliable bob: nothing else");
     let original: HashMap<u64, (Value, Value)> = live
         .iter()
         .map(|v| {
@@ -283,11 +308,11 @@ fn resume_replays_exactly_the_unacknowledged_messages_even_after_a_restart() {
         })
         .collect();
 
-    ack(&mut bob, 2);
+    ack(&mut bob, s[1]);
     drop_abruptly(bob);
     wait_leave(&mut alice, "bob", "bob dropped");
-    let mut bob = join_reliable(addr, "bob", 2);
-    let replay = expect_seqs(&mut bob, &[3, 4, 5], true, "resume=2");
+    let mut bob = join_reliable(addr, "bob", s[1]);
+    let replay = expect_seqs(&mut bob, &s, &s[2..], true, "resume=2");
     for v in &replay {
         let seq = v["seq"].as_u64().unwrap();
         assert_eq!(
@@ -297,7 +322,7 @@ fn resume_replays_exactly_the_unacknowledged_messages_even_after_a_restart() {
         );
     }
 
-    ack(&mut bob, 3);
+    ack(&mut bob, s[2]);
     drop_abruptly(bob);
     wait_leave(&mut alice, "bob", "bob dropped again");
     drop_abruptly(alice);
@@ -306,10 +331,11 @@ fn resume_replays_exactly_the_unacknowledged_messages_even_after_a_restart() {
     let server = start_on(&dir, &[]);
     let addr = server.addr;
     let mut alice = Chat::joined(addr, "alice");
-    let mut bob = join_reliable(addr, "bob", 3);
+    let mut bob = join_reliable(addr, "bob", s[2]);
     let replay = expect_seqs(
         &mut bob,
-        &[4, 5],
+        &s,
+        &s[3..],
         true,
         "resume=3 after kill -9 and restart",
     );
@@ -325,13 +351,13 @@ fn resume_replays_exactly_the_unacknowledged_messages_even_after_a_restart() {
     // resume=4 drops seq 4 without an ack message...
     drop_abruptly(bob);
     wait_leave(&mut alice, "bob", "bob dropped after restart");
-    let mut bob = join_reliable(addr, "bob", 4);
-    expect_seqs(&mut bob, &[5], true, "resume=4");
+    let mut bob = join_reliable(addr, "bob", s[3]);
+    expect_seqs(&mut bob, &s, &s[4..], true, "resume=4");
     // ...for good: resume=0 gets only what is still held.
     drop_abruptly(bob);
     wait_leave(&mut alice, "bob", "bob dropped after resume=4");
     let mut bob = join_reliable(addr, "bob", 0);
-    expect_seqs(&mut bob, &[5], true, "resume=0 after resume=4");
+    expect_seqs(&mut bob, &s, &s[4..], true, "resume=0 after resume=4");
     // A new message continues the sequence.
     assert_eq!(
         send_and_wait(&mut alice, "bob", "m6", "r6")["status"],
@@ -341,7 +367,11 @@ fn resume_replays_exactly_the_unacknowledged_messages_even_after_a_restart() {
     // in blocks so that none is ever reused; it only has to grow.)
     let v = next(&mut bob, "live after the replays");
     let seq = assert_private(&v, "alice", "bob", "m6", false, "live after the replays");
-    assert!(seq > 5, "a new message after seq 5 got seq {seq}: {v}");
+    assert!(
+        seq > s[4],
+        "a new message after seq {} got seq {seq}: {v}",
+        s[4]
+    );
     assert_quiet(&mut bob, "nothing after m6");
 }
 
@@ -359,12 +389,13 @@ fn no_second_delivered_receipt_for_a_message_delivered_live_before_a_restart() {
     let v = send_and_wait(&mut alice, "bob", "m1", "r1");
     assert_eq!(v["status"], "delivered", "{v}");
     let id = id_of(&v);
-    expect_seqs(&mut bob, &[1], false, "live");
+    let (_, s) = receive_numbered(&mut bob, 1, false, "live");
+    assert_quiet(&mut bob, "live: nothing else");
     // Without a restart, a replay does not repeat the receipt.
     drop_abruptly(bob);
     wait_leave(&mut alice, "bob", "bob dropped");
     let mut bob = join_reliable(addr, "bob", 0);
-    expect_seqs(&mut bob, &[1], true, "replay in the same run");
+    expect_seqs(&mut bob, &s, &s, true, "replay in the same run");
     assert_quiet(&mut alice, "alice after a replay of a delivered message");
     drop_abruptly(bob);
     drop_abruptly(alice);
@@ -374,7 +405,7 @@ fn no_second_delivered_receipt_for_a_message_delivered_live_before_a_restart() {
     let addr = server.addr;
     let mut alice = Chat::joined(addr, "alice");
     let mut bob = join_reliable(addr, "bob", 0);
-    expect_seqs(&mut bob, &[1], true, "replay after a restart");
+    expect_seqs(&mut bob, &s, &s, true, "replay after a restart");
     let extra = drain(&mut alice, "alice after the replay");
     assert!(
         extra.is_empty(),
@@ -557,7 +588,11 @@ fn check_damaged_log(
     let want: Vec<String> = (1..=keep).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, want, "{name}: messages kept");
     let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=keep as u64).collect::<Vec<_>>(), "{name}: seqs");
+    assert_eq!(
+        relative_seqs(&seqs),
+        (1..=keep as u64).collect::<Vec<_>>(),
+        "{name}: seqs"
+    );
     drop(bob);
     drop(server);
     let _ = fs::remove_dir_all(&dir);
@@ -712,7 +747,7 @@ fn a_record_damaged_inside_the_log_loses_only_itself() {
     assert_eq!(bodies, want, "every message but the damaged one, in order");
     let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
     let want: Vec<u64> = (1..=100).filter(|&s| s != 50).collect();
-    assert_eq!(seqs, want, "each keeps its seq");
+    assert_eq!(relative_seqs(&seqs), want, "each keeps its seq");
     eprintln!(
         "damaged 1 byte of record {record} of {}: kept {kept} records ({} messages), lost {lost_bytes} bytes (1 message)",
         starts.len(),

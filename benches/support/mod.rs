@@ -50,8 +50,9 @@ pub fn router_with(users: usize, out: &mut Counting) -> Router {
         },
         unlimited_outboxes(),
     );
-    // Ids as the server gives them: milliseconds since 1970 × 1000, 16 digits.
-    router.start_ids_after(1_764_250_000_000);
+    // Ids and seqs as the server gives them: milliseconds since 1970 × 1000,
+    // 16 digits.
+    router.start_numbers_after(1_764_250_000_000);
     for slot in 0..users {
         router.join(ConnId(slot), &format!("username=u{slot}"), out);
     }

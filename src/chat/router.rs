@@ -14,7 +14,7 @@ use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestEr
 use super::username;
 use crate::auth::Auth;
 use crate::cluster::remote::Remote;
-use crate::store::{self, BoxId, Entry, Full, Outboxes};
+use crate::store::{self, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
 
 mod cluster;
@@ -105,6 +105,9 @@ pub struct RouterStats {
     pub refused: u64,
     /// Users not remembered because `--max-known-users` were.
     pub known_full: u64,
+    /// Private messages for offline users refused because the log could
+    /// not be written.
+    pub storage_refused: u64,
 }
 
 #[derive(Debug)]
@@ -113,9 +116,16 @@ struct Member {
     name: Rc<str>,
     /// Opted in with `resume`: its messages stay held until acknowledged.
     reliable: bool,
-    /// Its outbox, once it was sent a private message: the next `seq`
-    /// without a second lookup by name.
-    outbox: Option<BoxId>,
+}
+
+/// A message held this turn for an offline user, whose sender is promised
+/// `queued` once the turn's log records are on disk.
+#[derive(Debug)]
+struct AwaitingDisk {
+    sender: ConnId,
+    user: Rc<str>,
+    seq: u64,
+    reference: Option<Box<str>>,
 }
 
 /// `positions` entry of a connection that holds no name.
@@ -148,6 +158,10 @@ pub struct Router {
     auth: Auth,
     /// Hold private messages for names that never connected, too.
     offline_to_unknown: bool,
+    /// The log can be written: offline messages may be promised `queued`.
+    storage_available: bool,
+    /// This turn's `queued` promises, taken back if the log write fails.
+    awaiting_disk: Vec<AwaitingDisk>,
     /// Under `--cluster`: the other nodes' users, and what goes to them.
     remote: Option<Box<Remote>>,
     pub stats: RouterStats,
@@ -168,6 +182,8 @@ impl Router {
             scratch: Vec::with_capacity(256),
             auth: Auth::None,
             offline_to_unknown: false,
+            storage_available: true,
+            awaiting_disk: Vec::new(),
             remote: None,
             stats: RouterStats::default(),
         }
@@ -191,10 +207,18 @@ impl Router {
         self.outboxes.known_users()
     }
 
-    /// Message ids must grow across restarts too (clients de-duplicate by
-    /// id): start above every held id and above `now_ms * 1000`.
-    pub fn start_ids_after(&mut self, now_ms: u64) {
-        self.last_id = self.last_id.max(now_ms.saturating_mul(1000));
+    /// Message ids and sequence numbers must grow across restarts (clients
+    /// de-duplicate by id and resume by seq): both start above what the log
+    /// holds and above `now_ms * 1000`. The clock covers what the log could
+    /// not: ids are not logged unless held, and a crash while the disk was
+    /// full leaves the last numbers unrecorded. It holds unless the last run
+    /// gave out more than 1000 a millisecond on average. (About 2^51 today,
+    /// below 2^53, the largest integer a JavaScript number holds exactly,
+    /// until the 23rd century.)
+    pub fn start_numbers_after(&mut self, now_ms: u64) {
+        let base = now_ms.saturating_mul(1000);
+        self.last_id = self.last_id.max(base);
+        self.outboxes.number_from(base);
     }
 
     pub fn online(&self) -> usize {
@@ -204,6 +228,11 @@ impl Router {
     /// Messages and bytes held in outboxes.
     pub fn held(&self) -> (usize, usize) {
         self.outboxes.held()
+    }
+
+    /// Names with messages held.
+    pub fn held_users(&self) -> usize {
+        self.outboxes.boxes()
     }
 
     /// When the oldest held message expires (wall-clock milliseconds).
@@ -317,7 +346,6 @@ impl Router {
             conn: slot,
             name: name.clone(),
             reliable: resume.is_some(),
-            outbox: None,
         });
         if self.roster_len == Some(self.members.len() - 1) && self.members.len() <= LIST_LIMIT {
             encode::name_list_push(&mut self.roster, &name);
@@ -407,7 +435,7 @@ impl Router {
         // that is held is replayed (the client de-duplicates by id), rather
         // than dropped unread.
         let after = match resume {
-            Some(seq) if seq <= self.outboxes.last_seq(name) => seq,
+            Some(seq) if seq <= self.outboxes.last_seq() => seq,
             _ => 0,
         };
         if resume.is_some() {
@@ -623,33 +651,14 @@ impl Router {
         }
         self.stats.private += 1;
         let hold = !matches!(target, Some((_, false)));
-        if hold {
-            if let Err(full) = self.outboxes.check_room(to, from.len(), body.len()) {
-                let message = match full {
-                    Full::User => format!("{to} has too many messages waiting"),
-                    Full::Store => "the offline store is full".to_string(),
-                };
-                self.send_error(slot, "offline_queue_full", &message, reference, out);
-                return;
-            }
+        if hold && !self.may_hold(slot, to, from, body.len(), target.is_none(), reference, out) {
+            return;
         }
         let id = self.next_id();
-        let seq = match position {
-            Some(p) => {
-                let member = &mut self.members[p];
-                let outbox = *member
-                    .outbox
-                    .get_or_insert_with(|| self.outboxes.box_id(to));
-                self.outboxes.next_seq_in(outbox)
-            }
-            None => self.outboxes.next_seq(to),
-        };
+        let seq = self.outboxes.next_seq();
         let Some((target_slot, _)) = target else {
-            self.outboxes
-                .hold(to, held_entry(seq, id, now_ms, from, body, false));
-            self.stats.stored += 1;
-            encode::receipt(json, id, reference, "queued");
-            out.send_when_durable(slot, json);
+            let entry = held_entry(seq, id, now_ms, from, body, false);
+            self.hold_offline(slot, to, entry, reference, json, out);
             return;
         };
         encode::private(
@@ -670,8 +679,8 @@ impl Router {
         match delivery {
             Delivery::Queued => {
                 if hold {
-                    self.outboxes
-                        .hold(to, held_entry(seq, id, now_ms, from, body, true));
+                    let entry = held_entry(seq, id, now_ms, from, body, true);
+                    self.outboxes.hold(to, entry);
                 }
                 self.stats.deliveries += 1;
                 encode::receipt(json, id, reference, "delivered");
@@ -679,28 +688,123 @@ impl Router {
             }
             Delivery::Refused => {
                 self.stats.refused += 1;
-                // Nobody saw it: the recipient's numbering gets no hole.
-                if let Some(outbox) = position.and_then(|p| self.members[p].outbox) {
-                    self.outboxes.take_back_seq(outbox, seq);
-                }
+                // Nobody saw it: the number is given again.
+                self.outboxes.take_back_seq(seq);
                 let message = format!("{to} is receiving faster than it reads; try again later");
                 self.send_error(slot, "recipient_busy", &message, reference, out);
             }
             Delivery::Disconnected | Delivery::Gone | Delivery::Shed => {
                 // Not written to a live connection: hold it like any offline
                 // message (the loop tells the router the recipient left).
-                if self.outboxes.check_room(to, from.len(), body.len()).is_ok() {
-                    self.outboxes
-                        .hold(to, held_entry(seq, id, now_ms, from, body, false));
-                    self.stats.stored += 1;
-                    encode::receipt(json, id, reference, "queued");
-                    out.send_when_durable(slot, json);
-                } else {
-                    let message = format!("{to} is not online and its outbox is full");
-                    self.send_error(slot, "offline_queue_full", &message, reference, out);
+                if self.may_hold(slot, to, from, body.len(), true, reference, out) {
+                    let entry = held_entry(seq, id, now_ms, from, body, false);
+                    self.hold_offline(slot, to, entry, reference, json, out);
                 }
             }
         }
+    }
+
+    /// Whether a message from `from` may be held for `to`; if not, the
+    /// sender is told why. `offline`: nobody reads it live, so it is
+    /// promised `queued`, which needs the log (a reliable client's live
+    /// message is held in memory while the log cannot be written, and
+    /// written with everything else once it can).
+    #[allow(clippy::too_many_arguments)]
+    fn may_hold(
+        &mut self,
+        slot: ConnId,
+        to: &str,
+        from: &str,
+        body_len: usize,
+        offline: bool,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) -> bool {
+        if offline && !self.storage_available {
+            self.stats.storage_refused += 1;
+            let message =
+                "offline storage is unavailable (the server cannot write its log); try again later";
+            self.send_error(slot, "storage_unavailable", message, reference, out);
+            return false;
+        }
+        let (code, message) = match self.outboxes.check_room(to, from, body_len) {
+            Ok(()) => return true,
+            Err(Full::User) => (
+                "offline_queue_full",
+                format!("{to} has too many messages waiting"),
+            ),
+            Err(Full::Store) => (
+                "offline_queue_full",
+                "the offline store is full".to_string(),
+            ),
+            Err(Full::Sender) => (
+                "offline_sender_limit",
+                "too many of your messages are waiting for users who are offline".to_string(),
+            ),
+        };
+        self.send_error(slot, code, &message, reference, out);
+        false
+    }
+
+    /// Holds `entry` for `to`, who is offline, and promises its sender a
+    /// `queued` receipt once it is on disk.
+    fn hold_offline(
+        &mut self,
+        slot: ConnId,
+        to: &str,
+        entry: Entry,
+        reference: Option<&str>,
+        json: &mut Vec<u8>,
+        out: &mut impl Outbox,
+    ) {
+        let (id, seq) = (entry.id, entry.seq);
+        self.outboxes.hold(to, entry);
+        self.stats.stored += 1;
+        self.awaiting_disk.push(AwaitingDisk {
+            sender: slot,
+            user: Rc::from(to),
+            seq,
+            reference: reference.map(Box::from),
+        });
+        json.clear();
+        encode::receipt(json, id, reference, "queued");
+        out.send_when_durable(slot, json);
+    }
+
+    /// This turn's log records are on disk: the `queued` promises stand.
+    pub fn stored_durably(&mut self) {
+        self.awaiting_disk.clear();
+    }
+
+    /// This turn's log records did not reach the disk: the messages held
+    /// for offline users this turn are taken back and their senders told
+    /// (the caller drops the `queued` receipts), and until
+    /// [`storage_recovered`](Self::storage_recovered) no offline message is
+    /// accepted. Live chat goes on. Returns the (user, seq) taken back, whose
+    /// records must never reach the log.
+    pub fn storage_failed(&mut self, out: &mut impl Outbox) -> Vec<(Rc<str>, u64)> {
+        self.storage_available = false;
+        let mut taken_back = Vec::new();
+        for taken in std::mem::take(&mut self.awaiting_disk) {
+            self.outboxes.unhold(&taken.user, taken.seq);
+            self.stats.stored -= 1;
+            self.stats.storage_refused += 1;
+            let message = "the message could not be stored (the server cannot write its log); try again later";
+            self.send_error(
+                taken.sender,
+                "storage_unavailable",
+                message,
+                taken.reference.as_deref(),
+                out,
+            );
+            taken_back.push((taken.user, taken.seq));
+        }
+        taken_back
+    }
+
+    /// The log is written again.
+    pub fn storage_recovered(&mut self) {
+        self.storage_available = true;
     }
 
     /// Drops held messages past their time to live and tells their senders.
@@ -807,12 +911,7 @@ fn held_entry(seq: u64, id: u64, ts: u64, from: &str, body: &str, notified: bool
 
 /// Outbox limits that never bind, for routers without offline storage limits in tests.
 pub fn unlimited_outboxes() -> Outboxes {
-    Outboxes::new(store::Limits {
-        max_per_user: usize::MAX,
-        max_bytes: usize::MAX,
-        ttl_ms: u64::MAX,
-        max_known_users: usize::MAX,
-    })
+    Outboxes::new(store::Limits::unbounded())
 }
 
 #[cfg(test)]
@@ -1003,7 +1102,7 @@ mod tests {
         out.take();
         send(&mut r, &mut out);
         send(&mut r, &mut out);
-        assert_eq!(seqs(&mut out), vec![1, 2], "online: the member's own box");
+        assert_eq!(seqs(&mut out), vec![1, 2], "online");
         r.leave(ConnId(2), &mut out);
         send(&mut r, &mut out);
         out.take();
@@ -1011,7 +1110,7 @@ mod tests {
         assert_eq!(seqs(&mut out), vec![3], "held while offline, replayed");
         send(&mut r, &mut out);
         assert_eq!(seqs(&mut out), vec![4], "online again");
-        assert_eq!(r.outboxes.last_seq("bob"), 4);
+        assert_eq!(r.outboxes.last_seq(), 4);
     }
 
     #[test]
@@ -1075,7 +1174,7 @@ mod tests {
             sent[0],
             (
                 1,
-                json!({"type":"private","id":2,"ts":1235,"seq":1,"from":"alice","to":"alice","body":"me"})
+                json!({"type":"private","id":2,"ts":1235,"seq":2,"from":"alice","to":"alice","body":"me"})
             )
         );
         assert_eq!(sent[1].1["status"], "delivered");
@@ -1267,6 +1366,52 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_log_write_takes_back_this_turns_offline_messages() {
+        let mut r = router(10);
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob&resume=0", &mut out);
+        out.take();
+        let to = |name: &str, n: u32| {
+            format!(r#"{{"type":"private","to":"{name}","body":"m{n}","ref":{n}}}"#)
+        };
+        r.handle(ConnId(1), &to("carol", 1), 1, &mut out);
+        r.stored_durably();
+        r.handle(ConnId(1), &to("carol", 2), 1, &mut out);
+        r.handle(ConnId(1), &to("bob", 3), 1, &mut out); // live, held for reliable bob
+        assert_eq!(out.durable.len(), 2, "two queued promises");
+        out.take();
+        r.storage_failed(&mut out);
+        let sent = out.take();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(
+            (sent[0].0, &sent[0].1["code"], &sent[0].1["ref"]),
+            (1, &json!("storage_unavailable"), &json!(2))
+        );
+        // m1 was on disk already; m2 is taken back; bob's live one stays held.
+        let held: Vec<_> = r
+            .outboxes
+            .held_after("carol", 0)
+            .map(|e| e.body.clone())
+            .collect();
+        assert_eq!(held, ["m1"]);
+        assert_eq!(r.outboxes.held_after("bob", 0).count(), 1);
+        // Until the log is written again, offline messages are refused at
+        // once; live ones go on.
+        r.handle(ConnId(1), &to("carol", 4), 1, &mut out);
+        assert_eq!(out.take()[0].1["code"], "storage_unavailable");
+        r.handle(ConnId(1), &to("bob", 5), 1, &mut out);
+        assert!(out.take().iter().any(|(_, v)| v["status"] == "delivered"));
+        r.storage_recovered();
+        r.handle(ConnId(1), &to("carol", 6), 1, &mut out);
+        assert_eq!(
+            out.durable.last().map(|d| &d.1["status"]),
+            Some(&json!("queued"))
+        );
+        assert_eq!(r.stats.storage_refused, 2);
+    }
+
+    #[test]
     fn offline_messages_only_for_names_that_connected() {
         let mut r = Router::new(
             Limits {
@@ -1278,6 +1423,7 @@ mod tests {
                 max_bytes: 1 << 20,
                 ttl_ms: u64::MAX,
                 max_known_users: 2,
+                ..store::Limits::unbounded()
             }),
         );
         let mut out = Recorder::default();
@@ -1303,6 +1449,7 @@ mod tests {
             max_bytes: 1 << 20,
             ttl_ms: u64::MAX,
             max_known_users: 2,
+            ..store::Limits::unbounded()
         });
         let records = r.take_log_records();
         let mut at = 0;
@@ -1390,7 +1537,7 @@ mod tests {
                 max_per_user,
                 max_bytes: 1 << 20,
                 ttl_ms,
-                max_known_users: usize::MAX,
+                ..store::Limits::unbounded()
             }),
         );
         r.set_offline_to_unknown(true);

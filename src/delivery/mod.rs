@@ -471,6 +471,12 @@ impl Post {
         }
     }
 
+    /// This turn's log records did not reach the disk: the replies that
+    /// promised it never go out.
+    pub fn drop_durable(&mut self) {
+        self.after_sync.clear();
+    }
+
     // --- The connection's own frames --------------------------------------
 
     /// The opening handshake's answer: first, whatever follows it.

@@ -11,11 +11,11 @@ use crate::auth::{self, Refusal, TokenError};
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, OpenState, Phase};
 use crate::delivery::{policy, Mailer};
-use crate::endpoints;
+use crate::endpoints::{self, Health};
 use crate::handshake::{self, Outcome};
 use crate::http::{Response, Status};
 use crate::log;
-use crate::persist;
+use crate::persist::{self, Committed};
 use crate::ws::{CloseCode, Message, Opcode};
 
 impl Core {
@@ -128,10 +128,15 @@ impl Core {
             }
             Outcome::Serve { resource, method } => {
                 let open = conns.len();
-                let shutting_down = self.policy.shutting_down;
-                let response = endpoints::respond(resource, method, shutting_down, || {
-                    self.render_metrics(open)
-                });
+                let health = if self.policy.shutting_down {
+                    Health::ShuttingDown
+                } else if self.disk.degraded() {
+                    Health::Degraded
+                } else {
+                    Health::Ok
+                };
+                let response =
+                    endpoints::respond(resource, method, health, || self.render_metrics(open));
                 let conn = &mut conns[slot];
                 self.post
                     .respond_and_close(conn, slot, response, CloseReason::Normal);
@@ -264,14 +269,27 @@ impl Core {
     }
 
     /// Group commit (see [`persist`]), then the replies that promised
-    /// durability go out.
-    pub(super) fn commit(&mut self, conns: &mut Slab<Connection>) -> std::io::Result<()> {
+    /// durability go out, or are dropped if the log could not be written.
+    pub(super) fn commit(&mut self, conns: &mut Slab<Connection>, now: Instant) {
         let App::Chat(router) = &mut self.app else {
-            return Ok(());
+            return;
         };
-        persist::commit(router, self.log.as_mut(), self.config.compact_min_bytes)?;
-        self.post.release_durable(conns);
-        Ok(())
+        let mut mailer = Mailer {
+            conns,
+            post: &mut self.post,
+        };
+        let committed = persist::commit(
+            router,
+            self.log.as_mut(),
+            &mut self.disk,
+            now,
+            self.config.compact_min_bytes,
+            &mut mailer,
+        );
+        match committed {
+            Committed::Durable => self.post.release_durable(conns),
+            Committed::Refused => self.post.drop_durable(),
+        }
     }
 
     /// Rewrites the log to just the live records (at a clean shutdown, so

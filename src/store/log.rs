@@ -196,15 +196,28 @@ impl Log {
     }
 
     /// Appends records and, in `Sync::Always`, waits until they are on disk.
+    /// On failure (a full disk, an I/O error, a failed sync) the file is cut
+    /// back to where it was, as far as the file system lets it, and the
+    /// records count as not written: the caller rewrites the log from
+    /// memory once the disk takes writes again (see `persist`).
     pub fn append(&mut self, records: &[u8]) -> io::Result<()> {
         if records.is_empty() {
             return Ok(());
         }
-        self.file.write_all(records)?;
-        self.len += records.len() as u64;
-        if self.sync == Sync::Always {
-            self.file.sync_data()?;
+        let written = self.file.write_all(records).and_then(|()| {
+            if self.sync == Sync::Always {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            // A torn tail left behind if this fails too is cut at the next
+            // start, or replaced by the rewrite.
+            let _ = self.file.set_len(self.len);
+            return Err(e);
         }
+        self.len += records.len() as u64;
         Ok(())
     }
 
@@ -213,10 +226,15 @@ impl Log {
     /// one is on disk before it.
     pub fn compact(&mut self, snapshot: &[u8]) -> io::Result<()> {
         let scratch = self.dir.join(COMPACT_NAME);
-        let mut file = File::create(&scratch)?;
-        file.write_all(snapshot)?;
-        file.sync_all()?;
-        drop(file);
+        let written = File::create(&scratch).and_then(|mut file| {
+            file.write_all(snapshot)?;
+            file.sync_all()
+        });
+        if let Err(e) = written {
+            // What it took of a full disk is given back.
+            let _ = fs::remove_file(&scratch);
+            return Err(e);
+        }
         fs::rename(&scratch, self.dir.join(LOG_NAME))?;
         File::open(&self.dir)?.sync_all()?;
         self.file = OpenOptions::new()

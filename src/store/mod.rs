@@ -6,4 +6,4 @@ pub mod outbox;
 pub mod record;
 pub mod replay;
 
-pub use outbox::{BoxId, Entry, Full, Limits, Outboxes, Remembered};
+pub use outbox::{Entry, Full, Limits, Outboxes, Remembered};

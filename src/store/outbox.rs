@@ -2,6 +2,12 @@
 //! acknowledged (reliable clients), written to a live connection (simple
 //! clients), or expire. No I/O: each change is also encoded as a log record
 //! into `pending`, which the event loop appends to disk once per turn.
+//!
+//! A box exists only while it holds something: a name with nothing held
+//! costs nothing. That is safe for `resume` because sequence numbers are not
+//! counted per user but drawn from one counter for the whole server, which
+//! only grows (across restarts too): whatever a forgotten box had given out
+//! lies below every number given after it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
@@ -15,17 +21,34 @@ const SEQ_BLOCK: u64 = 1024;
 /// Memory counted per held message beyond its strings.
 const ENTRY_OVERHEAD: usize = 64;
 
-/// Memory counted per tracked name beyond the name: its sequence counter is
-/// kept for good, so it counts against `--offline-max-bytes` too.
+/// Memory counted per name that has something held, beyond the name.
 const USER_OVERHEAD: usize = 64;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_per_user: usize,
     pub max_bytes: usize,
+    /// What one sender may have held at once, over all recipients
+    /// (`--offline-max-per-sender`, `--offline-max-bytes-per-sender`).
+    pub max_per_sender: usize,
+    pub max_bytes_per_sender: usize,
     pub ttl_ms: u64,
     /// Names remembered as users (`--max-known-users`).
     pub max_known_users: usize,
+}
+
+impl Limits {
+    /// No bounds but the ones given: for tests.
+    pub fn unbounded() -> Limits {
+        Limits {
+            max_per_user: usize::MAX,
+            max_bytes: usize::MAX,
+            max_per_sender: usize::MAX,
+            max_bytes_per_sender: usize::MAX,
+            ttl_ms: u64::MAX,
+            max_known_users: usize::MAX,
+        }
+    }
 }
 
 /// What [`Outboxes::remember`] did.
@@ -51,42 +74,49 @@ pub struct Entry {
 
 impl Entry {
     fn cost(&self) -> usize {
-        self.body.len() + self.from.len() + ENTRY_OVERHEAD
+        cost(self.from.len(), self.body.len())
     }
 }
 
-#[derive(Debug)]
-struct UserBox {
-    name: Rc<str>,
-    /// The next sequence number to give out.
-    next_seq: u64,
-    /// Numbers below this are reserved on disk.
-    floor: u64,
-    entries: VecDeque<Entry>,
+/// What holding a message of these sizes counts against the quotas.
+fn cost(from_len: usize, body_len: usize) -> usize {
+    body_len + from_len + ENTRY_OVERHEAD
 }
-
-/// A user's box, for a caller that keeps it to skip the name lookup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BoxId(usize);
 
 /// Why a message could not be held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Full {
+    /// The recipient has `--offline-max-per-user` messages waiting.
     User,
+    /// The sender has its share of the store waiting.
+    Sender,
+    /// The store holds `--offline-max-bytes`.
     Store,
+}
+
+/// What one sender has held.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Share {
+    messages: usize,
+    bytes: usize,
 }
 
 #[derive(Debug)]
 pub struct Outboxes {
     limits: Limits,
-    /// Every user's box; boxes are never removed, so a [`BoxId`] stays valid.
-    boxes: Vec<UserBox>,
-    by_name: HashMap<Rc<str>, usize>,
+    /// The boxes that hold something; an emptied box is removed.
+    boxes: HashMap<Rc<str>, VecDeque<Entry>>,
+    /// What each sender has held (only senders with something held).
+    senders: HashMap<Rc<str>, Share>,
+    /// The next sequence number to give out, to anyone.
+    next_seq: u64,
+    /// Numbers below this are reserved on disk.
+    floor: u64,
     /// (expires at, user, seq) in expiry order.
     expiry: VecDeque<(u64, Rc<str>, u64)>,
     held: usize,
     held_bytes: usize,
-    /// What the tracked names themselves cost.
+    /// What the names of the boxes cost.
     names_bytes: usize,
     /// Names that connected: only these may be sent offline messages
     /// (unless the router says otherwise). Persisted as `Known` records.
@@ -103,8 +133,10 @@ impl Outboxes {
     pub fn new(limits: Limits) -> Outboxes {
         Outboxes {
             limits,
-            boxes: Vec::new(),
-            by_name: HashMap::new(),
+            boxes: HashMap::new(),
+            senders: HashMap::new(),
+            next_seq: 1,
+            floor: 0,
             expiry: VecDeque::new(),
             held: 0,
             held_bytes: 0,
@@ -119,6 +151,11 @@ impl Outboxes {
     /// Messages held, and their bytes.
     pub fn held(&self) -> (usize, usize) {
         (self.held, self.held_bytes)
+    }
+
+    /// Names with something held.
+    pub fn boxes(&self) -> usize {
+        self.boxes.len()
     }
 
     /// Remembers `user` as a user (it connected), up to `max_known_users`.
@@ -154,98 +191,61 @@ impl Outboxes {
         self.known.len()
     }
 
-    /// The box of `user`, created (and counted) on first use.
-    pub fn box_id(&mut self, user: &str) -> BoxId {
-        if let Some(&at) = self.by_name.get(user) {
-            return BoxId(at);
-        }
-        self.names_bytes += USER_OVERHEAD + user.len();
-        let name: Rc<str> = Rc::from(user);
-        self.boxes.push(UserBox {
-            name: name.clone(),
-            next_seq: 1,
-            floor: 0,
-            entries: VecDeque::new(),
-        });
-        self.by_name.insert(name, self.boxes.len() - 1);
-        BoxId(self.boxes.len() - 1)
-    }
-
-    fn user_box(&mut self, user: &str) -> &mut UserBox {
-        let BoxId(at) = self.box_id(user);
-        &mut self.boxes[at]
-    }
-
-    fn find(&self, user: &str) -> Option<&UserBox> {
-        self.by_name.get(user).and_then(|&at| self.boxes.get(at))
-    }
-
-    fn find_mut(&mut self, user: &str) -> Option<&mut UserBox> {
-        let at = *self.by_name.get(user)?;
-        self.boxes.get_mut(at)
-    }
-
-    /// Gives out `user`'s next sequence number.
-    pub fn next_seq(&mut self, user: &str) -> u64 {
-        let id = self.box_id(user);
-        self.next_seq_in(id)
-    }
-
-    /// Gives out the next sequence number of the box `id` (no name lookup:
-    /// the router keeps the ids of online users' boxes).
-    pub fn next_seq_in(&mut self, BoxId(at): BoxId) -> u64 {
-        let Some(b) = self.boxes.get_mut(at) else {
-            debug_assert!(false, "boxes are never removed");
-            return 0;
-        };
+    /// Gives out the next sequence number. One counter serves every
+    /// recipient, so a recipient's numbers grow but skip the ones given to
+    /// others.
+    pub fn next_seq(&mut self) -> u64 {
         // Numbers end at SEQ_LIMIT, which no server reaches: past it the
         // last one is given again, not one that the log would refuse.
-        let seq = b.next_seq.min(SEQ_LIMIT - 1);
-        b.next_seq = seq + 1;
-        if b.next_seq > b.floor {
-            b.floor = (b.next_seq + SEQ_BLOCK).min(SEQ_LIMIT);
-            let record = Record::SeqFloor {
-                user: b.name.to_string(),
-                next: b.floor,
-            };
-            record.encode(&mut self.pending);
+        let seq = self.next_seq.min(SEQ_LIMIT - 1);
+        self.next_seq = seq + 1;
+        if self.next_seq > self.floor {
+            self.floor = (self.next_seq + SEQ_BLOCK).min(SEQ_LIMIT);
+            Record::SeqFloor { next: self.floor }.encode(&mut self.pending);
         }
         seq
     }
 
-    /// Takes back `seq`, the last number given out from box `id`, for a
-    /// message that was refused before anyone saw it, so the recipient's
-    /// numbering has no hole. (The floor record already written stays: it is
-    /// only an upper bound.)
-    pub fn take_back_seq(&mut self, BoxId(at): BoxId, seq: u64) {
-        if let Some(b) = self.boxes.get_mut(at) {
-            if b.next_seq == seq + 1 {
-                b.next_seq = seq;
-            }
+    /// Takes back `seq`, the last number given out, for a message that was
+    /// refused before anyone saw it. (The floor record already written
+    /// stays: it is only an upper bound.)
+    pub fn take_back_seq(&mut self, seq: u64) {
+        if self.next_seq == seq + 1 {
+            self.next_seq = seq;
         }
     }
 
-    /// The last sequence number given out for `user` (0: none).
-    pub fn last_seq(&self, user: &str) -> u64 {
-        self.find(user).map_or(0, |b| b.next_seq.saturating_sub(1))
+    /// The last sequence number given out, to anyone (0: none).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
     }
 
-    /// Checks the quotas for one more message of `body_len` bytes.
-    pub fn check_room(&self, user: &str, from_len: usize, body_len: usize) -> Result<(), Full> {
-        if self
-            .find(user)
-            .is_some_and(|b| b.entries.len() >= self.limits.max_per_user)
-        {
+    /// Sequence numbers from `at_least` on, if that is beyond what the log
+    /// reserved (see `Router::start_numbers_after`).
+    pub fn number_from(&mut self, at_least: u64) {
+        self.next_seq = self.next_seq.max(at_least.min(SEQ_LIMIT - 1));
+    }
+
+    /// Checks the quotas for one more message from `from` of `body_len`
+    /// bytes to `user`.
+    pub fn check_room(&self, user: &str, from: &str, body_len: usize) -> Result<(), Full> {
+        let box_len = self.boxes.get(user).map_or(0, VecDeque::len);
+        if box_len >= self.limits.max_per_user {
             return Err(Full::User);
         }
-        let new_name = if self.by_name.contains_key(user) {
-            0
-        } else {
+        let cost = cost(from.len(), body_len);
+        let share = self.senders.get(from).copied().unwrap_or_default();
+        if share.messages >= self.limits.max_per_sender
+            || share.bytes + cost > self.limits.max_bytes_per_sender
+        {
+            return Err(Full::Sender);
+        }
+        let new_name = if box_len == 0 {
             USER_OVERHEAD + user.len()
+        } else {
+            0
         };
-        let after =
-            self.held_bytes + self.names_bytes + new_name + body_len + from_len + ENTRY_OVERHEAD;
-        if after > self.limits.max_bytes {
+        if self.held_bytes + self.names_bytes + new_name + cost > self.limits.max_bytes {
             return Err(Full::Store);
         }
         Ok(())
@@ -270,27 +270,55 @@ impl Outboxes {
         self.held += 1;
         self.held_bytes += entry.cost();
         self.max_id = self.max_id.max(entry.id);
+        self.next_seq = self.next_seq.max(entry.seq + 1);
+        let share = self.senders.entry(entry.from.clone()).or_default();
+        share.messages += 1;
+        share.bytes += entry.cost();
         let expires = entry.ts.saturating_add(self.limits.ttl_ms);
         let seq = entry.seq;
-        let b = self.user_box(user);
-        b.next_seq = b.next_seq.max(entry.seq + 1);
-        b.entries.push_back(entry);
-        let name = b.name.clone();
+        let name = match self.boxes.get_key_value(user) {
+            Some((name, _)) => name.clone(),
+            None => {
+                self.names_bytes += USER_OVERHEAD + user.len();
+                Rc::from(user)
+            }
+        };
+        self.boxes.entry(name.clone()).or_default().push_back(entry);
         self.expiry.push_back((expires, name, seq));
+    }
+
+    /// Counts out a message that left `user`'s box; forgets the box once
+    /// it is empty, and the sender's share once it is zero.
+    fn forget(&mut self, user: &str, entry: &Entry) {
+        self.held -= 1;
+        self.held_bytes -= entry.cost();
+        if let Some(share) = self.senders.get_mut(&entry.from) {
+            share.messages -= 1;
+            share.bytes -= entry.cost();
+            if share.messages == 0 {
+                self.senders.remove(&entry.from);
+            }
+        }
+        if self.boxes.get(user).is_some_and(VecDeque::is_empty) {
+            self.boxes.remove(user);
+            self.names_bytes -= USER_OVERHEAD + user.len();
+        }
     }
 
     /// The messages held for `user` after `seq`, oldest first.
     pub fn held_after(&self, user: &str, seq: u64) -> impl Iterator<Item = &Entry> {
-        self.find(user)
+        self.boxes
+            .get(user)
             .into_iter()
-            .flat_map(move |b| b.entries.iter().filter(move |e| e.seq > seq))
+            .flat_map(move |entries| entries.iter().filter(move |e| e.seq > seq))
     }
 
     /// Records that the sender of `user`'s message `seq` was told it arrived.
     pub fn mark_notified(&mut self, user: &str, seq: u64) {
         if let Some(e) = self
-            .find_mut(user)
-            .and_then(|b| b.entries.iter_mut().find(|e| e.seq == seq))
+            .boxes
+            .get_mut(user)
+            .and_then(|entries| entries.iter_mut().find(|e| e.seq == seq))
         {
             e.notified = true;
             Record::Notified {
@@ -303,22 +331,7 @@ impl Outboxes {
 
     /// Drops `user`'s messages up to `seq`. Returns how many.
     pub fn ack(&mut self, user: &str, seq: u64) -> usize {
-        // Field by field: the counters below change while `b` is held.
-        let Some(b) = self
-            .by_name
-            .get(user)
-            .and_then(|&at| self.boxes.get_mut(at))
-        else {
-            return 0;
-        };
-        let mut dropped = 0;
-        while b.entries.front().is_some_and(|e| e.seq <= seq) {
-            if let Some(e) = b.entries.pop_front() {
-                self.held -= 1;
-                self.held_bytes -= e.cost();
-                dropped += 1;
-            }
-        }
+        let dropped = self.drop_through(user, seq);
         if dropped > 0 {
             self.prune_expiry();
             Record::Ack {
@@ -328,6 +341,35 @@ impl Outboxes {
             .encode(&mut self.pending);
         }
         dropped
+    }
+
+    /// Removes `user`'s messages numbered up to `seq`.
+    fn drop_through(&mut self, user: &str, seq: u64) -> usize {
+        let mut dropped = 0;
+        while let Some(entries) = self.boxes.get_mut(user) {
+            if entries.front().is_none_or(|e| e.seq > seq) {
+                break;
+            }
+            let Some(e) = entries.pop_front() else { break };
+            self.forget(user, &e);
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Takes back a message held this turn whose record did not reach the
+    /// disk (the log could not be written): its sender is told it was not
+    /// stored, so it must not be delivered later either.
+    pub fn unhold(&mut self, user: &str, seq: u64) {
+        let Some(entries) = self.boxes.get_mut(user) else {
+            return;
+        };
+        let Some(at) = entries.iter().position(|e| e.seq == seq) else {
+            return;
+        };
+        if let Some(e) = entries.remove(at) {
+            self.forget(user, &e);
+        }
     }
 
     /// The expiry queue keeps entries of acknowledged messages until their
@@ -345,10 +387,10 @@ impl Outboxes {
         let mut expiry: Vec<_> = self
             .boxes
             .iter()
-            .flat_map(|b| {
-                b.entries
+            .flat_map(|(name, entries)| {
+                entries
                     .iter()
-                    .map(move |e| (e.ts.saturating_add(ttl), b.name.clone(), e.seq))
+                    .map(move |e| (e.ts.saturating_add(ttl), name.clone(), e.seq))
             })
             .collect();
         expiry.sort();
@@ -369,21 +411,21 @@ impl Outboxes {
                 break;
             }
             self.expiry.pop_front();
-            let Some(b) = self.find_mut(&user) else {
+            let Some(entries) = self.boxes.get_mut(&user) else {
                 continue;
             };
             // A user's messages expire in order, so a live one is at the front.
-            if b.entries.front().is_some_and(|e| e.seq == seq) {
-                if let Some(e) = b.entries.pop_front() {
-                    self.held -= 1;
-                    self.held_bytes -= e.cost();
-                    Record::Expire {
-                        user: user.to_string(),
-                        seq,
-                    }
-                    .encode(&mut self.pending);
-                    expired.push((user, e));
+            if entries.front().is_none_or(|e| e.seq != seq) {
+                continue;
+            }
+            if let Some(e) = entries.pop_front() {
+                self.forget(&user, &e);
+                Record::Expire {
+                    user: user.to_string(),
+                    seq,
                 }
+                .encode(&mut self.pending);
+                expired.push((user, e));
             }
         }
         expired
@@ -418,27 +460,19 @@ impl Outboxes {
             }
             Record::Notified { user, seq } => {
                 if let Some(e) = self
-                    .find_mut(&user)
-                    .and_then(|b| b.entries.iter_mut().find(|e| e.seq == seq))
+                    .boxes
+                    .get_mut(user.as_str())
+                    .and_then(|entries| entries.iter_mut().find(|e| e.seq == seq))
                 {
                     e.notified = true;
                 }
             }
             Record::Ack { user, seq } | Record::Expire { user, seq } => {
-                let found = self.by_name.get(user.as_str());
-                if let Some(b) = found.and_then(|&at| self.boxes.get_mut(at)) {
-                    while b.entries.front().is_some_and(|e| e.seq <= seq) {
-                        if let Some(e) = b.entries.pop_front() {
-                            self.held -= 1;
-                            self.held_bytes -= e.cost();
-                        }
-                    }
-                }
+                self.drop_through(&user, seq);
             }
-            Record::SeqFloor { user, next } => {
-                let b = self.user_box(&user);
-                b.floor = b.floor.max(next);
-                b.next_seq = b.next_seq.max(next);
+            Record::SeqFloor { next } | Record::UserSeqFloor { next, .. } => {
+                self.floor = self.floor.max(next);
+                self.next_seq = self.next_seq.max(next);
             }
             Record::Known { user } => {
                 if !self.known.contains(user.as_str()) {
@@ -451,26 +485,21 @@ impl Outboxes {
     /// After replay: give out numbers from the reserved floor on (some below
     /// it may have been used before a crash) and put expiries in time order.
     pub fn finish_replay(&mut self) {
-        for b in &mut self.boxes {
-            b.next_seq = b.next_seq.max(b.floor).max(1);
-        }
+        self.next_seq = self.next_seq.max(self.floor).max(1);
         self.rebuild_expiry();
         self.pending.clear();
     }
 
     /// After a replay that lost records (damage inside the log): numbers up
-    /// to one block past a box's last floor that was read may have been
-    /// given out under the floor record that followed it, which may be among
-    /// the lost ones, so every box continues one block further on. (A name
-    /// whose every record was lost is unknown, and starts again from 1.)
+    /// to one block past the last floor that was read may have been given
+    /// out under the floor record that followed it, which may be among the
+    /// lost ones, so numbering continues one block further on.
     pub fn after_lost_records(&mut self) {
-        for b in &mut self.boxes {
-            b.next_seq = (b.next_seq.max(b.floor) + SEQ_BLOCK + 1).min(SEQ_LIMIT);
-        }
+        self.next_seq = (self.next_seq.max(self.floor) + SEQ_BLOCK + 1).min(SEQ_LIMIT);
     }
 
     /// The records that rebuild the current state: the compacted log. The
-    /// exact next sequence numbers are recorded (so a clean restart skips
+    /// exact next sequence number is recorded (so a clean restart skips
     /// none) and the next number given out reserves a new block first.
     pub fn snapshot(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -480,16 +509,18 @@ impl Outboxes {
             }
             .encode(&mut out);
         }
-        for b in &mut self.boxes {
-            let user = &b.name;
-            b.next_seq = b.next_seq.max(1);
-            b.floor = b.next_seq;
-            Record::SeqFloor {
-                user: user.to_string(),
-                next: b.next_seq,
-            }
-            .encode(&mut out);
-            for e in &b.entries {
+        self.next_seq = self.next_seq.max(1);
+        self.floor = self.next_seq;
+        Record::SeqFloor {
+            next: self.next_seq,
+        }
+        .encode(&mut out);
+        // In name order, so that the same state always compacts to the
+        // same bytes.
+        let mut names: Vec<&Rc<str>> = self.boxes.keys().collect();
+        names.sort_unstable();
+        for user in names {
+            for e in &self.boxes[user] {
                 Record::Store {
                     user: user.to_string(),
                     seq: e.seq,
@@ -507,7 +538,7 @@ impl Outboxes {
 
     /// About the size of [`snapshot`](Self::snapshot), for the compaction threshold.
     pub fn live_log_bytes(&self) -> usize {
-        self.held_bytes + self.names_bytes + self.boxes.len() * FRAME_OVERHEAD + self.known_bytes
+        self.held_bytes + self.names_bytes + FRAME_OVERHEAD + 9 + self.known_bytes
     }
 }
 
@@ -515,24 +546,32 @@ impl Outboxes {
 mod tests {
     use super::*;
 
-    fn outboxes() -> Outboxes {
-        Outboxes::new(Limits {
+    fn limits() -> Limits {
+        Limits {
             max_per_user: 3,
             max_bytes: 10_000,
             ttl_ms: 1000,
-            max_known_users: usize::MAX,
-        })
+            ..Limits::unbounded()
+        }
     }
 
-    fn entry(o: &mut Outboxes, user: &str, id: u64, ts: u64) -> Entry {
+    fn outboxes() -> Outboxes {
+        Outboxes::new(limits())
+    }
+
+    fn entry_from(o: &mut Outboxes, from: &str, id: u64, ts: u64, body_len: usize) -> Entry {
         Entry {
-            seq: o.next_seq(user),
+            seq: o.next_seq(),
             id,
             ts,
-            from: Rc::from("alice"),
-            body: format!("m{id}"),
+            from: Rc::from(from),
+            body: "m".repeat(body_len),
             notified: false,
         }
+    }
+
+    fn entry(o: &mut Outboxes, id: u64, ts: u64) -> Entry {
+        entry_from(o, "alice", id, ts, 2)
     }
 
     fn replayed(bytes: &[u8], limits: Limits) -> Outboxes {
@@ -547,15 +586,19 @@ mod tests {
         o
     }
 
+    fn seqs(o: &Outboxes, user: &str) -> Vec<u64> {
+        o.held_after(user, 0).map(|e| e.seq).collect()
+    }
+
     #[test]
     fn holds_acks_and_replays_in_order() {
         let mut o = outboxes();
         let mut log = Vec::new();
         for id in 1..=3 {
-            let e = entry(&mut o, "bob", id, 100);
+            let e = entry(&mut o, id, 100);
             o.hold("bob", e);
         }
-        assert_eq!(o.check_room("bob", 5, 2), Err(Full::User));
+        assert_eq!(o.check_room("bob", "alice", 2), Err(Full::User));
         assert_eq!(
             o.held_after("bob", 1).map(|e| e.seq).collect::<Vec<_>>(),
             vec![2, 3]
@@ -564,10 +607,7 @@ mod tests {
         assert_eq!(o.ack("bob", 2), 0);
         log.extend(o.take_pending());
         let back = replayed(&log, o.limits);
-        assert_eq!(
-            back.held_after("bob", 0).map(|e| e.seq).collect::<Vec<_>>(),
-            vec![3]
-        );
+        assert_eq!(seqs(&back, "bob"), vec![3]);
         assert_eq!(back.held(), o.held());
     }
 
@@ -575,15 +615,116 @@ mod tests {
     fn sequence_numbers_survive_a_restart_without_reuse() {
         let mut o = outboxes();
         for _ in 0..5 {
-            o.next_seq("bob");
+            o.next_seq();
         }
         let log = o.take_pending();
         let mut back = replayed(&log, o.limits);
-        assert!(back.next_seq("bob") > 5);
-        assert_eq!(replayed(&[], o.limits).boxes.len(), 0);
-        let mut fresh = outboxes();
-        assert_eq!(fresh.next_seq("carol"), 1);
-        assert_eq!(fresh.next_seq("carol"), 2);
+        assert!(back.next_seq() > 5);
+        let mut fresh = replayed(&[], o.limits);
+        assert_eq!(fresh.next_seq(), 1);
+        assert_eq!(fresh.next_seq(), 2);
+        fresh.number_from(1 << 40);
+        assert_eq!(fresh.next_seq(), 1 << 40);
+        fresh.number_from(7);
+        assert_eq!(fresh.next_seq(), (1 << 40) + 1, "never backwards");
+    }
+
+    #[test]
+    fn one_counter_numbers_every_recipient() {
+        let mut o = outboxes();
+        let for_bob = entry(&mut o, 1, 10);
+        let for_carol = entry(&mut o, 2, 10);
+        let again_bob = entry(&mut o, 3, 10);
+        o.hold("bob", for_bob);
+        o.hold("carol", for_carol);
+        o.hold("bob", again_bob);
+        assert_eq!(seqs(&o, "bob"), vec![1, 3]);
+        assert_eq!(seqs(&o, "carol"), vec![2]);
+        assert_eq!(o.last_seq(), 3);
+    }
+
+    #[test]
+    fn a_name_with_nothing_held_costs_nothing() {
+        // Defect: every name ever sent a private kept a box (and its cost
+        // against --offline-max-bytes) for good.
+        let mut o = Outboxes::new(Limits {
+            max_bytes: 2_000,
+            ..limits()
+        });
+        for n in 0..20_000 {
+            let user = format!("user{n}");
+            let e = entry(&mut o, n, 10);
+            assert_eq!(o.check_room(&user, "alice", 2), Ok(()), "{user}");
+            o.hold(&user, e);
+            match n % 3 {
+                0 => assert_eq!(o.ack(&user, u64::MAX), 1),
+                1 => assert_eq!(o.expire(10 + o.limits.ttl_ms).len(), 1),
+                _ => {
+                    let seq = o.last_seq();
+                    o.unhold(&user, seq);
+                }
+            }
+            assert_eq!(o.held(), (0, 0));
+        }
+        assert_eq!(o.boxes(), 0);
+        assert_eq!(o.names_bytes, 0);
+        assert!(o.senders.is_empty());
+        assert!(o.expiry.len() < 2048, "{}", o.expiry.len());
+        // And numbers given after forgetting stay above every earlier one.
+        assert!(o.next_seq() > 20_000);
+        let compacted = o.snapshot();
+        assert!(compacted.len() < 64, "{} bytes", compacted.len());
+    }
+
+    #[test]
+    fn a_sender_may_hold_only_its_share() {
+        let mut o = Outboxes::new(Limits {
+            max_per_user: 100,
+            max_bytes: 100_000,
+            max_per_sender: 3,
+            max_bytes_per_sender: 500,
+            ttl_ms: 1000,
+            max_known_users: usize::MAX,
+        });
+        // (sender, recipient, body length, expected)
+        let table: &[(&str, &str, usize, Result<(), Full>)] = &[
+            ("mallory", "u1", 10, Ok(())),
+            ("mallory", "u2", 10, Ok(())),
+            ("mallory", "u3", 10, Ok(())),
+            ("mallory", "u4", 10, Err(Full::Sender)), // 4th message
+            ("alice", "u4", 10, Ok(())),              // others unaffected
+            ("eve", "u5", 300, Ok(())),
+            ("eve", "u6", 100, Err(Full::Sender)), // bytes: 367 + 167 > 500
+            ("eve", "u6", 30, Ok(())),
+        ];
+        for (n, &(from, to, len, expected)) in table.iter().enumerate() {
+            assert_eq!(o.check_room(to, from, len), expected, "row {n}");
+            if expected.is_ok() {
+                let e = entry_from(&mut o, from, n as u64, 10, len);
+                o.hold(to, e);
+            }
+        }
+        // Once a message goes, the sender may send again.
+        o.ack("u1", u64::MAX);
+        assert_eq!(o.check_room("u4", "mallory", 10), Ok(()));
+        // The shares are rebuilt from the log.
+        let back = replayed(&o.snapshot(), o.limits);
+        assert_eq!(back.senders, o.senders);
+        assert_eq!(back.check_room("u7", "eve", 100), Err(Full::Sender));
+    }
+
+    #[test]
+    fn unhold_takes_back_one_message() {
+        let mut o = outboxes();
+        for id in 1..=3 {
+            let e = entry(&mut o, id, 100);
+            o.hold("bob", e);
+        }
+        o.unhold("bob", 2);
+        o.unhold("bob", 2);
+        o.unhold("nobody", 1);
+        assert_eq!(seqs(&o, "bob"), vec![1, 3]);
+        assert_eq!(o.held().0, 2);
     }
 
     #[test]
@@ -591,7 +732,7 @@ mod tests {
         let mut o = outboxes();
         let given = 2 * SEQ_BLOCK + 10;
         for _ in 0..given {
-            o.next_seq("bob");
+            o.next_seq();
         }
         // Every record but the last floor.
         let mut records = crate::store::replay::Replay::read(&o.take_pending()).records;
@@ -602,16 +743,31 @@ mod tests {
             back.replay(r);
         }
         back.finish_replay();
-        assert!(back.last_seq("bob") < given, "the loss is visible");
+        assert!(back.last_seq() < given, "the loss is visible");
         back.after_lost_records();
-        assert!(back.next_seq("bob") > given);
+        assert!(back.next_seq() > given);
+    }
+
+    #[test]
+    fn a_log_with_a_counter_per_user_reads_as_one_floor() {
+        let mut log = Vec::new();
+        for (user, next) in [("bob", 2048), ("carol", 5000), ("dave", 10)] {
+            Record::UserSeqFloor {
+                user: user.into(),
+                next,
+            }
+            .encode(&mut log);
+        }
+        let mut o = replayed(&log, limits());
+        assert_eq!(o.next_seq(), 5000);
+        assert_eq!(o.boxes(), 0, "a floor makes no box");
     }
 
     #[test]
     fn expiry_removes_in_time_order_and_skips_acked() {
         let mut o = outboxes();
         for (id, ts) in [(1, 100), (2, 200), (3, 300)] {
-            let e = entry(&mut o, "bob", id, ts);
+            let e = entry(&mut o, id, ts);
             o.hold("bob", e);
         }
         o.ack("bob", 1);
@@ -628,31 +784,34 @@ mod tests {
         let mut o = Outboxes::new(Limits {
             max_per_user: 100,
             max_bytes: 300,
-            ttl_ms: 1000,
-            max_known_users: usize::MAX,
+            ..limits()
         });
-        let e = entry(&mut o, "bob", 1, 1);
-        assert_eq!(o.check_room("bob", 5, 100), Ok(()));
+        let e = entry_from(&mut o, "alice", 1, 1, 100);
+        assert_eq!(o.check_room("bob", "alice", 100), Ok(()));
         o.hold("bob", e);
-        assert_eq!(o.check_room("carol", 5, 100), Err(Full::Store));
+        assert_eq!(o.check_room("carol", "dave", 100), Err(Full::Store));
     }
 
     #[test]
     fn snapshot_rebuilds_the_same_state() {
         let mut o = outboxes();
         for (user, id) in [("bob", 1), ("bob", 2), ("carol", 3)] {
-            let e = entry(&mut o, user, id, 10);
+            let e = entry(&mut o, id, 10);
             o.hold(user, e);
         }
+        o.remember("bob");
         o.ack("bob", 1);
         let snapshot = o.snapshot();
-        let back = replayed(&snapshot, o.limits);
+        let mut back = replayed(&snapshot, o.limits);
         assert_eq!(back.held(), o.held());
         assert_eq!(
             back.held_after("bob", 0).map(|e| e.id).collect::<Vec<_>>(),
             vec![2]
         );
         assert_eq!(back.max_id, 3);
+        assert!(back.is_known("bob"));
+        assert_eq!(back.live_log_bytes(), o.live_log_bytes());
+        assert_eq!(back.snapshot(), snapshot, "compaction is deterministic");
     }
 
     #[test]
@@ -672,20 +831,16 @@ mod tests {
             notified: false,
         }
         .encode(&mut log);
-        Record::SeqFloor {
-            user: "carol".into(),
-            next: SEQ_LIMIT,
-        }
-        .encode(&mut log);
+        Record::SeqFloor { next: SEQ_LIMIT }.encode(&mut log);
         let mut o = replayed(&log, outboxes().limits);
         o.after_lost_records();
         let snapshot = o.snapshot();
         let mut back = replayed(&snapshot, o.limits);
         assert_eq!(back.snapshot(), snapshot);
-        assert_eq!(back.last_seq("bob"), SEQ_LIMIT - 1);
+        assert_eq!(back.last_seq(), SEQ_LIMIT - 1);
         // At the end of the numbers, the last one is given again.
-        assert_eq!(back.next_seq("carol"), SEQ_LIMIT - 1);
-        assert_eq!(back.next_seq("carol"), SEQ_LIMIT - 1);
+        assert_eq!(back.next_seq(), SEQ_LIMIT - 1);
+        assert_eq!(back.next_seq(), SEQ_LIMIT - 1);
         replayed(&back.take_pending(), o.limits);
         replayed(&back.snapshot(), o.limits);
     }

@@ -27,8 +27,12 @@ pub enum Record {
     Ack { user: String, seq: u64 },
     /// One message passed its time to live.
     Expire { user: String, seq: u64 },
-    /// Sequence numbers below `next` may have been given out for `user`.
-    SeqFloor { user: String, next: u64 },
+    /// Sequence numbers below `next` may have been given out (one counter
+    /// numbers every recipient's messages).
+    SeqFloor { next: u64 },
+    /// The same, from a log written when each user had a counter of its
+    /// own: read (as a floor for every number), no longer written.
+    UserSeqFloor { user: String, next: u64 },
     /// `user` connected (with authentication: a valid token named it), so
     /// private messages may be held for it.
     Known { user: String },
@@ -37,17 +41,19 @@ pub enum Record {
 const STORE: u8 = 1;
 const ACK: u8 = 2;
 const EXPIRE: u8 = 3;
-const SEQ_FLOOR: u8 = 4;
+const USER_SEQ_FLOOR: u8 = 4;
 const NOTIFIED: u8 = 5;
 const KNOWN: u8 = 6;
+const SEQ_FLOOR: u8 = 7;
 
 /// Bytes of framing around each payload.
 pub const FRAME_OVERHEAD: usize = 8;
 
 /// Where sequence numbers end: a `Store` record's `seq` is below it and a
 /// `SeqFloor` record's `next` at most it, and the outboxes number nothing
-/// past it, so that what they write reads back. A server numbers each
-/// user's messages from 1, so it never comes near; a record beyond is
+/// past it, so that what they write reads back. A server numbers messages
+/// from one counter that starts near the clock's milliseconds times 1000
+/// (about 2^51 today), so it never comes near; a record beyond is
 /// damage, and refusing it keeps the outboxes' arithmetic (`seq + 1`, a
 /// block of 1024 ahead) from overflowing. (Other records may carry any
 /// number: a client may acknowledge up to 2^64 - 1.)
@@ -113,8 +119,12 @@ impl Record {
                 put_str(out, user);
                 put_u64(out, *seq);
             }
-            Record::SeqFloor { user, next } => {
+            Record::SeqFloor { next } => {
                 out.push(SEQ_FLOOR);
+                put_u64(out, *next);
+            }
+            Record::UserSeqFloor { user, next } => {
+                out.push(USER_SEQ_FLOOR);
                 put_str(out, user);
                 put_u64(out, *next);
             }
@@ -161,6 +171,9 @@ impl Record {
                 seq: r.u64()?,
             },
             SEQ_FLOOR => Record::SeqFloor {
+                next: r.seq(SEQ_LIMIT)?,
+            },
+            USER_SEQ_FLOOR => Record::UserSeqFloor {
                 user: r.string()?,
                 next: r.seq(SEQ_LIMIT)?,
             },
@@ -186,7 +199,8 @@ impl Record {
             STORE => {
                 r.skip_string() && r.skip(3 * 8) && r.skip_string() && r.skip_string() && r.skip(1)
             }
-            NOTIFIED | ACK | EXPIRE | SEQ_FLOOR => r.skip_string() && r.skip(8),
+            NOTIFIED | ACK | EXPIRE | USER_SEQ_FLOOR => r.skip_string() && r.skip(8),
+            SEQ_FLOOR => r.skip(8),
             KNOWN => r.skip_string(),
             _ => false,
         };
@@ -330,7 +344,8 @@ mod tests {
                 user: "carol".into(),
                 seq: 1,
             },
-            Record::SeqFloor {
+            Record::SeqFloor { next: 1025 },
+            Record::UserSeqFloor {
                 user: "dave".into(),
                 next: 1025,
             },
@@ -389,10 +404,7 @@ mod tests {
             body: "b".into(),
             notified: false,
         };
-        let floor = |next| Record::SeqFloor {
-            user: "bob".into(),
-            next,
-        };
+        let floor = |next| Record::SeqFloor { next };
         let ack = |seq| Record::Ack {
             user: "bob".into(),
             seq,

@@ -50,6 +50,19 @@ impl ChatServer {
         }
     }
 
+    /// A server started some other way (see `support::spawn`).
+    pub fn from_spawned(process: Spawned) -> ChatServer {
+        ChatServer {
+            addr: process.addr,
+            process,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
     pub fn logs(&self) -> String {
         self.process.log.text()
     }

@@ -131,14 +131,21 @@ pub fn run_to_exit(args: &[&str]) -> Output {
     child.wait_with_output().expect("collect output")
 }
 
+/// The whole answer to `GET path` (the server closes after it).
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tcp(addr);
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap_or_else(|e| panic!("request {path}: {e}"));
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("read {path}: {e}"));
+    text
+}
+
 /// One figure from `GET /metrics`.
 pub fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let mut stream = tcp(addr);
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .expect("request /metrics");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read /metrics");
+    let text = http_get(addr, "/metrics");
     let sample = format!("{name} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&sample)?.parse().ok())
@@ -339,4 +346,27 @@ pub fn record_starts(bytes: &[u8]) -> Vec<usize> {
         pos += 8 + len;
     }
     starts
+}
+
+/// `seqs` counted from the first as 1: the numbers a server gives in one
+/// run to one recipient, when nobody else is sent privates, are
+/// consecutive, but they start wherever the server's counter stands.
+pub fn relative_seqs(seqs: &[u64]) -> Vec<u64> {
+    let first = seqs.first().copied().unwrap_or(1);
+    seqs.iter().map(|s| s - first + 1).collect()
+}
+
+/// Bob connects as a simple client and reads what was held for him: the
+/// private messages that come right after the welcome, up to the `users`
+/// answer that [`drain`] asks for. Everything must be an offline private.
+pub fn collect_offline(addr: SocketAddr, name: &str, context: &str) -> (Chat, Vec<Value>) {
+    let mut c = Chat::joined(addr, name);
+    let got = drain(&mut c, context);
+    for v in &got {
+        assert!(
+            v["type"] == "private" && v["offline"] == json!(true),
+            "{context}: {name} got something other than a stored private: {v} (all: {got:?})"
+        );
+    }
+    (c, got)
 }

@@ -8,7 +8,6 @@ use std::rc::Rc;
 use super::{encode, held_entry, Class, ConnId, Delivery, Outbox, Router, LIST_LIMIT};
 use crate::chat::protocol::PrivateMessage;
 use crate::cluster::remote::{Carried, Inbound, Outcome, Remote, To};
-use crate::store::Full;
 use crate::ws::CloseCode;
 
 impl Router {
@@ -207,20 +206,17 @@ impl Router {
             return Outcome::Absent;
         };
         let to = self.members[position].name.clone();
-        let outbox = *self.members[position]
-            .outbox
-            .get_or_insert_with(|| self.outboxes.box_id(&to));
         let reliable = self.members[position].reliable;
         let conn = self.members[position].conn;
         if reliable
             && self
                 .outboxes
-                .check_room(&to, carried.from.len(), carried.body.len())
+                .check_room(&to, &carried.from, carried.body.len())
                 .is_err()
         {
             return Outcome::Absent;
         }
-        let seq = self.outboxes.next_seq_in(outbox);
+        let seq = self.outboxes.next_seq();
         let mut json = Vec::with_capacity(128 + carried.body.len());
         encode::private(
             &mut json,
@@ -252,7 +248,7 @@ impl Router {
                 Outcome::Delivered
             }
             _ => {
-                self.outboxes.take_back_seq(outbox, seq);
+                self.outboxes.take_back_seq(seq);
                 Outcome::Absent
             }
         }
@@ -282,26 +278,25 @@ impl Router {
             }
             Outcome::Absent => {
                 let (from, to, body) = (&carried.from, &carried.to, &carried.body);
-                match self.outboxes.check_room(to, from.len(), body.len()) {
-                    Ok(()) => {
-                        let seq = self.outboxes.next_seq(to);
-                        let entry = held_entry(seq, carried.id, carried.ts, from, body, false);
+                let seq = self.outboxes.next_seq();
+                let entry = held_entry(seq, carried.id, carried.ts, from, body, false);
+                match sender {
+                    Some(sender) => {
+                        if self.may_hold(sender, to, from, body.len(), true, reference, out) {
+                            self.hold_offline(sender, to, entry, reference, &mut json, out);
+                        } else {
+                            self.outboxes.take_back_seq(seq);
+                        }
+                    }
+                    // The sender left meanwhile: the message is held if it
+                    // fits, with nobody to promise it to.
+                    None if self.storage_available
+                        && self.outboxes.check_room(to, from, body.len()).is_ok() =>
+                    {
                         self.outboxes.hold(to, entry);
                         self.stats.stored += 1;
-                        if let Some(sender) = sender {
-                            encode::receipt(&mut json, carried.id, reference, "queued");
-                            out.send_when_durable(sender, &json);
-                        }
                     }
-                    Err(full) => {
-                        if let Some(sender) = sender {
-                            let message = match full {
-                                Full::User => format!("{to} has too many messages waiting"),
-                                Full::Store => "the offline store is full".to_string(),
-                            };
-                            self.send_error(sender, "offline_queue_full", &message, reference, out);
-                        }
-                    }
+                    None => self.outboxes.take_back_seq(seq),
                 }
             }
         }

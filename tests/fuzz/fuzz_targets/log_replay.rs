@@ -33,7 +33,7 @@ use wschat::config::Config;
 use wschat::store::log::{Log, Sync};
 use wschat::store::record::{crc32, Record, FRAME_OVERHEAD};
 use wschat::store::replay::{Damage, Replay};
-use wschat::store::{Limits, Outboxes};
+use wschat::store::Outboxes;
 
 /// What replay may take beyond the file's bytes: this many times their
 /// number, plus a constant for the fixed costs (paths, file handles, the
@@ -86,25 +86,25 @@ fuzz_target!(|data: &[u8]| {
     let users: Vec<&str> = boxes
         .iter()
         .filter_map(|r| match r {
-            Record::SeqFloor { user, .. } => Some(user.as_str()),
+            Record::Store { user, .. } => Some(user.as_str()),
             _ => None,
         })
         .collect();
+    assert_eq!(a.last_seq(), b.last_seq());
     for user in &users {
-        assert_eq!(a.last_seq(user), b.last_seq(user), "{user:?}");
         assert!(
             a.held_after(user, 0).eq(b.held_after(user, 0)),
             "{user:?}'s messages"
         );
     }
     assert_eq!(parts(&second.snapshot()), written);
-    // The replayed state is usable: a new message for any name is numbered
-    // above everything held for it, short of the end of the numbers (a log
-    // can claim 2^63 - 1; past it the last number is given again, by design:
-    // see `Outboxes::next_seq_in`).
-    for user in &users {
-        let seq = first.next_seq(user);
-        if seq < wschat::store::record::SEQ_LIMIT - 1 {
+    // The replayed state is usable: a new message is numbered above
+    // everything held, short of the end of the numbers (a log can claim
+    // 2^63 - 1; past it the last number is given again, by design: see
+    // `Outboxes::next_seq`).
+    let seq = first.next_seq();
+    if seq < wschat::store::record::SEQ_LIMIT - 1 {
+        for user in &users {
             assert!(first.held_after(user, seq - 1).next().is_none());
         }
     }
@@ -119,13 +119,7 @@ fn fresh_log(dir: &Path, log: &[u8]) {
 
 /// `open_store` in src/main.rs, without its logging.
 fn open_and_replay(dir: &Path) -> Outboxes {
-    let config = Config::default();
-    let mut outboxes = Outboxes::new(Limits {
-        max_per_user: config.offline_max_per_user,
-        max_bytes: config.offline_max_bytes,
-        ttl_ms: config.offline_ttl.as_millis() as u64,
-        max_known_users: config.max_known_users,
-    });
+    let mut outboxes = Outboxes::new(Config::default().store_limits());
     let opened = Log::open(dir, Sync::Never).unwrap();
     let replayed = opened.log.replayed();
     for record in opened.records {
