@@ -917,6 +917,8 @@ pub fn unlimited_outboxes() -> Outboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod cluster;
     use serde_json::{json, Value};
 
     /// Records what the router sends; slots listed in `full` are too slow.
