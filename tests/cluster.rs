@@ -465,3 +465,112 @@ fn with_tokens_a_new_session_on_another_node_replaces_the_old() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn nothing_acknowledged_is_lost_across_a_redis_restart_under_traffic() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let (a, b) = (node(&redis, &[]), node(&redis, &[]));
+    wait_for_cluster(&[&a, &b]);
+    let mut alice = Chat::joined(a.addr, "alice");
+    let mut bob = Chat::joined(b.addr, "bob");
+    wait_listed(&mut alice, "bob");
+    // Bob records every private he gets, until "end" (through the outage).
+    bob.ws
+        .get_mut()
+        .0
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let bob_reader = std::thread::spawn(move || {
+        let mut got = std::collections::HashSet::new();
+        loop {
+            match bob.event("bob reading") {
+                Event::Json(v) if v["type"] == json!("private") => {
+                    let body = v["body"].as_str().unwrap_or_default().to_string();
+                    if body == "end" {
+                        return got;
+                    }
+                    got.insert(body);
+                }
+                Event::Close(c) => panic!("bob closed: {c:?}"),
+                _ => {}
+            }
+        }
+    });
+    // Alice sends one at a time and waits for its outcome.
+    alice
+        .ws
+        .get_mut()
+        .0
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let send = |alice: &mut Chat, body: &str| -> String {
+        alice.send(json!({"type": "private", "to": "bob", "body": body, "ref": body}));
+        loop {
+            let v = match alice.event("outcome") {
+                Event::Json(v) => v,
+                Event::Ping => continue,
+                Event::Close(c) => panic!("alice closed: {c:?}"),
+            };
+            if v["ref"] == json!(body) {
+                return match v["type"].as_str() {
+                    Some("receipt") => v["status"].as_str().unwrap_or_default().to_string(),
+                    _ => v["code"].as_str().unwrap_or_default().to_string(),
+                };
+            }
+        }
+    };
+    let mut outcomes = Vec::new();
+    for i in 0..20 {
+        outcomes.push((format!("m{i}"), send(&mut alice, &format!("m{i}"))));
+    }
+    redis.kill();
+    for i in 20..40 {
+        outcomes.push((format!("m{i}"), send(&mut alice, &format!("m{i}"))));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _redis = Redis::start_on(redis.port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 40;
+    let mut delivered_after = 0;
+    while delivered_after < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "delivery did not resume: {:?}\nA:\n{}\n{}\nB:\n{}\n{}",
+            outcomes.last(),
+            a.logs(),
+            metrics(a.addr),
+            b.logs(),
+            metrics(b.addr)
+        );
+        let body = format!("m{i}");
+        let outcome = send(&mut alice, &body);
+        delivered_after += usize::from(outcome == "delivered");
+        outcomes.push((body, outcome));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(send(&mut alice, "end"), "delivered");
+    let got = bob_reader.join().expect("bob's reader");
+    for (body, outcome) in &outcomes {
+        assert!(
+            outcome == "delivered" || outcome == "cluster_unavailable",
+            "{body}: {outcome}"
+        );
+        if outcome == "delivered" {
+            assert!(
+                got.contains(body),
+                "{body} was receipted delivered but never arrived"
+            );
+        }
+    }
+    assert!(
+        outcomes[..20].iter().all(|(_, o)| o == "delivered"),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|(_, o)| o == "cluster_unavailable"),
+        "the outage was noticed: {outcomes:?}"
+    );
+}

@@ -100,8 +100,10 @@ impl Core {
             conns,
             post: &mut self.post,
         };
-        router.cluster_overdue(self.now_ms, &mut mailer);
         let up = cluster.is_up();
+        // With the link down no receipt can come back: the senders of
+        // what is pending are told now rather than at the timeout.
+        router.cluster_overdue(if up { self.now_ms } else { u64::MAX }, &mut mailer);
         if let Some(remote) = router.remote_mut() {
             remote.up = up;
         }
