@@ -229,8 +229,14 @@ fn publics_reach_every_connection_of_every_node_once_in_order() {
     }
     for c in &mut clients {
         let mut next: HashMap<String, usize> = HashMap::new();
+        let mut ids = std::collections::HashSet::new();
         for _ in 0..EACH * names.len() {
             let m = recv_kind(c, "public", "publics");
+            assert!(
+                ids.insert(m["id"].clone()),
+                "{}: ids are unique across nodes: {m}",
+                c.label
+            );
             let from = m["from"].as_str().unwrap().to_string();
             let expected = next.entry(from.clone()).or_default();
             assert_eq!(

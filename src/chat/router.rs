@@ -833,7 +833,15 @@ impl Router {
     }
 
     fn next_id(&mut self) -> u64 {
-        self.last_id += 1;
+        // Under `--cluster`, from the blocks the cluster's counter granted
+        // (unique across nodes); past them (Redis away long), on from here.
+        let granted = self.remote.as_mut().and_then(|r| r.take_id());
+        self.last_id = granted.map_or(self.last_id + 1, |id| id.max(self.last_id + 1));
+        self.last_id
+    }
+
+    /// The last message id given out.
+    pub fn last_id(&self) -> u64 {
         self.last_id
     }
 

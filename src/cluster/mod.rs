@@ -111,6 +111,8 @@ pub enum Event {
     Up,
     /// An authenticated user's lease was taken from this node: its session there ends.
     TookOver(Rc<str>, Rc<str>),
+    /// Message ids up to this one (a block of `remote::ID_BLOCK`) are this node's.
+    Ids(u64),
 }
 
 /// What a command's reply means to us.
@@ -124,6 +126,8 @@ enum Expect {
     Renew(Rc<str>),
     /// Taking a lost lease back.
     Reclaim(Rc<str>),
+    /// A block of message ids from the cluster's counter.
+    Ids,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +162,11 @@ pub struct Cluster {
     /// When local leases are renewed and the heartbeat sent next.
     renew_at: Instant,
     seed: u64,
+    /// Ids are asked for above this (the clock × 1000 and the last id given
+    /// out; kept by the loop).
+    pub id_floor: u64,
+    /// A block of ids is asked for and not granted yet.
+    ids_asked: bool,
     stats: Stats,
 }
 
@@ -180,6 +189,8 @@ impl Cluster {
             waiting_bytes: 0,
             renew_at: now,
             seed,
+            id_floor: 0,
+            ids_asked: false,
             stats: Stats::default(),
         }
     }
@@ -261,6 +272,32 @@ impl Cluster {
             now,
         );
         join.sent = true;
+    }
+
+    /// Asks the cluster's counter for the next block of message ids (raised
+    /// to the floor first, so ids keep growing after Redis lost the counter).
+    pub fn ask_for_ids(&mut self, now: Instant) {
+        if !self.is_up() || self.ids_asked {
+            return;
+        }
+        self.ids_asked = true;
+        let key = format!("{}:ids", self.settings.prefix).into_bytes();
+        let block = remote::ID_BLOCK.to_string().into_bytes();
+        let floor = self.id_floor.to_string().into_bytes();
+        self.command(
+            &[
+                b"EVAL",
+                b"local v = redis.call('INCRBY', KEYS[1], ARGV[1]) \
+                  local least = tonumber(ARGV[2]) + tonumber(ARGV[1]) \
+                  if v < least then redis.call('SET', KEYS[1], least) v = least end return v",
+                b"1",
+                &key,
+                &block,
+                &floor,
+            ],
+            Expect::Ids,
+            now,
+        );
     }
 
     /// Gives a lease back unless another node holds it now.
@@ -432,6 +469,7 @@ impl Cluster {
         self.command.close(registry);
         self.subscriber.close(registry);
         self.expecting.clear();
+        self.ids_asked = false;
         for join in &mut self.waiting {
             join.sent = false;
         }
@@ -521,6 +559,8 @@ impl Cluster {
                     self.node,
                     self.addr
                 );
+                // Ids first: a user welcomed by the joins below may speak at once.
+                self.ask_for_ids(now);
                 let mut waiting = std::mem::take(&mut self.waiting);
                 for join in &mut waiting {
                     self.send_join(join, now);
@@ -584,6 +624,13 @@ impl Cluster {
             Expect::Renew(name) => {
                 if frame == Frame::Integer(0) {
                     self.reclaim_one(name, now);
+                }
+            }
+            Expect::Ids => {
+                self.ids_asked = false;
+                match frame {
+                    Frame::Integer(end) if end > 0 => events.push(Event::Ids(end as u64)),
+                    other => crate::log::warn!("cluster: unexpected reply for ids: {other:?}"),
                 }
             }
             Expect::Reclaim(name) => match frame {
@@ -877,6 +924,21 @@ mod tests {
         assert!(matches!(c.expecting.back(), Some((Expect::Reclaim(n), _)) if &**n == "ann"));
         c.on_reply(bulk("another"), now, &mut events);
         assert!(matches!(events.as_slice(), [Event::LeaseLost(n)] if &**n == "ann"));
+    }
+
+    #[test]
+    fn ids_are_asked_for_once_and_granted() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        c.id_floor = 5_000;
+        c.ask_for_ids(now);
+        c.ask_for_ids(now);
+        assert_eq!(c.expecting.len(), 1, "one request at a time");
+        let mut events = Vec::new();
+        c.on_reply(Frame::Integer(7_000_000), now, &mut events);
+        assert!(matches!(events.as_slice(), [Event::Ids(7_000_000)]));
+        c.ask_for_ids(now);
+        assert_eq!(c.expecting.len(), 1, "asked again once answered");
     }
 
     #[test]

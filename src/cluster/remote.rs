@@ -21,6 +21,9 @@ pub const MAX_PENDING: usize = 10_000;
 /// (publics) or refuses (privates, joins) and counts it.
 pub const MAX_OUTGOING_BYTES: usize = 8 * 1024 * 1024;
 
+/// Message ids a node takes from the cluster's counter at a time.
+pub const ID_BLOCK: u64 = 1 << 20;
+
 /// Where a message between nodes goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum To {
@@ -173,6 +176,9 @@ pub struct Remote {
     pub up: bool,
     /// How long a receipt may take.
     pub receipt_timeout_ms: u64,
+    /// Message ids granted by the cluster's counter, blocks of `next..=end`. Ids are
+    /// unique across nodes (clients de-duplicate by id) and still grow.
+    ids: VecDeque<(u64, u64)>,
     pub stats: RemoteStats,
 }
 
@@ -190,8 +196,36 @@ impl Remote {
             next_tag: 1,
             up: false,
             receipt_timeout_ms: 5_000,
+            ids: VecDeque::new(),
             stats: RemoteStats::default(),
         }
+    }
+
+    /// The next id of the granted blocks, if one is left.
+    pub fn take_id(&mut self) -> Option<u64> {
+        while let Some((next, end)) = self.ids.front_mut() {
+            if *next <= *end {
+                let id = *next;
+                *next += 1;
+                return Some(id);
+            }
+            self.ids.pop_front();
+        }
+        None
+    }
+
+    /// Ids left in the granted blocks.
+    pub fn ids_left(&self) -> u64 {
+        self.ids
+            .iter()
+            .map(|(next, end)| (end + 1).saturating_sub(*next))
+            .sum()
+    }
+
+    /// The counter's answer: the block ending at `end` is ours, used after
+    /// what is left of the current one.
+    pub fn grant_ids(&mut self, end: u64) {
+        self.ids.push_back((end.saturating_sub(ID_BLOCK - 1), end));
     }
 
     pub fn node(&self) -> &str {
@@ -487,6 +521,25 @@ impl Remote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_come_from_granted_blocks_in_order() {
+        let mut r = Remote::new("me");
+        assert_eq!((r.take_id(), r.ids_left()), (None, 0));
+        r.grant_ids(10 * ID_BLOCK);
+        assert_eq!(r.take_id(), Some(9 * ID_BLOCK + 1));
+        for _ in 0..ID_BLOCK / 2 {
+            r.take_id();
+        }
+        assert!(r.ids_left() < ID_BLOCK / 2);
+        r.grant_ids(20 * ID_BLOCK);
+        let mut last = 0;
+        while let Some(id) = r.take_id() {
+            assert!(id > last);
+            last = id;
+        }
+        assert_eq!(last, 20 * ID_BLOCK, "the old block first, then the new one");
+    }
 
     fn payloads(r: &mut Remote) -> Vec<(To, String)> {
         r.take_outgoing()

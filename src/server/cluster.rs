@@ -101,6 +101,13 @@ impl Core {
             post: &mut self.post,
         };
         let up = cluster.is_up();
+        cluster.id_floor = self.now_ms.saturating_mul(1000).max(router.last_id());
+        if router
+            .remote()
+            .is_some_and(|r| r.ids_left() < crate::cluster::remote::ID_BLOCK / 2)
+        {
+            cluster.ask_for_ids(now);
+        }
         // With the link down no receipt can come back: the senders of
         // what is pending are told now rather than at the timeout.
         router.cluster_overdue(if up { self.now_ms } else { u64::MAX }, &mut mailer);
@@ -164,6 +171,11 @@ impl Core {
                         remote.forgive_silence(now_ms);
                         remote.hello();
                         remote.roster(remote::To::All, names.iter().map(|n| &**n));
+                    }
+                }
+                Event::Ids(end) => {
+                    if let Some(remote) = router.remote_mut() {
+                        remote.grant_ids(end);
                     }
                 }
                 Event::TookOver(node, name) => {
