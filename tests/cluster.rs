@@ -38,7 +38,9 @@ impl Redis {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "redis-server is required under CI"
             );
-            eprintln!("skipped: no redis-server");
+            // Straight to stderr, past the test harness's capture, so a
+            // plain `cargo test` shows it.
+            let _ = writeln!(std::io::stderr(), "skipped: no redis-server");
             return None;
         }
         let port = free_port();
