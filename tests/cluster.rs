@@ -48,6 +48,11 @@ impl Redis {
     }
 
     fn start_on(port: u16) -> Redis {
+        Redis::start_with(port, &[])
+    }
+
+    /// With `extra` arguments for `redis-server` (after the test's own).
+    fn start_with(port: u16, extra: &[&str]) -> Redis {
         let dir =
             std::env::temp_dir().join(format!("wschat-cluster-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -56,6 +61,7 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,12 +79,13 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Whether it answers (`+PONG`, or `-NOAUTH` with a password).
     fn ping(&self) -> Option<()> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.write_all(b"PING\r\n").ok()?;
-        let mut buf = [0u8; 7];
+        let mut buf = [0u8; 1];
         s.read_exact(&mut buf).ok()?;
-        (&buf == b"+PONG\r\n").then_some(())
+        matches!(buf[0], b'+' | b'-').then_some(())
     }
 
     fn kill(&mut self) {
@@ -580,5 +587,39 @@ fn nothing_acknowledged_is_lost_across_a_redis_restart_under_traffic() {
     assert!(
         outcomes.iter().any(|(_, o)| o == "cluster_unavailable"),
         "the outage was noticed: {outcomes:?}"
+    );
+}
+
+#[test]
+fn a_password_and_a_database_are_used_and_a_wrong_password_refuses_joins() {
+    if Redis::start().is_none() {
+        return;
+    }
+    let redis = Redis::start_with(free_port(), &["--requirepass", "s3cret"]);
+    let good = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
+    let a = ChatServer::start(&["--cluster", &good, "--cluster-prefix", "pw"]);
+    let b = ChatServer::start(&["--cluster", &good, "--cluster-prefix", "pw"]);
+    wait_for_cluster(&[&a, &b]);
+    let _ann = Chat::joined(a.addr, "ann");
+    let mut bob = Chat::joined(b.addr, "bob");
+    wait_listed(&mut bob, "ann");
+    // The name's key is in database 3 under the prefix.
+    let mut s = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    s.write_all(b"AUTH s3cret\r\nSELECT 3\r\nEXISTS pw:name:ann\r\n")
+        .unwrap();
+    let mut reply = [0u8; 14];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"+OK\r\n+OK\r\n:1\r\n");
+
+    let bad = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let c = ChatServer::start(&["--cluster", &bad, "--cluster-lease", "1s"]);
+    let mut refused = Chat::open(c.addr, &ws_path("cat"));
+    refused.expect_close(1013, None, "a join while Redis refuses the node");
+    let m = metrics(c.addr);
+    assert_ne!(metric(&m, "wschat_cluster_redis_state"), Some(2.0), "{m}");
+    assert!(
+        c.logs().contains("WRONGPASS") || c.logs().contains("invalid"),
+        "{}",
+        c.logs()
     );
 }
