@@ -21,6 +21,13 @@ pub const MAX_PENDING: usize = 10_000;
 /// (publics) or refuses (privates, joins) and counts it.
 pub const MAX_OUTGOING_BYTES: usize = 8 * 1024 * 1024;
 
+/// The largest message between nodes, well inside what a node's RESP
+/// decoder takes (`resp::MAX_BULK`): a bigger public or private is refused
+/// with `cluster_unavailable` rather than sent to break every subscriber.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// Names per `roster` message are sent in pieces of about this many bytes.
+const ROSTER_PIECE: usize = 64 * 1024;
+
 /// Message ids a node takes from the cluster's counter at a time.
 pub const ID_BLOCK: u64 = 1 << 20;
 
@@ -76,8 +83,11 @@ pub enum Inbound {
     /// A node (re)started or reconnected: it wants everyone's roster.
     Hello,
     Beat,
-    /// All names online on the sender, replacing what was known.
+    /// All names online on the sender, replacing what was known (the last
+    /// piece of a roster).
     Roster(Vec<Rc<str>>),
+    /// A piece of a roster, more to come.
+    Part(Vec<Rc<str>>),
     Join(Rc<str>),
     Leave(Rc<str>),
     /// A public event, encoded by the sender's node.
@@ -101,14 +111,17 @@ pub fn decode(payload: &[u8]) -> Option<(&str, Inbound)> {
     let inbound = match kind {
         b"hello" => Inbound::Hello,
         b"beat" => Inbound::Beat,
-        b"roster" => {
+        b"roster" | b"part" => {
             let s = std::str::from_utf8(rest).ok()?;
             let names = s
                 .split('\n')
                 .filter(|n| crate::chat::username::is_valid(n))
                 .map(Rc::from)
                 .collect();
-            Inbound::Roster(names)
+            match kind {
+                b"roster" => Inbound::Roster(names),
+                _ => Inbound::Part(names),
+            }
         }
         b"join" => Inbound::Join(name()?),
         b"leave" => Inbound::Leave(name()?),
@@ -155,6 +168,8 @@ pub struct RemoteStats {
 struct NodeSeen {
     last_ms: u64,
     names: HashSet<Rc<str>>,
+    /// The pieces of a roster being received.
+    parts: Vec<Rc<str>>,
 }
 
 #[derive(Debug)]
@@ -274,7 +289,7 @@ impl Remote {
 
     /// Whether a message of `len` bytes may go to Redis now.
     pub fn can_send(&self, len: usize) -> bool {
-        self.up && self.outgoing_bytes + len <= MAX_OUTGOING_BYTES
+        self.up && len <= MAX_PAYLOAD && self.outgoing_bytes + len <= MAX_OUTGOING_BYTES
     }
 
     fn publish(&mut self, to: To, kind: &str, rest: &[u8]) {
@@ -296,16 +311,28 @@ impl Remote {
         self.publish(To::All, "beat", b"");
     }
 
-    /// Sends this node's names to `to` (all nodes, or one that said hello).
+    /// Sends this node's names to `to` (all nodes, or one that said hello):
+    /// as many `part`s as it takes, then the `roster` that completes them.
     pub fn roster<'a>(&mut self, to: To, names: impl Iterator<Item = &'a str>) {
         let mut rest = Vec::new();
         for name in names {
+            if rest.len() + name.len() >= ROSTER_PIECE {
+                self.publish(to.clone(), "part", &rest);
+                rest.clear();
+            }
             if !rest.is_empty() {
                 rest.push(b'\n');
             }
             rest.extend_from_slice(name.as_bytes());
         }
         self.publish(to, "roster", &rest);
+    }
+
+    /// A piece of `node`'s roster, kept until its last piece.
+    pub fn roster_part(&mut self, node: &str, names: Vec<Rc<str>>) {
+        if let Some(seen) = self.nodes.get_mut(node) {
+            seen.parts.extend(names);
+        }
     }
 
     pub fn announce_join(&mut self, name: &str) {
@@ -352,8 +379,11 @@ impl Remote {
             return false;
         }
         carried.tag = self.next_tag;
-        self.next_tag += 1;
         let rest = serde_json::to_vec(&carried).unwrap_or_default();
+        if rest.len() > MAX_PAYLOAD {
+            return false;
+        }
+        self.next_tag += 1;
         self.stats.messages_out += 1;
         self.publish(To::Node(node), "priv", &rest);
         self.pending_order.push_back(carried.tag);
@@ -415,7 +445,7 @@ impl Remote {
                     Rc::from(node),
                     NodeSeen {
                         last_ms: now_ms,
-                        names: HashSet::new(),
+                        ..NodeSeen::default()
                     },
                 );
             }
@@ -460,8 +490,11 @@ impl Remote {
     pub fn replace_roster(
         &mut self,
         node: &str,
-        names: Vec<Rc<str>>,
+        mut names: Vec<Rc<str>>,
     ) -> (Vec<Rc<str>>, Vec<Rc<str>>) {
+        if let Some(seen) = self.nodes.get_mut(node) {
+            names.append(&mut seen.parts);
+        }
         let before: Vec<Rc<str>> = self
             .nodes
             .get(node)
@@ -592,6 +625,31 @@ mod tests {
                 Inbound::Kick(Rc::from("bob")),
             ]
         );
+    }
+
+    #[test]
+    fn a_big_roster_goes_in_pieces() {
+        let mut a = Remote::new("a1");
+        let names: Vec<String> = (0..20_000).map(|i| format!("user{i:05}")).collect();
+        a.roster(To::All, names.iter().map(String::as_str));
+        let mut b = Remote::new("b2");
+        b.heard("a1", 0);
+        b.joined("a1", Rc::from("user00001"));
+        b.joined("a1", Rc::from("gone"));
+        let sent = payloads(&mut a);
+        assert!(sent.len() > 2);
+        for (i, (_, payload)) in sent.iter().enumerate() {
+            assert!(payload.len() <= ROSTER_PIECE + 64);
+            match decode(payload.as_bytes()) {
+                Some((node, Inbound::Part(n))) if i + 1 < sent.len() => b.roster_part(node, n),
+                Some((node, Inbound::Roster(n))) if i + 1 == sent.len() => {
+                    let (joined, left) = b.replace_roster(node, n);
+                    assert_eq!((joined.len(), left), (19_999, vec![Rc::from("gone")]));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(b.online(), 20_000);
     }
 
     #[test]

@@ -150,6 +150,7 @@ impl Router {
                     self.remote_presence("leave", &name, out);
                 }
             }
+            Inbound::Part(names) => remote.roster_part(node, names),
             Inbound::Join(name) => {
                 if remote.joined(node, name.clone()) {
                     self.remote_presence("join", &name, out);
