@@ -27,7 +27,9 @@ redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$
 redis_pid=$!; pids+=("$redis_pid")
 
 node() { # name -> starts a node, prints "pid port"
+  # The load comes from one address at full speed: no per-client limits.
   "$bin/wschat" --listen 127.0.0.1:0 --data-dir none --log warn \
+    --rate-limit 0 --max-handshakes-per-ip 0 --max-connections-per-ip 0 \
     --cluster "redis://127.0.0.1:$rport" 2>"$tmp/$1.log" &
   local pid=$!; pids+=("$pid")
   for _ in $(seq 100); do

@@ -85,6 +85,8 @@ pub struct Config {
     pub cluster_lease: Duration,
     /// Set SO_REUSEPORT on the listener, so several processes share the port.
     pub reuseport: bool,
+    /// Message rate, per-address limits and trusted proxies.
+    pub limits: crate::limits::Settings,
 }
 
 /// How clients are authenticated (`--auth`).
@@ -133,6 +135,7 @@ impl Default for Config {
             cluster_prefix: "wschat".to_string(),
             cluster_lease: Duration::from_secs(15),
             reuseport: false,
+            limits: crate::limits::Settings::default(),
         }
     }
 }
@@ -152,9 +155,10 @@ impl Config {
 }
 
 /// File descriptors kept back from `--max-connections`' default: the
-/// listener, epoll, stdio, and room to answer 503 at the limit.
+/// listener, epoll, stdio, room to answer 503 at the limit, and the sockets
+/// kept for health checks beyond it ([`crate::limits::HTTP_RESERVE`]).
 pub fn fd_reserve() -> usize {
-    32
+    32 + crate::limits::HTTP_RESERVE
 }
 
 /// How an option takes its value.
@@ -222,8 +226,9 @@ pub const OPTIONS: &[Opt] = &[
     Opt {
         flag: "--max-connections",
         value_name: "N",
-        about: "open sockets beyond N get 503",
-        default: Some("open-file limit - 32"),
+        about: "WebSocket connections (and handshakes) beyond N get 503; 16 more sockets are \
+                kept for /healthz and /metrics",
+        default: Some("open-file limit - 48"),
         kind: Kind::Value,
         set: |c, name, v| {
             c.max_connections = Some(parse_count(name, v, 1)?);
@@ -603,6 +608,66 @@ pub const OPTIONS: &[Opt] = &[
         },
     },
     Opt {
+        flag: "--rate-limit",
+        value_name: "N",
+        about: "chat messages per second per connection (acks and token renewals are free); \
+                beyond it rate_limited errors, and close 1008 for a sender that keeps on; 0 = off",
+        default: Some("20"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.rate_limit = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--rate-burst",
+        value_name: "N",
+        about: "messages a connection may send at once before --rate-limit applies",
+        default: Some("40"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.rate_burst = parse_u32(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-connections-per-ip",
+        value_name: "N",
+        about: "connections one client address (an IPv6 /64) may hold; more get 429; 0 = off",
+        default: Some("64"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.max_connections_per_ip = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-handshakes-per-ip",
+        value_name: "N",
+        about: "connections one client address may open per second; more get 429; 0 = off",
+        default: Some("30"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.max_handshakes_per_ip = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--trusted-proxy",
+        value_name: "IP|CIDR",
+        about: "a reverse proxy whose X-Forwarded-For names the client, for the per-address \
+                limits and the log (repeatable)",
+        default: None,
+        kind: Kind::List,
+        set: |c, name, v| {
+            let cidr = crate::limits::forwarded::Cidr::parse(v).ok_or_else(|| {
+                ConfigError::invalid(name, v, "an IP address or a CIDR such as 10.0.0.0/8")
+            })?;
+            c.limits.trusted_proxies.0.push(cidr);
+            Ok(())
+        },
+    },
+    Opt {
         flag: "--log",
         value_name: "LEVEL",
         about: "error | warn | info | debug",
@@ -803,6 +868,17 @@ fn parse_addr(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| ConfigError::invalid(name, text, "an address such as 127.0.0.1:8080"))
 }
 
+fn parse_u32(name: &str, text: &str, min: u32) -> Result<u32, ConfigError> {
+    match text.parse::<u32>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(ConfigError::invalid(
+            name,
+            text,
+            format!("a whole number from {min} to {}", u32::MAX),
+        )),
+    }
+}
+
 fn parse_count(name: &str, text: &str, min: usize) -> Result<usize, ConfigError> {
     match text.parse::<usize>() {
         Ok(n) if n >= min => Ok(n),
@@ -914,6 +990,7 @@ mod tests {
             "ISS" => "https://auth.example",
             "REDIS_URL" => "redis://:pw@127.0.0.1:6379/2",
             "PREFIX" => "chat1",
+            "IP|CIDR" => "10.0.0.0/8",
             other => panic!("no example value for {other}: add one"),
         }
     }
@@ -967,6 +1044,55 @@ mod tests {
     }
 
     #[test]
+    fn limits_take_their_values() {
+        let c = config_in(
+            &[
+                "--rate-limit",
+                "0",
+                "--rate-burst=3",
+                "--trusted-proxy",
+                "10.0.0.1",
+            ],
+            &[
+                ("WSCHAT_MAX_CONNECTIONS_PER_IP", "5"),
+                ("WSCHAT_MAX_HANDSHAKES_PER_IP", "0"),
+                ("WSCHAT_TRUSTED_PROXY", "192.0.2.0/24, fd00::/8"),
+            ],
+        );
+        assert_eq!((c.limits.rate_limit, c.limits.rate_burst), (0, 3));
+        assert_eq!(c.limits.max_connections_per_ip, 5);
+        assert_eq!(c.limits.max_handshakes_per_ip, 0);
+        // The flag wins over its variable, as for every option.
+        let proxies: Vec<String> = c
+            .limits
+            .trusted_proxies
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(proxies, ["10.0.0.1/32"]);
+        let c = config_in(&[], &[("WSCHAT_TRUSTED_PROXY", "192.0.2.0/24, fd00::/8")]);
+        let proxies: Vec<String> = c
+            .limits
+            .trusted_proxies
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(proxies, ["192.0.2.0/24", "fd00::/8"]);
+        let d = Config::default().limits;
+        assert_eq!(
+            (
+                d.rate_limit,
+                d.rate_burst,
+                d.max_connections_per_ip,
+                d.max_handshakes_per_ip
+            ),
+            (20, 40, 64, 30)
+        );
+    }
+
+    #[test]
     fn mistakes_are_one_line_errors() {
         for args in [
             &["--bogus"][..],
@@ -979,6 +1105,11 @@ mod tests {
             &["--log", "loud"],
             &["--allowed-origin", "chat.example"],
             &["--echo=yes"],
+            &["--rate-limit", "-1"],
+            &["--rate-limit", "4294967296"],
+            &["--rate-burst", "0"],
+            &["--trusted-proxy", "proxy.example"],
+            &["--trusted-proxy", "10.0.0.0/33"],
         ] {
             let err = parse(args).expect_err("should fail");
             assert!(!err.to_string().contains('\n'), "{err}");

@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod endpoints;
 pub mod handshake;
 pub mod http;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod persist;

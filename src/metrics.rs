@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use crate::conn::CloseReason;
+use crate::limits::per_ip::Refusal;
 use crate::process::ProcessStats;
 use crate::store::log::Replayed;
 
@@ -65,7 +66,7 @@ fn close_index(reason: CloseReason) -> Option<usize> {
 }
 
 /// HTTP statuses counted as handshake failures.
-const HANDSHAKE_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 426, 431, 503];
+const HANDSHAKE_STATUSES: [u16; 9] = [400, 401, 403, 404, 405, 426, 429, 431, 503];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -78,6 +79,9 @@ pub struct Metrics {
     latency_buckets: [u64; LATENCY_BOUNDS.len() + 1],
     latency_count: u64,
     latency_sum: f64,
+    /// Connections refused for their address's limits: too many
+    /// connections, too many handshakes (see `limits::per_ip`).
+    refused_per_ip: [u64; 2],
 }
 
 /// Figures kept elsewhere (the router, the store), read when rendering.
@@ -106,6 +110,12 @@ pub struct Snapshot {
     pub known_users_full: u64,
     /// What replaying the outbox log found at start.
     pub replayed: Replayed,
+    /// Messages refused with `rate_limited`.
+    pub rate_limited: u64,
+    /// Connections closed (1008) for going on past the rate.
+    pub rate_limit_closes: u64,
+    /// Client addresses in the per-address table.
+    pub per_ip_tracked: usize,
     /// The outbox log cannot be written now.
     pub store_degraded: bool,
     /// Writes of the outbox log that failed, and recoveries from that.
@@ -135,6 +145,21 @@ impl Metrics {
     pub fn count_refused_at_capacity(&mut self) {
         if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == 503) {
             self.handshake_failures[i] += 1;
+        }
+    }
+
+    /// Counts a connection refused with 429 for its address's limits;
+    /// `at_accept`: answered before a connection was made (a refusal at
+    /// the handshake is counted with its close).
+    pub fn count_refused_per_ip(&mut self, refusal: Refusal, at_accept: bool) {
+        self.refused_per_ip[match refusal {
+            Refusal::Connections => 0,
+            Refusal::Handshakes => 1,
+        }] += 1;
+        if at_accept {
+            if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == 429) {
+                self.handshake_failures[i] += 1;
+            }
         }
     }
 
@@ -224,6 +249,36 @@ impl Metrics {
             "wschat_message_errors_total",
             "Error events sent for refused client messages.",
             s.errors,
+        );
+        counter(
+            &mut out,
+            "wschat_rate_limited_total",
+            "Messages refused (rate_limited) because their sender passed --rate-limit.",
+            s.rate_limited,
+        );
+        counter(
+            &mut out,
+            "wschat_rate_limit_closes_total",
+            "Connections closed (1008) for sending on past --rate-limit.",
+            s.rate_limit_closes,
+        );
+        help(
+            &mut out,
+            "wschat_per_ip_refused_total",
+            "Connections refused (429) for their client address's limits, by limit.",
+            "counter",
+        );
+        for (label, n) in ["connections", "handshakes"]
+            .iter()
+            .zip(self.refused_per_ip)
+        {
+            let _ = writeln!(out, "wschat_per_ip_refused_total{{reason=\"{label}\"}} {n}");
+        }
+        gauge(
+            &mut out,
+            "wschat_per_ip_tracked_addresses",
+            "Client addresses (IPv6: /64s) in the per-address limits' table.",
+            s.per_ip_tracked as u64,
         );
         counter(
             &mut out,

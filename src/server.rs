@@ -9,6 +9,7 @@
 //! can never reach a newcomer in a reused slot. What goes into a
 //! connection's queue is decided in [`crate::delivery`] alone.
 
+mod admission;
 mod cluster;
 mod dispatch;
 mod lifecycle;
@@ -111,6 +112,8 @@ struct Core {
     now_ms: u64,
     /// Who may connect as whom.
     auth: Auth,
+    /// Per-address limits and trusted proxies.
+    admission: admission::Admission,
     metrics: Metrics,
     /// `--cluster`: this process is one node of a chat shared over Redis.
     cluster: Option<crate::cluster::Cluster>,
@@ -202,6 +205,7 @@ impl Server {
             }
             // With tokens, only names a valid token named are users.
             router.set_offline_to_unknown(config.offline_to_unknown && !auth.is_on());
+            router.set_message_policy(config.limits.message_policy());
             App::Chat(Box::new(router))
         };
         let clock = Clock::starting_now();
@@ -213,6 +217,7 @@ impl Server {
             },
             clock.tick(Instant::now()),
         );
+        let admission = admission::Admission::new(&config.limits);
         let mut server = Server {
             poll,
             listener: Some(listener),
@@ -241,6 +246,7 @@ impl Server {
                 disk: persist::Disk::default(),
                 now_ms: 0,
                 auth,
+                admission,
                 metrics: Metrics::default(),
                 cluster: None,
             },
@@ -396,6 +402,7 @@ impl Server {
                     self.core.take_released();
                 }
                 let conn = self.conns.remove(slot);
+                self.core.admission.release(slot);
                 self.core.metrics.count_close(conn.close_reason);
                 log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
             }
@@ -452,10 +459,12 @@ impl Server {
                 }
             };
             let live = self.conns.len() - self.core.dead.len();
-            // The operator's health checks and scrapes get in at the limit.
+            // The operator's health checks and scrapes get in at the limit:
+            // through the admin listener, or in the few sockets kept beyond
+            // it (an upgrade there is refused at its handshake).
             if entrance == Entrance::Chat
-                && live >= self.core.max_connections
-                && !self.core.evict_oldest_handshake(&mut self.conns)
+                && live >= self.core.max_connections + crate::limits::HTTP_RESERVE
+                && !self.core.evict_oldest_handshake(&mut self.conns, None)
             {
                 if !self.core.refusing {
                     log::warn!(
@@ -470,12 +479,20 @@ impl Server {
                 let _ = socket.shutdown(Shutdown::Both);
                 continue;
             }
+            let slot = self.conns.vacant_key();
+            if entrance == Entrance::Chat && self.core.refuse_at_accept(&socket, peer, slot, now) {
+                continue;
+            }
             if self.core.refusing {
                 log::info!("accepting again");
                 self.core.refusing = false;
             }
             self.core
                 .admit(&mut self.conns, socket, peer, now, entrance);
+            if !self.conns.contains(slot) {
+                // Not registered: nothing holds the count taken for it.
+                self.core.admission.release(slot);
+            }
         }
     }
 
@@ -615,6 +632,7 @@ impl Core {
             senders_held: self.post.senders_held,
             bytes_out: self.post.bytes_out,
             replayed: self.log.as_ref().map(Log::replayed).unwrap_or_default(),
+            per_ip_tracked: self.admission.tracked(),
             store_degraded: self.disk.degraded(),
             store_write_failures: self.disk.write_failures,
             store_recoveries: self.disk.recoveries,
@@ -630,6 +648,8 @@ impl Core {
             s.private_refused = router.stats.refused;
             s.known_users = router.known_users();
             s.known_users_full = router.stats.known_full;
+            s.rate_limited = router.stats.rate_limited;
+            s.rate_limit_closes = router.stats.rate_limit_closes;
             s.store_refused = router.stats.storage_refused;
             (s.offline_messages, s.offline_bytes) = router.held();
             s.offline_users = router.held_users();

@@ -152,7 +152,8 @@ fn welcome_lists_the_others_and_counts_everyone() {
 /// newcomer's first message.
 #[test]
 fn a_burst_of_arrivals_reaches_a_watcher_in_order_before_their_messages() {
-    let server = ChatServer::start(&[]);
+    // A crowd from one address, faster than --max-handshakes-per-ip allows.
+    let server = ChatServer::start(&["--max-handshakes-per-ip", "0"]);
     let mut watcher = Chat::joined(server.addr, "watcher");
     // Each newcomer's message closes the watcher's presence window early;
     // the lone arrival below is released by the window's deadline.
@@ -1020,7 +1021,14 @@ fn body_index(v: &Value, context: &str) -> usize {
 
 #[test]
 fn a_slow_reader_gets_a_gap_and_the_others_get_everything() {
-    let server = ChatServer::start(&["--max-outbound", "65536", "--max-body", "60000"]);
+    let server = ChatServer::start(&[
+        "--max-outbound",
+        "65536",
+        "--max-body",
+        "60000",
+        "--rate-limit",
+        "0",
+    ]);
     let mut alice = Chat::joined(server.addr, "alice");
     let mut carol = Chat::joined(server.addr, "carol");
     alice.recv_type("join", "carol");
@@ -1092,6 +1100,8 @@ fn a_slow_consumer_is_disconnected_by_a_private_message_others_keep_receiving() 
         "60000",
         "--slow-reader-after",
         "300ms",
+        "--rate-limit",
+        "0",
     ]);
     let mut alice = Chat::joined(server.addr, "alice");
     let mut carol = Chat::joined(server.addr, "carol");

@@ -108,10 +108,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The per-client limits these tests would hit, off: every client and every
+/// `/metrics` poll comes from 127.0.0.1, and senders send as fast as they can.
+const NO_CLIENT_LIMITS: [&str; 4] = ["--rate-limit", "0", "--max-handshakes-per-ip", "0"];
+
 /// A node of the cluster on `redis`.
 fn node(redis: &Redis, extra: &[&str]) -> ChatServer {
     let url = redis.url();
     let mut args = vec!["--cluster", url.as_str(), "--cluster-lease", "2s"];
+    args.extend_from_slice(&NO_CLIENT_LIMITS);
     args.extend_from_slice(extra);
     ChatServer::start(&args)
 }
@@ -597,8 +602,13 @@ fn a_password_and_a_database_are_used_and_a_wrong_password_refuses_joins() {
     }
     let redis = Redis::start_with(free_port(), &["--requirepass", "s3cret"]);
     let good = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
-    let a = ChatServer::start(&["--cluster", &good, "--cluster-prefix", "pw"]);
-    let b = ChatServer::start(&["--cluster", &good, "--cluster-prefix", "pw"]);
+    let flags = [
+        &["--cluster", &good, "--cluster-prefix", "pw"][..],
+        &NO_CLIENT_LIMITS,
+    ]
+    .concat();
+    let a = ChatServer::start(&flags);
+    let b = ChatServer::start(&flags);
     wait_for_cluster(&[&a, &b]);
     let _ann = Chat::joined(a.addr, "ann");
     let mut bob = Chat::joined(b.addr, "bob");
@@ -612,7 +622,13 @@ fn a_password_and_a_database_are_used_and_a_wrong_password_refuses_joins() {
     assert_eq!(&reply, b"+OK\r\n+OK\r\n:1\r\n");
 
     let bad = format!("redis://:wrong@127.0.0.1:{}", redis.port);
-    let c = ChatServer::start(&["--cluster", &bad, "--cluster-lease", "1s"]);
+    let c = ChatServer::start(
+        &[
+            &["--cluster", &bad, "--cluster-lease", "1s"][..],
+            &NO_CLIENT_LIMITS,
+        ]
+        .concat(),
+    );
     let mut refused = Chat::open(c.addr, &ws_path("cat"));
     refused.expect_close(1013, None, "a join while Redis refuses the node");
     let m = metrics(c.addr);

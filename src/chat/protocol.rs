@@ -339,6 +339,16 @@ pub mod encode {
         out.push(b'}');
     }
 
+    /// `rate_limited`: an error that says when to send again.
+    pub fn rate_limited(out: &mut Vec<u8>, retry_after_ms: u64, reference: Option<&str>) {
+        out.extend_from_slice(
+            b"{\"type\":\"error\",\"code\":\"rate_limited\",\"message\":\"too many messages: wait before sending more\",\"retry_after_ms\":",
+        );
+        out.extend_from_slice(retry_after_ms.to_string().as_bytes());
+        reference_field(out, reference);
+        out.push(b'}');
+    }
+
     /// Appends `name` to a comma-separated list of JSON strings.
     pub fn name_list_push(list: &mut Vec<u8>, name: &str) {
         if !list.is_empty() {

@@ -14,6 +14,7 @@ use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestEr
 use super::username;
 use crate::auth::Auth;
 use crate::cluster::remote::Remote;
+use crate::limits::rate::{Charge, MessageLimiter, MessagePolicy, Rate};
 use crate::store::{self, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
 
@@ -105,6 +106,10 @@ pub struct RouterStats {
     pub refused: u64,
     /// Users not remembered because `--max-known-users` were.
     pub known_full: u64,
+    /// Messages refused with `rate_limited`.
+    pub rate_limited: u64,
+    /// Connections closed for going on past the rate (1008).
+    pub rate_limit_closes: u64,
     /// Private messages for offline users refused because the log could
     /// not be written.
     pub storage_refused: u64,
@@ -158,6 +163,8 @@ pub struct Router {
     auth: Auth,
     /// Hold private messages for names that never connected, too.
     offline_to_unknown: bool,
+    /// Each connection's message allowance (`--rate-limit`).
+    limiter: MessageLimiter,
     /// The log can be written: offline messages may be promised `queued`.
     storage_available: bool,
     /// This turn's `queued` promises, taken back if the log write fails.
@@ -182,6 +189,7 @@ impl Router {
             scratch: Vec::with_capacity(256),
             auth: Auth::None,
             offline_to_unknown: false,
+            limiter: MessageLimiter::new(MessagePolicy::new(Rate::UNLIMITED)),
             storage_available: true,
             awaiting_disk: Vec::new(),
             remote: None,
@@ -200,6 +208,11 @@ impl Router {
     /// refused with `unknown_user`.
     pub fn set_offline_to_unknown(&mut self, hold: bool) {
         self.offline_to_unknown = hold;
+    }
+
+    /// How fast each connection may send (unlimited until set).
+    pub fn set_message_policy(&mut self, policy: MessagePolicy) {
+        self.limiter = MessageLimiter::new(policy);
     }
 
     /// Names remembered as users.
@@ -506,6 +519,7 @@ impl Router {
     fn forget_member(&mut self, conn: ConnId) -> Option<Member> {
         let position = self.position_of_conn(conn)?;
         self.positions[conn.0] = NOT_A_MEMBER;
+        self.limiter.forget(conn.0);
         let member = self.members.swap_remove(position);
         self.index.remove(&member.name);
         self.last_target = None;
@@ -530,13 +544,22 @@ impl Router {
         };
         let from = self.members[position].name.clone();
         let from = &*from;
+        // Everything a client asks for is charged but acknowledgements and
+        // token renewals, which a well-behaved client must be able to send
+        // however fast it chats; errors are charged as the message they answer.
         let parsed = match protocol::parse(text, self.limits.max_body) {
             Ok(parsed) => parsed,
             Err((error, reference)) => {
-                self.reply_error(slot, &error, reference, out);
+                if self.admit(slot, now_ms, reference, out) {
+                    self.reply_error(slot, &error, reference, out);
+                }
                 return;
             }
         };
+        let free = matches!(parsed.request, Request::Ack { .. } | Request::Auth { .. });
+        if !free && !self.admit(slot, now_ms, parsed.reference, out) {
+            return;
+        }
         let reference = parsed.reference;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
@@ -885,6 +908,51 @@ impl Router {
         let mut json = Vec::with_capacity(64 + message.len());
         encode::error(&mut json, code, message, reference);
         out.send(slot, &json, Class::Reply);
+    }
+
+    /// Charges one message to the connection's allowance: false if it is
+    /// over its rate (and then it was answered, perhaps closed).
+    #[inline]
+    fn admit(
+        &mut self,
+        slot: ConnId,
+        now_ms: u64,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) -> bool {
+        match self.limiter.charge(slot.0, now_ms.saturating_mul(1000)) {
+            Charge::Admitted => true,
+            refused => {
+                self.rate_limited(slot, refused, reference, out);
+                false
+            }
+        }
+    }
+
+    /// A message over the sender's rate: not routed, answered with
+    /// `rate_limited`; the refusal that makes the flood sustained closes.
+    #[cold]
+    fn rate_limited(
+        &mut self,
+        slot: ConnId,
+        charge: Charge,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) {
+        let (Charge::Refused { retry_after_ms } | Charge::RefusedAndClose { retry_after_ms }) =
+            charge
+        else {
+            return;
+        };
+        self.stats.rate_limited += 1;
+        self.stats.errors += 1;
+        let mut json = Vec::with_capacity(128);
+        encode::rate_limited(&mut json, retry_after_ms, reference);
+        out.send(slot, &json, Class::Reply);
+        if matches!(charge, Charge::RefusedAndClose { .. }) {
+            self.stats.rate_limit_closes += 1;
+            out.close(slot, CloseCode::Policy, "rate limit exceeded");
+        }
     }
 
     fn refuse(
@@ -1483,6 +1551,63 @@ mod tests {
         assert!(out.take().is_empty());
         r.leave(ConnId(2), &mut out);
         assert_eq!(r.online(), 1, "the refused one's leave frees nobody");
+    }
+
+    #[test]
+    fn messages_are_charged_to_their_sender_but_acks_and_renewals() {
+        let mut r = router(10);
+        r.set_message_policy(MessagePolicy::new(Rate::new(1, 2)));
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
+        out.take();
+        let t = 1_800_000_000_000; // ms
+        let limited = |reference: Value, wait: u64| {
+            let mut e = json!({"type":"error","code":"rate_limited",
+                "message":"too many messages: wait before sending more","retry_after_ms":wait});
+            if !reference.is_null() {
+                e["ref"] = reference;
+            }
+            vec![(1, e)]
+        };
+        /// The time, the message, and what its sender is sent.
+        type Row<'a> = (u64, &'a str, Vec<(usize, Value)>);
+        #[rustfmt::skip]
+        let table: Vec<Row> = vec![
+            // The burst of two.
+            (t, r#"{"type":"users"}"#, vec![(1, json!({"type":"users","online":2,"users":["alice","bob"]}))]),
+            (t, r#"{"type":"private","to":"bob","body":"1","ref":1}"#, vec![]),
+            // Acks and renewals are free (this server has no tokens: the
+            // renewal's own error, not rate_limited).
+            (t, r#"{"type":"ack","seq":1}"#, vec![]),
+            (t, r#"{"type":"auth","token":"x","ref":2}"#, vec![(1, json!({"type":"error","code":"invalid_token",
+                "message":"this server does not use tokens","ref":2}))]),
+            // Everything else is refused, with the message's ref if it has one.
+            (t, r#"{"type":"private","to":"bob","body":"2","ref":3}"#, limited(json!(3), 1000)),
+            (t + 400, r#"{"type":"public","body":"3","ref":"q"}"#, limited(json!("q"), 600)),
+            (t + 400, "{", limited(Value::Null, 600)),
+            (t + 400, r#"{"type":"dance","ref":4}"#, limited(json!(4), 600)),
+            // One second after the burst, one more.
+            (t + 1000, r#"{"type":"users"}"#, vec![(1, json!({"type":"users","online":2,"users":["alice","bob"]}))]),
+            (t + 1000, r#"{"type":"users"}"#, limited(Value::Null, 1000)),
+        ];
+        for (i, (now, text, expected)) in table.into_iter().enumerate() {
+            r.handle(ConnId(1), text, now, &mut out);
+            let mine: Vec<(usize, Value)> = out
+                .take()
+                .into_iter()
+                .filter(|(slot, v)| *slot == 1 && v["type"] != "receipt")
+                .collect();
+            assert_eq!(mine, expected, "row {i}: {text}");
+        }
+        assert_eq!((r.stats.rate_limited, r.stats.rate_limit_closes), (5, 0));
+        assert!(out.closed.is_empty());
+        // A new tenant of the slot starts with a full bucket.
+        r.leave(ConnId(1), &mut out);
+        r.join(ConnId(1), "username=carol", &mut out);
+        out.take();
+        r.handle(ConnId(1), r#"{"type":"users"}"#, t + 1000, &mut out);
+        assert_eq!(out.take()[0].1["type"], "users");
     }
 
     #[test]

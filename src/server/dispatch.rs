@@ -59,6 +59,10 @@ impl Core {
         match outcome {
             Outcome::Partial => conn.phase = Phase::Handshake(head),
             Outcome::Upgrade(upgrade) => {
+                if self.refuse_upgrade(conns, slot, upgrade.forwarded_for.as_deref(), now) {
+                    return;
+                }
+                let conn = &mut conns[slot];
                 let claims = match (&self.app, self.auth.is_on()) {
                     (App::Chat(_), true) => match auth::authenticate(
                         &self.auth,

@@ -66,10 +66,20 @@ impl Core {
     }
 
     /// At the connection limit: closes the oldest connection still in its
-    /// handshake to make room. False if there is none.
-    pub(super) fn evict_oldest_handshake(&mut self, conns: &mut Slab<Connection>) -> bool {
+    /// handshake (but `except`) to make room. False if there is none.
+    pub(super) fn evict_oldest_handshake(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        except: Option<usize>,
+    ) -> bool {
         self.forget_finished_handshakes(conns);
-        let Some((slot, _)) = self.handshakes.pop_front() else {
+        let oldest = self.handshakes.iter().position(|&(slot, id)| {
+            Some(slot) != except
+                && conns.get(slot).is_some_and(|c| {
+                    c.id == id && !c.dead && matches!(c.phase, Phase::Handshake(_))
+                })
+        });
+        let Some((slot, _)) = oldest.and_then(|i| self.handshakes.remove(i)) else {
             return false;
         };
         let conn = &mut conns[slot];

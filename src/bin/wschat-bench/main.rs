@@ -35,6 +35,11 @@ USAGE:
 
 Each run prints a table; with --json the last line is one JSON object.
 Exit status: 0 ok, 1 protocol errors counted, 2 usage or setup error.
+
+All its connections come from one address and send far faster than a person: run the
+server under test with --rate-limit 0 --max-connections-per-ip 0
+--max-handshakes-per-ip 0, or its limits are what gets measured (rate_limited errors,
+429s at connect).
 ";
 
 const COMMON: &str = "
