@@ -639,3 +639,33 @@ fn a_password_and_a_database_are_used_and_a_wrong_password_refuses_joins() {
         c.logs()
     );
 }
+
+#[test]
+fn a_node_stopped_with_sigterm_hands_its_names_back_at_once() {
+    let Some(redis) = Redis::start() else { return };
+    let mut a = node(&redis, &["--cluster-lease", "30s"]);
+    let b = node(&redis, &["--cluster-lease", "30s"]);
+    wait_for_cluster(&[&a, &b]);
+    let _alice = Chat::joined(a.addr, "alice");
+    let mut bob = Chat::joined(b.addr, "bob");
+    wait_listed(&mut bob, "alice");
+    let stopped = Instant::now();
+    a.signal("TERM");
+    // Her connection closes at once (the server waits up to 5 s for her
+    // client to answer the close, and hers does not read).
+    loop {
+        let v = bob.recv("alice's leave");
+        if v["type"] == json!("leave") {
+            assert_eq!(v["username"], json!("alice"));
+            break;
+        }
+    }
+    // Not the 30 s lease: the name was given back as she left.
+    let _alice_again = Chat::joined(b.addr, "alice");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopped.elapsed()
+    );
+    a.wait_exit(Duration::from_secs(10));
+}
