@@ -280,6 +280,10 @@ fn a_name_online_on_one_node_is_refused_on_another() {
     let mut second = Chat::open(b.addr, &ws_path("alice"));
     second.recv_error("username_taken", "same name on another node");
     second.expect_close(4009, None, "same name on another node");
+    // Past the 2 s lease: renewed (in batches, every third of it), still hers.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut third = Chat::open(b.addr, &ws_path("alice"));
+    third.recv_error("username_taken", "after the lease, renewed");
 }
 
 #[test]

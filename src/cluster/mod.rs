@@ -39,6 +39,11 @@ pub const MAX_WAITING_JOINS: usize = 10_000;
 pub const MAX_WAITING_BYTES: usize = 4 * 1024 * 1024;
 /// Commands sent and not answered, at most; beyond, the node sheds.
 pub const MAX_IN_FLIGHT: usize = 100_000;
+/// Names renewed by one command (a short Lua script over their keys).
+const RENEW_BATCH: usize = 1000;
+/// `PEXPIRE` on every key given, answering 1 or 0 for each.
+const RENEW_SCRIPT: &[u8] = b"local r = {} for i, k in ipairs(KEYS) do \
+    r[i] = redis.call('PEXPIRE', k, ARGV[1]) end return r";
 /// How long a join waits for Redis before it is told 1013 (at most the lease).
 pub const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// How long the link may take to come up, or a command to be answered,
@@ -122,8 +127,9 @@ enum Expect {
     Nothing,
     /// `SET name node NX PX lease GET` for a waiting join (by connection id).
     Join(u64, Rc<str>),
-    /// A renewal of a local name's lease; 0 means the key was lost.
-    Renew(Rc<str>),
+    /// A batch of renewals of local names' leases: the reply lists, per
+    /// name, 1 if renewed, 0 if the key was lost.
+    Renew(Vec<Rc<str>>),
     /// Taking a lost lease back.
     Reclaim(Rc<str>),
     /// A block of message ids from the cluster's counter.
@@ -346,16 +352,17 @@ impl Cluster {
         }
         self.renew_at = now + self.settings.lease / 3;
         let lease = self.lease_ms();
-        for name in names {
-            if self.expecting.len() >= MAX_IN_FLIGHT {
-                break;
-            }
-            let key = self.key(name);
-            self.command(
-                &[b"PEXPIRE", &key, &lease],
-                Expect::Renew(name.clone()),
-                now,
-            );
+        let mut batch: Vec<Rc<str>> = Vec::with_capacity(RENEW_BATCH);
+        let mut names = names.peekable();
+        while names.peek().is_some() {
+            batch.clear();
+            batch.extend(names.by_ref().take(RENEW_BATCH).cloned());
+            let keys: Vec<Vec<u8>> = batch.iter().map(|n| self.key(n)).collect();
+            let count = keys.len().to_string().into_bytes();
+            let mut args: Vec<&[u8]> = vec![b"EVAL", RENEW_SCRIPT, &count];
+            args.extend(keys.iter().map(Vec::as_slice));
+            args.push(&lease);
+            self.command(&args, Expect::Renew(batch.clone()), now);
         }
         true
     }
@@ -621,9 +628,15 @@ impl Cluster {
                     }
                 }
             }
-            Expect::Renew(name) => {
-                if frame == Frame::Integer(0) {
-                    self.reclaim_one(name, now);
+            Expect::Renew(names) => {
+                let Frame::Array(Some(results)) = frame else {
+                    crate::log::warn!("cluster: unexpected reply to a renewal: {frame:?}");
+                    return;
+                };
+                for (name, result) in names.into_iter().zip(results) {
+                    if result == Frame::Integer(0) {
+                        self.reclaim_one(name, now);
+                    }
                 }
             }
             Expect::Ids => {
@@ -920,10 +933,37 @@ mod tests {
         assert!(c.renew(names.iter(), now));
         assert!(!c.renew(names.iter(), now), "once a third of the lease");
         let mut events = Vec::new();
-        c.on_reply(Frame::Integer(0), now, &mut events);
+        c.on_reply(
+            Frame::Array(Some(vec![Frame::Integer(0)])),
+            now,
+            &mut events,
+        );
         assert!(matches!(c.expecting.back(), Some((Expect::Reclaim(n), _)) if &**n == "ann"));
         c.on_reply(bulk("another"), now, &mut events);
         assert!(matches!(events.as_slice(), [Event::LeaseLost(n)] if &**n == "ann"));
+    }
+
+    #[test]
+    fn leases_are_renewed_in_batches_of_a_thousand() {
+        let mut c = cluster(15);
+        let now = Instant::now();
+        let names: Vec<Rc<str>> = (0..2500).map(|i| Rc::from(format!("u{i}"))).collect();
+        assert!(c.renew(names.iter(), now));
+        let sizes: Vec<usize> = c
+            .expecting
+            .iter()
+            .map(|(e, _)| match e {
+                Expect::Renew(batch) => batch.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes, vec![1000, 1000, 500]);
+        // Only the lost ones are taken again.
+        let mut results = vec![Frame::Integer(1); 1000];
+        results[7] = Frame::Integer(0);
+        c.on_reply(Frame::Array(Some(results)), now, &mut Vec::new());
+        assert!(matches!(c.expecting.back(), Some((Expect::Reclaim(n), _)) if &**n == "u7"));
+        assert_eq!(c.expecting.len(), 3);
     }
 
     #[test]
