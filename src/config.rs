@@ -22,6 +22,13 @@ pub struct Config {
     /// Unsent bytes one connection may hold; beyond it, it is read no more
     /// until it drains (and, in chat, slow recipients are shed).
     pub max_outbound: usize,
+    /// Everything peers make the process hold together: outbound queues,
+    /// partial messages, request heads (see `budget`).
+    pub memory_budget: usize,
+    /// All partial (unfinished) messages together.
+    pub max_partial_bytes: usize,
+    /// Time a client has to complete a message once its first bytes came.
+    pub message_timeout: Duration,
     /// Time to complete the opening handshake (slowloris bound).
     pub handshake_timeout: Duration,
     /// Time a peer has to finish the closing handshake.
@@ -104,6 +111,9 @@ impl Default for Config {
             max_connections: None,
             max_message_size: 64 * 1024,
             max_outbound: 1024 * 1024,
+            memory_budget: 256 * 1024 * 1024,
+            max_partial_bytes: 64 * 1024 * 1024,
+            message_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             allowed_origins: Vec::new(),
@@ -255,6 +265,43 @@ pub const OPTIONS: &[Opt] = &[
         kind: Kind::Value,
         set: |c, name, v| {
             c.max_outbound = parse_count(name, v, 1024)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--memory-budget",
+        value_name: "BYTES",
+        about: "bytes all peers together may make the server hold (outbound queues, partial \
+                messages, request heads); from three quarters of it new connections get 503 \
+                and public messages are shed",
+        default: Some("268435456"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.memory_budget = parse_count(name, v, 4096)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-partial-bytes",
+        value_name: "BYTES",
+        about: "bytes all unfinished messages together may hold; a client whose message would \
+                pass it is closed with 1009",
+        default: Some("67108864"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.max_partial_bytes = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--message-timeout",
+        value_name: "DUR",
+        about: "time to complete a message once it began (pings do not extend it); \
+                then 1008",
+        default: Some("30s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.message_timeout = parse_duration(name, v)?;
             Ok(())
         },
     },

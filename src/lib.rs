@@ -6,6 +6,7 @@
 //! queue takes and who is too slow.
 
 pub mod auth;
+pub mod budget;
 pub mod chat;
 pub mod cluster;
 pub mod config;

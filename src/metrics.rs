@@ -6,6 +6,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::budget::Held;
 use crate::conn::CloseReason;
 use crate::limits::per_ip::Refusal;
 use crate::process::ProcessStats;
@@ -28,7 +29,7 @@ const LATENCY_BOUNDS: [f64; 12] = [
 ];
 
 /// Close reasons as metric labels, in a fixed order.
-const CLOSE_LABELS: [&str; 14] = [
+const CLOSE_LABELS: [&str; 15] = [
     "normal",
     "protocol_error",
     "unsupported_data",
@@ -43,6 +44,7 @@ const CLOSE_LABELS: [&str; 14] = [
     "shutdown",
     "token_expired",
     "replaced",
+    "message_timeout",
 ];
 
 fn close_index(reason: CloseReason) -> Option<usize> {
@@ -62,6 +64,7 @@ fn close_index(reason: CloseReason) -> Option<usize> {
         CloseReason::Shutdown => 11,
         CloseReason::TokenExpired => 12,
         CloseReason::Replaced => 13,
+        CloseReason::MessageTimeout => 14,
     })
 }
 
@@ -82,6 +85,22 @@ pub struct Metrics {
     /// Connections refused for their address's limits: too many
     /// connections, too many handshakes (see `limits::per_ip`).
     refused_per_ip: [u64; 2],
+    pub memory: MemoryCounters,
+}
+
+/// What the memory budget refused (see `budget`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemoryCounters {
+    /// New connections answered 503 above the high mark.
+    pub connections_refused: u64,
+    /// Connections closed (1009) because their partial message would pass
+    /// `--max-partial-bytes` or the budget.
+    pub partial_refused: u64,
+    /// Connections closed (1008) for not completing a message within
+    /// `--message-timeout`.
+    pub message_timeouts: u64,
+    /// Times freed memory was given back to the OS.
+    pub trims: u64,
 }
 
 /// Figures kept elsewhere (the router, the store), read when rendering.
@@ -110,6 +129,10 @@ pub struct Snapshot {
     pub known_users_full: u64,
     /// What replaying the outbox log found at start.
     pub replayed: Replayed,
+    /// Bytes peers make the server hold now, by kind.
+    pub held: Held,
+    pub memory_budget: usize,
+    pub max_partial_bytes: usize,
     /// Messages refused with `rate_limited`.
     pub rate_limited: u64,
     /// Connections closed (1008) for going on past the rate.
@@ -398,6 +421,8 @@ impl Metrics {
             s.replayed.damaged_regions,
         );
 
+        self.render_memory(&mut out, s);
+
         help(
             &mut out,
             "wschat_routing_latency_seconds",
@@ -480,6 +505,60 @@ fn render_process(out: &mut String, p: &ProcessStats) {
             help(out, name, text, kind);
             let _ = writeln!(out, "{name} {value}");
         }
+    }
+}
+
+impl Metrics {
+    fn render_memory(&self, out: &mut String, s: &Snapshot) {
+        help(
+            out,
+            "wschat_memory_held_bytes",
+            "Bytes peers make the server hold, by kind (counted against --memory-budget).",
+            "gauge",
+        );
+        for (kind, bytes) in [
+            ("outbound", s.held.outbound),
+            ("partial", s.held.partial),
+            ("heads", s.held.heads),
+        ] {
+            let _ = writeln!(out, "wschat_memory_held_bytes{{kind=\"{kind}\"}} {bytes}");
+        }
+        gauge(
+            out,
+            "wschat_memory_budget_bytes",
+            "--memory-budget: from three quarters of it new connections get 503.",
+            s.memory_budget as u64,
+        );
+        gauge(
+            out,
+            "wschat_max_partial_bytes",
+            "--max-partial-bytes: the bound for all partial messages together.",
+            s.max_partial_bytes as u64,
+        );
+        let m = &self.memory;
+        help(
+            out,
+            "wschat_memory_refusals_total",
+            "What the memory budget refused: new connections (503), partial messages \
+             over budget (1009), messages not completed in --message-timeout (1008).",
+            "counter",
+        );
+        for (reason, n) in [
+            ("connection", m.connections_refused),
+            ("partial_message", m.partial_refused),
+            ("message_timeout", m.message_timeouts),
+        ] {
+            let _ = writeln!(
+                out,
+                "wschat_memory_refusals_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        counter(
+            out,
+            "wschat_memory_trims_total",
+            "Times freed memory was given back to the OS after the held bytes fell.",
+            m.trims,
+        );
     }
 }
 

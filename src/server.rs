@@ -25,6 +25,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 
 use crate::auth::Auth;
+use crate::budget;
 use crate::chat::{Limits, Router};
 use crate::config::Config;
 use crate::conn::{CloseReason, Connection, Phase};
@@ -117,6 +118,8 @@ struct Core {
     metrics: Metrics,
     /// `--cluster`: this process is one node of a chat shared over Redis.
     cluster: Option<crate::cluster::Cluster>,
+    /// What the loop remembers of the memory ledger (see `budget`).
+    memory: budget::Watch,
 }
 
 /// Where accepted sockets get TCP_NODELAY (small frames must not wait for
@@ -208,6 +211,10 @@ impl Server {
             router.set_message_policy(config.limits.message_policy());
             App::Chat(Box::new(router))
         };
+        budget::set_limits(budget::Limits {
+            memory_budget: config.memory_budget,
+            max_partial: config.max_partial_bytes,
+        });
         let clock = Clock::starting_now();
         let post = Post::new(
             Marks::new(config.max_outbound),
@@ -249,6 +256,7 @@ impl Server {
                 admission,
                 metrics: Metrics::default(),
                 cluster: None,
+                memory: budget::Watch::default(),
             },
         };
         if let (Some(url), App::Chat(_)) = (&server.core.config.cluster, &server.core.app) {
@@ -288,6 +296,7 @@ impl Server {
             self.core.now_ms = wall_clock_ms();
             self.core.post.now = self.core.clock.tick(now);
             self.core.post.now_ms = self.core.now_ms;
+            self.core.post.pressure = budget::current_pressure();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now, Entrance::Chat),
@@ -409,6 +418,7 @@ impl Server {
         }
         // Leaves announced in the flush rounds go now, not next turn.
         self.core.cluster_send(now);
+        self.core.give_back_memory();
         Ok(())
     }
 
@@ -477,6 +487,9 @@ impl Server {
                 let _ = (&socket).write(http::OVERLOADED);
                 self.core.metrics.count_refused_at_capacity();
                 let _ = socket.shutdown(Shutdown::Both);
+                continue;
+            }
+            if entrance == Entrance::Chat && self.core.refuse_over_memory_mark(&socket) {
                 continue;
             }
             let slot = self.conns.vacant_key();
@@ -632,6 +645,9 @@ impl Core {
             senders_held: self.post.senders_held,
             bytes_out: self.post.bytes_out,
             replayed: self.log.as_ref().map(Log::replayed).unwrap_or_default(),
+            held: budget::held(),
+            memory_budget: self.config.memory_budget,
+            max_partial_bytes: self.config.max_partial_bytes,
             per_ip_tracked: self.admission.tracked(),
             store_degraded: self.disk.degraded(),
             store_write_failures: self.disk.write_failures,

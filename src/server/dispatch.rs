@@ -8,6 +8,7 @@ use slab::Slab;
 
 use super::{wall_clock_ms, App, Core};
 use crate::auth::{self, Refusal, TokenError};
+use crate::budget::HeadBytes;
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, OpenState, Phase};
 use crate::delivery::{policy, Mailer};
@@ -16,7 +17,7 @@ use crate::handshake::{self, Outcome};
 use crate::http::{Response, Status};
 use crate::log;
 use crate::persist::{self, Committed};
-use crate::ws::{CloseCode, Message, Opcode};
+use crate::ws::{CloseCode, Message, Opcode, ProtocolError};
 
 impl Core {
     /// Hands freshly read bytes to whatever the connection is doing.
@@ -30,7 +31,7 @@ impl Core {
         let conn = &mut conns[slot];
         match &mut conn.phase {
             Phase::Handshake(head) => {
-                head.extend_from_slice(data);
+                head.extend(data, handshake::MAX_HEAD + 1);
                 let head = std::mem::take(head);
                 self.on_request(conns, slot, head, now);
             }
@@ -47,7 +48,7 @@ impl Core {
         &mut self,
         conns: &mut Slab<Connection>,
         slot: usize,
-        mut head: Vec<u8>,
+        mut head: HeadBytes,
         now: Instant,
     ) {
         let conn = &mut conns[slot];
@@ -201,6 +202,9 @@ impl Core {
                 }
                 Err(error) => {
                     log::debug!("#{} protocol error: {error}", conns[slot].id);
+                    if error == ProtocolError::OverBudget {
+                        self.metrics.memory.partial_refused += 1;
+                    }
                     let code = error.close_code();
                     self.post.close(
                         conns,
@@ -218,7 +222,20 @@ impl Core {
         }
         let conn = &mut conns[slot];
         if matches!(conn.phase, Phase::Decoding) {
-            conn.phase = Phase::Open(state);
+            // A completed message's buffer is not kept while the client idles.
+            state.decoder.release_lent();
+            if state.decoder.partial_message_untimed() {
+                // A message began: its clock starts (and only a completed
+                // message stops it, not pings).
+                let due = self.clock.tick(now) + self.config.message_timeout;
+                state.decoder.time_partial_message(due);
+                conn.phase = Phase::Open(state);
+                if let Some(next) = self.heartbeat_deadline(conn) {
+                    self.set_deadline(conn, slot, next);
+                }
+            } else {
+                conn.phase = Phase::Open(state);
+            }
         }
     }
 
