@@ -14,9 +14,10 @@ mod cluster;
 mod dispatch;
 mod lifecycle;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
@@ -120,6 +121,11 @@ struct Core {
     cluster: Option<crate::cluster::Cluster>,
     /// What the loop remembers of the memory ledger (see `budget`).
     memory: budget::Watch,
+    /// The names of connections the router has let go of whose sockets are
+    /// not yet freed (a closing connection lingers up to `--close-timeout`),
+    /// by connection id: for their `close` log line. Filled only when `info`
+    /// is logged.
+    left_names: HashMap<u64, Rc<str>>,
 }
 
 /// Where accepted sockets get TCP_NODELAY (small frames must not wait for
@@ -257,6 +263,7 @@ impl Server {
                 metrics: Metrics::default(),
                 cluster: None,
                 memory: budget::Watch::default(),
+                left_names: HashMap::new(),
             },
         };
         if let (Some(url), App::Chat(_)) = (&server.core.config.cluster, &server.core.app) {
@@ -413,7 +420,16 @@ impl Server {
                 let conn = self.conns.remove(slot);
                 self.core.admission.release(slot);
                 self.core.metrics.count_close(conn.close_reason);
-                log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
+                match self.core.left_names.remove(&conn.id) {
+                    Some(name) => log::info!(
+                        "close #{} {} {}: {}",
+                        conn.id,
+                        conn.peer,
+                        log::quoted(&name),
+                        conn.close_reason
+                    ),
+                    None => log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason),
+                }
             }
         }
         // Leaves announced in the flush rounds go now, not next turn.

@@ -347,7 +347,7 @@ impl Router {
         let online = self.online_everywhere() + 1;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        self.encode_roster(&mut json, "welcome", Some(&name), online);
+        self.encode_roster(&mut json, Some(&name), online);
         out.send(slot, &json, Class::Reply);
 
         if self.outboxes.remember(&name) == store::Remembered::Full {
@@ -406,12 +406,12 @@ impl Router {
         }
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
+        encode::welcome(
             &mut json,
-            "welcome",
-            Some(&name),
+            &name,
             self.online_everywhere(),
             &others,
+            self.limits.max_body,
         );
         out.send(slot, &json, Class::Reply);
         json.clear();
@@ -497,10 +497,10 @@ impl Router {
 
     /// The connection is gone or closing: free its name at once (nothing
     /// if it held none).
-    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) {
-        let Some(member) = self.forget_member(conn) else {
-            return;
-        };
+    /// The connection stopped being open: its name is free (and returned)
+    /// and the others are told.
+    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) -> Option<Rc<str>> {
+        let member = self.forget_member(conn)?;
         if let Some(remote) = &mut self.remote {
             remote.announce_leave(&member.name);
         }
@@ -513,6 +513,7 @@ impl Router {
             json.clear();
             self.scratch = json;
         }
+        Some(member.name)
     }
 
     /// Takes the connection's member out of the index and the list.
@@ -588,7 +589,7 @@ impl Router {
             }
             Request::Users => {
                 let online = self.online_everywhere();
-                self.encode_roster(&mut json, "users", None, online);
+                self.encode_roster(&mut json, None, online);
                 out.send(slot, &json, Class::Reply);
             }
             Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
@@ -1097,7 +1098,7 @@ mod tests {
             out.take(),
             vec![(
                 1,
-                json!({"type":"welcome","username":"alice","online":1,"users":[]})
+                json!({"type":"welcome","username":"alice","online":1,"users":[],"limits":{"max_body":100}})
             )]
         );
         r.join(ConnId(2), "username=bob", &mut out);
@@ -1106,7 +1107,7 @@ mod tests {
             vec![
                 (
                     2,
-                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"]})
+                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"],"limits":{"max_body":100}})
                 ),
                 (1, json!({"type":"join","username":"bob","online":2})),
             ]
@@ -1375,7 +1376,7 @@ mod tests {
             out.take(),
             vec![(
                 3,
-                json!({"type":"welcome","username":"alice","online":2,"users":["bob"]})
+                json!({"type":"welcome","username":"alice","online":2,"users":["bob"],"limits":{"max_body":100}})
             )],
             "bob sees no leave and no join"
         );

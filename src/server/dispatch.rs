@@ -122,7 +122,12 @@ impl Core {
                     };
                     let verified = claims.as_ref().map(|c| c.sub.as_str());
                     match router.join_as(ConnId(slot), &upgrade.query, verified, &mut mailer) {
-                        Some(name) => log::debug!("#{} joined as {name}", conns[slot].id),
+                        Some(name) => log::info!(
+                            "join #{} {} {}",
+                            conns[slot].id,
+                            conns[slot].peer,
+                            log::quoted(&name)
+                        ),
                         None => return, // refused: closing
                     }
                 }

@@ -158,7 +158,12 @@ impl Core {
                         conns,
                         post: &mut self.post,
                     };
-                    router.leave(ConnId(slot), &mut mailer);
+                    let name = router.leave(ConnId(slot), &mut mailer);
+                    if let (Some(name), Some(conn)) = (name, conns.get(slot)) {
+                        if log::enabled(log::Level::Info) {
+                            self.left_names.insert(conn.id, name);
+                        }
+                    }
                 }
             }
             for slot in std::mem::take(&mut self.post.began_closing) {

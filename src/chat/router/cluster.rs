@@ -34,14 +34,19 @@ impl Router {
         self.members.len() + self.remote.as_ref().map_or(0, |r| r.online())
     }
 
-    /// A `welcome` or `users` event: this node's names first, then the others'.
+    /// A `welcome` (with `username`) or `users` event: this node's names
+    /// first, then the others'.
     pub(super) fn encode_roster(
         &mut self,
         json: &mut Vec<u8>,
-        kind: &str,
         username: Option<&str>,
         online: usize,
     ) {
+        let max_body = self.limits.max_body;
+        let encode = |json: &mut Vec<u8>, names: &[u8]| match username {
+            Some(name) => encode::welcome(json, name, online, names, max_body),
+            None => encode::users(json, online, names),
+        };
         let local_listed = self.members.len().min(LIST_LIMIT);
         match self.remote.take() {
             Some(mut remote) if remote.online() > 0 && local_listed < LIST_LIMIT => {
@@ -51,12 +56,12 @@ impl Router {
                     names.push(b',');
                 }
                 names.extend_from_slice(more);
-                encode::roster_encoded(json, kind, username, online, &names);
+                encode(json, &names);
                 self.remote = Some(remote);
             }
             remote => {
                 self.remote = remote;
-                encode::roster_encoded(json, kind, username, online, self.roster_names());
+                encode(json, self.roster_names());
             }
         }
     }
