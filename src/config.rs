@@ -84,6 +84,14 @@ pub struct Config {
     pub offline_to_unknown: bool,
     /// Where `/metrics` and `/healthz` are served apart from the chat.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--cluster`: be one node of a chat shared over this Redis.
+    pub cluster: Option<crate::cluster::RedisUrl>,
+    /// Prefix of the cluster's Redis keys and channels.
+    pub cluster_prefix: String,
+    /// How long a node's names outlive it (renewed every third of it).
+    pub cluster_lease: Duration,
+    /// Set SO_REUSEPORT on the listener, so several processes share the port.
+    pub reuseport: bool,
     /// Message rate, per-address limits and trusted proxies.
     pub limits: crate::limits::Settings,
 }
@@ -133,6 +141,10 @@ impl Default for Config {
             max_known_users: 1_000_000,
             offline_to_unknown: false,
             metrics_listen: None,
+            cluster: None,
+            cluster_prefix: "wschat".to_string(),
+            cluster_lease: Duration::from_secs(15),
+            reuseport: false,
             limits: crate::limits::Settings::default(),
         }
     }
@@ -590,6 +602,59 @@ pub const OPTIONS: &[Opt] = &[
         },
     },
     Opt {
+        flag: "--cluster",
+        value_name: "REDIS_URL",
+        about: "be one node of a chat shared over Redis: redis://[:PASSWORD@]HOST:PORT[/DB]",
+        default: None,
+        kind: Kind::Value,
+        set: |c, name, v| {
+            let url = crate::cluster::RedisUrl::parse(v)
+                .map_err(|why| ConfigError::invalid(name, "(the URL)", &why))?;
+            c.cluster = Some(url);
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--cluster-prefix",
+        value_name: "PREFIX",
+        about: "prefix of the cluster's Redis keys and channels",
+        default: Some("wschat"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            if v.is_empty() || v.len() > 64 || v.bytes().any(|b| b.is_ascii_whitespace()) {
+                return Err(ConfigError::invalid(name, v, "1-64 characters, no spaces"));
+            }
+            c.cluster_prefix = v.to_string();
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--cluster-lease",
+        value_name: "DUR",
+        about: "how long names of a node that died stay taken (renewed every third)",
+        default: Some("15s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            let lease = parse_duration(name, v)?;
+            if lease < Duration::from_secs(1) {
+                return Err(ConfigError::invalid(name, v, "at least 1s"));
+            }
+            c.cluster_lease = lease;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--reuseport",
+        value_name: "",
+        about: "set SO_REUSEPORT so several processes share --listen's port",
+        default: None,
+        kind: Kind::Switch,
+        set: |c, name, v| {
+            c.reuseport = parse_switch(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
         flag: "--rate-limit",
         value_name: "N",
         about: "chat messages per second per connection (acks and token renewals are free); \
@@ -970,6 +1035,8 @@ mod tests {
             "PATH" => "/run/secrets/wschat",
             "AUD" => "chat",
             "ISS" => "https://auth.example",
+            "REDIS_URL" => "redis://:pw@127.0.0.1:6379/2",
+            "PREFIX" => "chat1",
             "IP|CIDR" => "10.0.0.0/8",
             other => panic!("no example value for {other}: add one"),
         }

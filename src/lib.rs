@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod budget;
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;

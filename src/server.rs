@@ -10,6 +10,7 @@
 //! connection's queue is decided in [`crate::delivery`] alone.
 
 mod admission;
+mod cluster;
 mod dispatch;
 mod lifecycle;
 
@@ -116,6 +117,8 @@ struct Core {
     /// Per-address limits and trusted proxies.
     admission: admission::Admission,
     metrics: Metrics,
+    /// `--cluster`: this process is one node of a chat shared over Redis.
+    cluster: Option<crate::cluster::Cluster>,
     /// What the loop remembers of the memory ledger (see `budget`).
     memory: budget::Watch,
     /// The names of connections the router has let go of whose sockets are
@@ -144,7 +147,17 @@ impl Server {
     /// Binds the listening socket (first, so a port in use fails before
     /// anything else is touched).
     pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-        let listener = TcpListener::bind(addr)?;
+        Self::listen_on(addr, false)
+    }
+
+    /// [`listen`](Self::listen), sharing the port with other processes
+    /// when `reuseport` (`--reuseport`).
+    pub fn listen_on(addr: std::net::SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+        let listener = if reuseport {
+            crate::cluster::reuseport::bind(addr, LISTEN_BACKLOG)?
+        } else {
+            TcpListener::bind(addr)?
+        };
         // As early as possible: only connections completed after this get it
         // from the listener (see `Nodelay`).
         crate::sys::set_listener_nodelay(&listener);
@@ -218,7 +231,7 @@ impl Server {
             clock.tick(Instant::now()),
         );
         let admission = admission::Admission::new(&config.limits);
-        Ok(Server {
+        let mut server = Server {
             poll,
             listener: Some(listener),
             admin_listener,
@@ -248,10 +261,23 @@ impl Server {
                 auth,
                 admission,
                 metrics: Metrics::default(),
+                cluster: None,
                 memory: budget::Watch::default(),
                 left_names: HashMap::new(),
             },
-        })
+        };
+        if let (Some(url), App::Chat(_)) = (&server.core.config.cluster, &server.core.app) {
+            let settings = crate::cluster::Settings {
+                url: url.clone(),
+                prefix: server.core.config.cluster_prefix.clone(),
+                lease: server.core.config.cluster_lease,
+            };
+            let addr = url.resolve()?;
+            let cluster = crate::cluster::Cluster::new(settings, addr, Instant::now());
+            log::info!("cluster: node {} using Redis at {addr}", cluster.node());
+            server.core.start_cluster(cluster);
+        }
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
@@ -283,6 +309,10 @@ impl Server {
                     LISTENER => self.accept(now, Entrance::Chat),
                     ADMIN_LISTENER => self.accept(now, Entrance::Admin),
                     SIGNAL => self.begin_shutdown(now),
+                    token @ (crate::cluster::COMMAND_TOKEN | crate::cluster::SUBSCRIBER_TOKEN) => {
+                        self.core.on_cluster_ready(&mut self.conns, token, now);
+                        self.core.settle(&mut self.conns, now);
+                    }
                     Token(slot) => {
                         let Some(conn) = self.conns.get_mut(slot) else {
                             continue;
@@ -335,6 +365,7 @@ impl Server {
             self.core.shutdown_by,
             self.core.next_expiry(now),
             self.core.disk.retry_at(),
+            self.core.cluster.as_ref().and_then(|c| c.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -363,6 +394,8 @@ impl Server {
         }
         self.core.fire_timers(&mut self.conns, now);
         self.core.expire_held(&mut self.conns);
+        self.core.settle(&mut self.conns, now);
+        self.core.cluster_turn(&mut self.conns, now);
         self.core.settle(&mut self.conns, now);
         self.core.commit(&mut self.conns, now);
         // A connection that dies in the flush departs, and its `leave`
@@ -399,6 +432,8 @@ impl Server {
                 }
             }
         }
+        // Leaves announced in the flush rounds go now, not next turn.
+        self.core.cluster_send(now);
         self.core.give_back_memory();
         Ok(())
     }
@@ -651,7 +686,15 @@ impl Core {
             (s.offline_messages, s.offline_bytes) = router.held();
             s.offline_users = router.held_users();
         }
-        self.metrics.render(&s)
+        let mut text = self.metrics.render(&s);
+        if let Some(cluster) = &self.cluster {
+            let remote = match &self.app {
+                App::Chat(router) => router.remote(),
+                App::Echo => None,
+            };
+            cluster.render_metrics(&mut text, remote);
+        }
+        text
     }
 
     /// Held senders released this turn are read again.

@@ -13,9 +13,12 @@ use std::rc::Rc;
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::auth::Auth;
+use crate::cluster::remote::Remote;
 use crate::limits::rate::{Charge, MessageLimiter, MessagePolicy, Rate};
 use crate::store::{self, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
+
+mod cluster;
 
 /// At most this many names are listed in `welcome` and `users`.
 pub const LIST_LIMIT: usize = 1000;
@@ -166,6 +169,8 @@ pub struct Router {
     storage_available: bool,
     /// This turn's `queued` promises, taken back if the log write fails.
     awaiting_disk: Vec<AwaitingDisk>,
+    /// Under `--cluster`: the other nodes' users, and what goes to them.
+    remote: Option<Box<Remote>>,
     pub stats: RouterStats,
 }
 
@@ -187,6 +192,7 @@ impl Router {
             limiter: MessageLimiter::new(MessagePolicy::new(Rate::UNLIMITED)),
             storage_available: true,
             awaiting_disk: Vec::new(),
+            remote: None,
             stats: RouterStats::default(),
         }
     }
@@ -334,12 +340,14 @@ impl Router {
         }
         let resume = resume_point(query);
         let name: Rc<str> = Rc::from(name);
+        if let Some(remote) = &mut self.remote {
+            remote.claim(&name);
+        }
         // Everyone already online is listed first in `members`.
-        let online = self.members.len() + 1;
+        let online = self.online_everywhere() + 1;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        let max_body = self.limits.max_body;
-        encode::welcome(&mut json, &name, online, self.roster_names(), max_body);
+        self.encode_roster(&mut json, Some(&name), online);
         out.send(slot, &json, Class::Reply);
 
         if self.outboxes.remember(&name) == store::Remembered::Full {
@@ -360,6 +368,9 @@ impl Router {
         if online <= self.limits.presence_limit {
             encode::presence(&mut json, "join", &name, online);
             self.broadcast(&json, Some(slot), Class::Presence, out);
+        }
+        if let Some(remote) = &mut self.remote {
+            remote.announce_join(&name);
         }
         self.scratch = json;
         self.replay_held(slot, &name, resume, out);
@@ -398,7 +409,7 @@ impl Router {
         encode::welcome(
             &mut json,
             &name,
-            self.members.len(),
+            self.online_everywhere(),
             &others,
             self.limits.max_body,
         );
@@ -489,6 +500,24 @@ impl Router {
     /// The connection stopped being open: its name is free (and returned)
     /// and the others are told.
     pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) -> Option<Rc<str>> {
+        let member = self.forget_member(conn)?;
+        if let Some(remote) = &mut self.remote {
+            remote.announce_leave(&member.name);
+        }
+        let online = self.online_everywhere();
+        if online <= self.limits.presence_limit {
+            let mut json = std::mem::take(&mut self.scratch);
+            json.clear();
+            encode::presence(&mut json, "leave", &member.name, online);
+            self.broadcast(&json, None, Class::Presence, out);
+            json.clear();
+            self.scratch = json;
+        }
+        Some(member.name)
+    }
+
+    /// Takes the connection's member out of the index and the list.
+    fn forget_member(&mut self, conn: ConnId) -> Option<Member> {
         let position = self.position_of_conn(conn)?;
         self.positions[conn.0] = NOT_A_MEMBER;
         self.limiter.forget(conn.0);
@@ -505,16 +534,7 @@ impl Router {
             }
             self.set_position(moved_conn, position);
         }
-        let online = self.members.len();
-        if online <= self.limits.presence_limit {
-            let mut json = std::mem::take(&mut self.scratch);
-            json.clear();
-            encode::presence(&mut json, "leave", &member.name, online);
-            self.broadcast(&json, None, Class::Presence, out);
-            json.clear();
-            self.scratch = json;
-        }
-        Some(member.name)
+        Some(member)
     }
 
     /// A text message from the connection `slot`; one that has not joined
@@ -550,6 +570,9 @@ impl Router {
                 encode::public(&mut json, id, now_ms, from, &body, is_plain(&body));
                 self.stats.public += 1;
                 self.broadcast(&json, None, Class::Public, out);
+                if !self.public_to_cluster(&json) {
+                    self.cluster_unavailable(slot, reference, out);
+                }
             }
             Request::Private { to, body } => {
                 let body_is_plain = is_plain(&body);
@@ -565,8 +588,8 @@ impl Router {
                 );
             }
             Request::Users => {
-                let online = self.members.len();
-                encode::users(&mut json, online, self.roster_names());
+                let online = self.online_everywhere();
+                self.encode_roster(&mut json, None, online);
                 out.send(slot, &json, Class::Reply);
             }
             Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
@@ -633,6 +656,10 @@ impl Router {
     ) {
         let position = self.position_of(to);
         let target = position.map(|p| (self.members[p].conn, self.members[p].reliable));
+        if target.is_none() && self.private_to_cluster(slot, from, to, body, reference, now_ms, out)
+        {
+            return;
+        }
         // Only valid names are online, so only a miss needs the check.
         if target.is_none() && !username::is_valid(to) {
             let message = "no user can have that name";
@@ -830,7 +857,15 @@ impl Router {
     }
 
     fn next_id(&mut self) -> u64 {
-        self.last_id += 1;
+        // Under `--cluster`, from the blocks the cluster's counter granted
+        // (unique across nodes); past them (Redis away long), on from here.
+        let granted = self.remote.as_mut().and_then(|r| r.take_id());
+        self.last_id = granted.map_or(self.last_id + 1, |id| id.max(self.last_id + 1));
+        self.last_id
+    }
+
+    /// The last message id given out.
+    pub fn last_id(&self) -> u64 {
         self.last_id
     }
 
@@ -959,6 +994,8 @@ pub fn unlimited_outboxes() -> Outboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod cluster;
     use serde_json::{json, Value};
 
     /// Records what the router sends; slots listed in `full` are too slow.

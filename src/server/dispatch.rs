@@ -110,6 +110,11 @@ impl Core {
                 if let Some(next) = self.heartbeat_deadline(conn) {
                     self.set_deadline(conn, slot, next);
                 }
+                let verified = claims.as_ref().map(|c| c.sub.as_str());
+                let early = head.get(upgrade.head_len..).unwrap_or_default();
+                if self.join_via_cluster(conns, slot, &upgrade.query, verified, early, now) {
+                    return; // joins when its name's lease is confirmed
+                }
                 if let App::Chat(router) = &mut self.app {
                     let mut mailer = Mailer {
                         conns,
@@ -160,7 +165,7 @@ impl Core {
     }
 
     /// Decodes frames and acts on each message.
-    fn on_frames(
+    pub(super) fn on_frames(
         &mut self,
         conns: &mut Slab<Connection>,
         slot: usize,
