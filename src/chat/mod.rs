@@ -1,6 +1,7 @@
 //! The chat application, without I/O: protocol, usernames, routing.
 
 pub mod json;
+pub mod lookalike;
 pub mod protocol;
 pub mod router;
 mod scan;
