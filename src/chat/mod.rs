@@ -1,5 +1,6 @@
 //! The chat application, without I/O: protocol, usernames, routing.
 
+mod confusable;
 pub mod json;
 pub mod lookalike;
 pub mod protocol;

@@ -426,7 +426,9 @@ impl Router {
         name
     }
 
-    /// Where `name` is in `members`, if online.
+    /// Where `name` is in `members`, if online. Inlined: it is on the path
+    /// of every private message.
+    #[inline(always)]
     fn position_of(&mut self, name: &str) -> Option<usize> {
         if let Some((last, position)) = &self.last_target {
             if **last == *name {
@@ -436,6 +438,14 @@ impl Router {
         let position = self.index.get(name).copied()?;
         self.last_target = Some((self.members[position].name.clone(), position));
         Some(position)
+    }
+
+    /// [`position_of`](Self::position_of) off the per-message path (a
+    /// second call site would stop it being inlined there).
+    #[cold]
+    #[inline(never)]
+    fn position_of_cold(&mut self, name: &str) -> Option<usize> {
+        self.position_of(name)
     }
 
     /// Sends what the outbox holds for a user who just connected, before
@@ -648,7 +658,7 @@ impl Router {
                 Ok(Cow::Borrowed(_)) => to,
                 Ok(Cow::Owned(nfc)) => {
                     normalised = nfc;
-                    position = self.position_of(&normalised);
+                    position = self.position_of_cold(&normalised);
                     &normalised
                 }
                 Err(_) => {

@@ -4,10 +4,9 @@ use std::borrow::Cow;
 
 use unicode_normalization::char::is_combining_mark;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
-use unicode_security::general_security_profile::IdentifierType;
-use unicode_security::{
-    skeleton, GeneralSecurityProfile, RestrictionLevel, RestrictionLevelDetection,
-};
+use unicode_security::{GeneralSecurityProfile, RestrictionLevel, RestrictionLevelDetection};
+
+use super::confusable::{is_default_ignorable, skeleton};
 
 /// The most characters (not bytes) a name may have.
 pub const MAX_CHARS: usize = 32;
@@ -93,7 +92,10 @@ pub fn canonical(raw: &str) -> Result<Cow<'_, str>, InvalidName> {
         if count > MAX_CHARS {
             return Err(InvalidName::Length);
         }
-        if is_invisible(c) {
+        // Unicode's default-ignorable code points show nothing, so a name
+        // with one looks like the name without it. (UTS #39 allows ZWNJ and
+        // ZWJ for a few scripts' spelling; here they are refused too.)
+        if is_default_ignorable(c) {
             return Err(InvalidName::Invisible(c));
         }
         let allowed = if is_combining_mark(c) {
@@ -120,16 +122,6 @@ pub fn canonical(raw: &str) -> Result<Cow<'_, str>, InvalidName> {
 /// form of one: see [`canonical`]).
 pub fn is_valid(name: &str) -> bool {
     canonical(name).is_ok()
-}
-
-/// Unicode's default-ignorable code points: a renderer shows nothing for
-/// them, so a name with one looks like the name without it. (UTS #39
-/// restricts them all in identifiers but ZWNJ and ZWJ, which it allows for
-/// a few scripts' spelling; here they are refused like the rest. This only
-/// picks the message: every restricted character is refused anyway.)
-fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{200c}' | '\u{200d}')
-        || c.identifier_type() == Some(IdentifierType::Default_Ignorable)
 }
 
 /// The strings that decide whether two names look alike: two names clash
