@@ -220,6 +220,24 @@ mod tests {
             ok(None, &format!("token={zoe}&username=Zo%C3%AB")),
             Ok("Zoë".into())
         );
+        // A `sub` in NFD is the user in NFC; `username=` may be either form.
+        let nfd = token("Zoe\\u0308");
+        for query in [
+            format!("token={nfd}"),
+            format!("token={nfd}&username=Zo%C3%AB"),
+            format!("token={nfd}&username=Zoe%CC%88"),
+            format!("token={zoe}&username=Zoe%CC%88"),
+        ] {
+            assert_eq!(ok(None, &query), Ok("Zoë".into()), "{query}");
+        }
+        // A `sub` that is no valid name (invisible, mixed scripts) is refused.
+        for sub in ["alice\\u3164", "\\u0430lice", "\\uff41lice"] {
+            assert_eq!(
+                ok(None, &format!("token={}", token(sub))),
+                Err(Refusal::Token(TokenError::BadSubject)),
+                "{sub}"
+            );
+        }
     }
 
     #[test]

@@ -196,9 +196,10 @@ mod tests {
             ("Tokyo東京", Ok("Tokyo東京")),   // Latin with Han: highly restrictive
             ("김민준", Ok("김민준")),
             ("Ωμέγα", Ok("Ωμέγα")),
-            ("\u{430}lice", Err(MixedScripts)), // Cyrillic а, Latin lice
+            ("Ωmega", Err(MixedScripts)),         // Greek and Latin
+            ("\u{430}lice", Err(MixedScripts)),   // Cyrillic а, Latin lice
             ("ａｌｉｃｅ", Err(Character('ａ'))), // full-width
-            ("𝐚𝐥𝐢𝐜𝐞", Err(Character('𝐚'))),     // mathematical bold
+            ("𝐚𝐥𝐢𝐜𝐞", Err(Character('𝐚'))),       // mathematical bold
             ("ℌello", Err(Character('ℌ'))),
             ("\u{3164}", Err(Invisible('\u{3164}'))), // HANGUL FILLER, a letter
             ("alice\u{3164}", Err(Invisible('\u{3164}'))),
