@@ -313,15 +313,7 @@ impl Router {
             }
         };
         if self.index.contains_key(&*name) || self.position_of_conn(slot).is_some() {
-            let message = "that username is online already";
-            self.refuse(
-                slot,
-                "username_taken",
-                message,
-                CloseCode::UsernameTaken,
-                "username taken",
-                out,
-            );
+            self.refuse_taken(slot, "that username is online already", out);
             return None;
         }
         let keys = username::lookalike_keys(&name);
@@ -331,14 +323,7 @@ impl Router {
                 Clash::Online => "that username looks like the name of a user who is online",
                 Clash::Known => "that username looks like the name of an existing user",
             };
-            self.refuse(
-                slot,
-                "username_taken",
-                message,
-                CloseCode::UsernameTaken,
-                "username taken",
-                out,
-            );
+            self.refuse_taken(slot, message, out);
             return None;
         }
         let resume = resume_point(query);
@@ -922,6 +907,11 @@ impl Router {
     fn refuse_invalid_name(&mut self, slot: ConnId, message: &str, out: &mut impl Outbox) {
         let (code, reason) = (CloseCode::InvalidUsername, "invalid username");
         self.refuse(slot, "invalid_username", message, code, reason, out);
+    }
+
+    fn refuse_taken(&mut self, slot: ConnId, message: &str, out: &mut impl Outbox) {
+        let (code, reason) = (CloseCode::UsernameTaken, "username taken");
+        self.refuse(slot, "username_taken", message, code, reason, out);
     }
 
     fn refuse(
