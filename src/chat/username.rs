@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use unicode_normalization::char::is_combining_mark;
+use unicode_normalization::char::canonical_combining_class;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 use unicode_security::{GeneralSecurityProfile, RestrictionLevel, RestrictionLevelDetection};
 
@@ -75,7 +75,7 @@ impl InvalidName {
 
 /// The username `raw` stands for: its NFC form, which is how it is shown
 /// and addressed, if that is 1 to 32 characters of letters and digits of
-/// any script, `_`, `-`, `.` (and combining marks after a letter), none
+/// any script, `_`, `-`, `.` (and combining marks on a letter), none
 /// invisible or restricted by UTS #39's General Security Profile, and of
 /// one script (or a combination usual in one writing system, such as
 /// Japanese kanji with kana or Latin letters: UTS #39 "highly restrictive").
@@ -98,8 +98,9 @@ pub fn canonical(raw: &str) -> Result<Cow<'_, str>, InvalidName> {
         if is_default_ignorable(c) {
             return Err(InvalidName::Invisible(c));
         }
-        let allowed = if is_combining_mark(c) {
-            // A mark combines with the letter before it, once.
+        let allowed = if canonical_combining_class(c) != 0 {
+            // A combining mark (a non-zero combining class) goes on the
+            // letter before it, and not twice in a row.
             previous.is_some_and(|p| p != c && !matches!(p, '_' | '-' | '.'))
         } else {
             c.is_alphanumeric() || matches!(c, '_' | '-' | '.')
