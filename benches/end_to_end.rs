@@ -29,12 +29,14 @@
 #[path = "../tests/support/spawn.rs"]
 mod spawn;
 
-use std::fmt::Write as _;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use plotters::coord::CoordTranslate;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{json, Value};
 use spawn::{AfterListening, Spawned};
 
@@ -489,6 +491,17 @@ struct Server {
     data_dir: PathBuf,
 }
 
+/// The load comes from one address, far faster than a person sends: the
+/// per-connection rate and the per-address limits would measure themselves.
+const LIMITS_OFF: [&str; 6] = [
+    "--rate-limit",
+    "0",
+    "--max-connections-per-ip",
+    "0",
+    "--max-handshakes-per-ip",
+    "0",
+];
+
 impl Server {
     fn start(machine: &Machine, scratch: &Scratch, name: &str, extra: &[&str]) -> Server {
         let data_dir = scratch.0.join(name);
@@ -496,6 +509,7 @@ impl Server {
         let mut cmd = machine.command(0, SERVER);
         cmd.args(["--listen", "127.0.0.1:0", "--log", "warn", "--data-dir"])
             .arg(&data_dir)
+            .args(LIMITS_OFF)
             .args(extra);
         // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
         unsafe {
@@ -775,13 +789,6 @@ fn utc_date() -> String {
     format!("{year:04}-{month:02}-{day:02}")
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// 1000 → "1k", 20000 → "20k", 1500 → "1.5k", 500 → "500".
 fn short_rate(r: f64) -> String {
     if r >= 1000.0 {
@@ -809,33 +816,226 @@ fn grouped(v: f64) -> String {
     out
 }
 
+/// The percentiles plotted: label, key in the result, colour.
+const SERIES: [(&str, &str, RGBColor); 4] = [
+    ("p50", "p50_us", RGBColor(0x1b, 0x9e, 0x77)),
+    ("p90", "p90_us", RGBColor(0xd9, 0x5f, 0x02)),
+    ("p99", "p99_us", RGBColor(0x75, 0x70, 0xb3)),
+    ("p99.9", "p999_us", RGBColor(0xe7, 0x29, 0x8a)),
+];
+const GREY: RGBColor = RGBColor(0x77, 0x77, 0x77);
+const DARK: RGBColor = RGBColor(0x33, 0x33, 0x33);
+const FLAWED: RGBColor = RGBColor(0xcc, 0x00, 0x00);
+
 /// Latency percentiles of the open-loop runs against the offered rate:
-/// log-log, one line per percentile.
+/// log-log, one line per percentile, drawn with plotters' SVG backend.
 fn latency_svg(runs: &[&Run], machine: &Machine, date: &str, pairs: usize) -> String {
-    const W: f64 = 860.0;
-    const H: f64 = 552.0;
-    const LEFT: f64 = 90.0;
-    const RIGHT: f64 = 190.0;
-    const TOP: f64 = 78.0;
-    const BOTTOM: f64 = 104.0;
-    let series: [(&str, &str, &str); 4] = [
-        ("p50", "p50_us", "#1b9e77"),
-        ("p90", "p90_us", "#d95f02"),
-        ("p99", "p99_us", "#7570b3"),
-        ("p99.9", "p999_us", "#e7298a"),
-    ];
+    let mut svg = String::new();
+    draw_latency(&mut svg, runs, machine, date, pairs).expect("draw latency.svg");
+    svg
+}
+
+/// Text of `size` SVG pixels (plotters writes 1/1.24 of the size it is given).
+fn font(size: f64) -> TextStyle<'static> {
+    styled(size, FontStyle::Normal)
+}
+
+fn styled(size: f64, style: FontStyle) -> TextStyle<'static> {
+    (
+        "DejaVu Sans, Helvetica, Arial, sans-serif",
+        size * 1.24,
+        style,
+    )
+        .into_font()
+        .into()
+}
+
+fn centred(size: f64, colour: &'static RGBColor) -> TextStyle<'static> {
+    font(size)
+        .color(colour)
+        .pos(Pos::new(HPos::Center, VPos::Top))
+}
+
+fn draw_latency<'s>(
+    svg: &'s mut String,
+    runs: &[&Run],
+    machine: &Machine,
+    date: &str,
+    pairs: usize,
+) -> Result<(), Box<dyn std::error::Error + 's>> {
+    const W: u32 = 860;
+    const H: u32 = 552;
+    const LEFT: u32 = 90;
+    const RIGHT: u32 = 190;
+    const TOP: u32 = 78;
+    const BOTTOM: u32 = 104;
     let mut runs: Vec<&Run> = runs.to_vec();
     runs.sort_by_key(|r| r.rate);
     let rates: Vec<f64> = runs.iter().map(|r| r.rate.unwrap_or(1) as f64).collect();
     let values: Vec<f64> = runs
         .iter()
         .flat_map(|r| {
-            series
+            SERIES
                 .iter()
                 .filter_map(|(_, k, _)| r.get(&format!("latency.{k}")))
         })
         .filter(|v| *v > 0.0)
         .collect();
+    let (y_lo, y_hi) = latency_range(&values);
+    let (r_lo, r_hi) = (
+        rates.iter().copied().fold(f64::MAX, f64::min) / 1.6,
+        rates.iter().copied().fold(f64::MIN, f64::max) * 1.6,
+    );
+
+    let root = SVGBackend::with_string(svg, (W, H)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let middle = (W / 2) as i32;
+    root.draw(&Text::new(
+        "wschat: private-message latency vs offered rate",
+        (middle, 13),
+        styled(18.0, FontStyle::Bold).pos(Pos::new(HPos::Center, VPos::Top)),
+    ))?;
+    let pin = if machine.pinned {
+        "server on core 0, load generator on core 1"
+    } else {
+        "not pinned"
+    };
+    let lines = [
+        format!(
+            "{} · {} cores · Linux {} · {date}",
+            machine.model, machine.nproc, machine.kernel
+        ),
+        format!("{pairs} sender/receiver pairs, open loop (latency from the scheduled send time), loopback, {pin}"),
+    ];
+    for (i, line) in lines.iter().enumerate() {
+        root.draw(&Text::new(
+            line.as_str(),
+            (middle, 40 + 16 * i as i32),
+            centred(12.5, &DARK),
+        ))?;
+    }
+
+    // Ticks at the measured rates, and at 1-2-5 steps of latency.
+    let steps = steps_125(y_lo, y_hi);
+    let mut chart = ChartBuilder::on(&root)
+        .margin_top(TOP)
+        .margin_right(RIGHT)
+        .margin_bottom(8)
+        .margin_left(16)
+        .x_label_area_size(BOTTOM - 8)
+        .y_label_area_size(LEFT - 16)
+        .build_cartesian_2d(
+            (r_lo..r_hi).log_scale().with_key_points(rates.clone()),
+            (y_lo..y_hi).log_scale().with_key_points(steps.clone()),
+        )?;
+    chart
+        .configure_mesh()
+        .x_labels(rates.len())
+        .y_labels(steps.len())
+        .x_label_formatter(&|r| format!("{}/s", short_rate(*r)))
+        .y_label_formatter(&|v| grouped(*v))
+        .label_style(font(12.0))
+        .bold_line_style(RGBColor(0xdc, 0xdc, 0xdc))
+        .light_line_style(TRANSPARENT)
+        .axis_style(DARK)
+        .x_desc("offered rate (messages/s, log scale; got: delivered in the window, n: latency samples)")
+        .y_desc("latency (µs, log scale)")
+        .axis_desc_style(font(13.0))
+        .draw()?;
+    root.draw(&Rectangle::new(
+        [
+            (LEFT as i32, TOP as i32),
+            ((W - RIGHT) as i32, (H - BOTTOM) as i32),
+        ],
+        DARK.stroke_width(1),
+    ))?;
+    // Under each rate: what was delivered, the samples, and why a point is
+    // not clean.
+    for (run, &r) in runs.iter().zip(&rates) {
+        let (x, bottom) = chart.backend_coord(&(r, y_lo));
+        let colour: &'static RGBColor = if run.flaw().is_some() { &FLAWED } else { &GREY };
+        let delivered = format!(
+            "got {}/s",
+            short_rate(run.get("delivered_per_s").unwrap_or(0.0))
+        );
+        let samples = format!("n={}", short_rate(run.get("latency.count").unwrap_or(0.0)));
+        let notes = [
+            (delivered.as_str(), colour),
+            (samples.as_str(), &GREY),
+            (run.flaw().unwrap_or(""), colour),
+        ];
+        for (i, (text, colour)) in notes.iter().enumerate() {
+            root.draw(&Text::new(
+                *text,
+                (x, bottom + 24 + 12 * i as i32),
+                centred(10.0, colour),
+            ))?;
+        }
+    }
+
+    // The series, and their legend to the right.
+    let legend_x = (W - RIGHT + 24) as i32;
+    for (i, (label, key, colour)) in SERIES.iter().enumerate() {
+        let points: Vec<(f64, f64, bool)> = runs
+            .iter()
+            .zip(&rates)
+            .filter_map(|(run, &r)| {
+                let v = run.get(&format!("latency.{key}"))?;
+                (v > 0.0).then(|| (r, v.clamp(y_lo, y_hi), run.flaw().is_some()))
+            })
+            .collect();
+        if points.len() > 1 {
+            chart.draw_series(LineSeries::new(
+                points.iter().map(|&(x, y, _)| (x, y)),
+                colour.stroke_width(2),
+            ))?;
+        }
+        for &(x, y, hollow) in &points {
+            marker(chart.plotting_area(), i, (x, y), *colour, hollow)?;
+        }
+        let y = (TOP + 14 + 24 * i as u32) as i32;
+        root.draw(&PathElement::new(
+            vec![(legend_x, y), (legend_x + 30, y)],
+            colour.stroke_width(2),
+        ))?;
+        marker(&root, i, (legend_x + 15, y), *colour, false)?;
+        root.draw(&Text::new(
+            *label,
+            (legend_x + 40, y),
+            font(13.0).pos(Pos::new(HPos::Left, VPos::Center)),
+        ))?;
+    }
+    if runs.iter().any(|r| r.flaw().is_some()) {
+        let y = (TOP + 14 + 4 * 24 + 8) as i32;
+        marker(
+            &root,
+            0,
+            (legend_x + 15, y),
+            RGBColor(0x55, 0x55, 0x55),
+            true,
+        )?;
+        let note = [
+            "hollow: not a clean",
+            "point (reason in red",
+            "under the rate)",
+        ];
+        for (i, line) in note.iter().enumerate() {
+            root.draw(&Text::new(
+                *line,
+                (legend_x + 40, y + 14 * i as i32),
+                font(11.0)
+                    .color(&DARK)
+                    .pos(Pos::new(HPos::Left, VPos::Center)),
+            ))?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// The y range: 1-2-5 steps with some room around the data, at least a
+/// factor of 20 tall.
+fn latency_range(values: &[f64]) -> (f64, f64) {
     let (vmin, vmax) = values
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
@@ -844,8 +1044,6 @@ fn latency_svg(runs: &[&Run], machine: &Machine, date: &str, pairs: usize) -> St
     } else {
         (vmin, vmax)
     };
-    // The y range: 1-2-5 steps with some room around the data, at least
-    // a factor of 20 tall.
     let mut y_lo = nice(vmin / 1.25, false);
     let mut y_hi = nice(vmax * 1.25, true);
     while y_hi / y_lo < 20.0 {
@@ -855,190 +1053,23 @@ fn latency_svg(runs: &[&Run], machine: &Machine, date: &str, pairs: usize) -> St
             y_hi = nice(y_hi * 1.01, true);
         }
     }
-    let (r_lo, r_hi) = (
-        rates.iter().copied().fold(f64::MAX, f64::min) / 1.6,
-        rates.iter().copied().fold(f64::MIN, f64::max) * 1.6,
-    );
-    let pw = W - LEFT - RIGHT;
-    let ph = H - TOP - BOTTOM;
-    let x = |r: f64| LEFT + (r / r_lo).ln() / (r_hi / r_lo).ln() * pw;
-    let y = |v: f64| TOP + ph - (v / y_lo).ln() / (y_hi / y_lo).ln() * ph;
+    (y_lo, y_hi)
+}
 
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="28" font-size="18" font-weight="bold" text-anchor="middle">wschat: private-message latency vs offered rate</text>"#,
-        W / 2.0
-    );
-    let pin = if machine.pinned {
-        "server on core 0, load generator on core 1"
-    } else {
-        "not pinned"
-    };
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="50" font-size="12.5" text-anchor="middle" fill="#333">{} · {} cores · Linux {} · {date}</text>"##,
-        W / 2.0,
-        xml_escape(&machine.model),
-        machine.nproc,
-        xml_escape(&machine.kernel),
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="66" font-size="12.5" text-anchor="middle" fill="#333">{pairs} sender/receiver pairs, open loop (latency from the scheduled send time), loopback, {pin}</text>"##,
-        W / 2.0,
-    );
-
-    // Grid and y ticks: decades labelled and darker, 2 and 5 lighter.
-    let mut decade = 10f64.powf(y_lo.log10().floor());
-    while decade <= y_hi * 1.0001 {
+/// The 1, 2 and 5 multiples of powers of ten from `lo` to `hi`.
+fn steps_125(lo: f64, hi: f64) -> Vec<f64> {
+    let mut steps = Vec::new();
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi * 1.0001 {
         for m in [1.0, 2.0, 5.0] {
             let v = decade * m;
-            if v < y_lo * 0.9999 || v > y_hi * 1.0001 {
-                continue;
+            if v >= lo * 0.9999 && v <= hi * 1.0001 {
+                steps.push(v);
             }
-            let yy = y(v);
-            let (stroke, size, fill) = if m == 1.0 {
-                ("#c8c8c8", 12, "#000")
-            } else {
-                ("#ececec", 10, "#777")
-            };
-            let _ = writeln!(
-                s,
-                r#"<line x1="{LEFT}" x2="{:.1}" y1="{yy:.1}" y2="{yy:.1}" stroke="{stroke}"/>"#,
-                LEFT + pw
-            );
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{:.1}" font-size="{size}" text-anchor="end" fill="{fill}">{}</text>"#,
-                LEFT - 8.0,
-                yy + 4.0,
-                grouped(v)
-            );
         }
         decade *= 10.0;
     }
-    // x ticks at the measured rates, with what was delivered underneath.
-    for (run, &r) in runs.iter().zip(&rates) {
-        let xx = x(r);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{TOP}" y2="{:.1}" stroke="#ececec"/>"##,
-            TOP + ph
-        );
-        let _ = writeln!(
-            s,
-            r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{:.1}" y2="{:.1}" stroke="#333"/>"##,
-            TOP + ph,
-            TOP + ph + 5.0
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{xx:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}/s</text>"#,
-            TOP + ph + 19.0,
-            short_rate(r)
-        );
-        let delivered = run.get("delivered_per_s").unwrap_or(0.0);
-        let colour = if run.flaw().is_some() { "#c00" } else { "#777" };
-        let _ = writeln!(
-            s,
-            r#"<text x="{xx:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="{colour}">got {}/s</text>"#,
-            TOP + ph + 33.0,
-            short_rate(delivered),
-        );
-        let _ = writeln!(
-            s,
-            r##"<text x="{xx:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="#777">n={}</text>"##,
-            TOP + ph + 45.0,
-            short_rate(run.get("latency.count").unwrap_or(0.0))
-        );
-        if let Some(flaw) = run.flaw() {
-            let _ = writeln!(
-                s,
-                r#"<text x="{xx:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="{colour}">{flaw}</text>"#,
-                TOP + ph + 57.0,
-            );
-        }
-    }
-    // Frame and axis labels.
-    let _ = writeln!(
-        s,
-        r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" font-size="13" text-anchor="middle">offered rate (messages/s, log scale; got: delivered in the window, n: latency samples)</text>"#,
-        LEFT + pw / 2.0,
-        H - 14.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text transform="translate(24 {:.1}) rotate(-90)" font-size="13" text-anchor="middle">latency (µs, log scale)</text>"#,
-        TOP + ph / 2.0
-    );
-
-    // Series.
-    for (i, (label, key, colour)) in series.iter().enumerate() {
-        let points: Vec<(f64, f64, bool)> = runs
-            .iter()
-            .zip(&rates)
-            .filter_map(|(run, &r)| {
-                let v = run.get(&format!("latency.{key}"))?;
-                (v > 0.0).then(|| (x(r), y(v.clamp(y_lo, y_hi)), run.flaw().is_some()))
-            })
-            .collect();
-        if points.len() > 1 {
-            let path: Vec<String> = points
-                .iter()
-                .map(|(px, py, _)| format!("{px:.1},{py:.1}"))
-                .collect();
-            let _ = writeln!(
-                s,
-                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
-                path.join(" ")
-            );
-        }
-        for &(px, py, behind) in &points {
-            let fill = if behind { "white" } else { colour };
-            let _ = writeln!(s, "{}", marker(i, px, py, colour, fill));
-        }
-        // Legend.
-        let lx = LEFT + pw + 24.0;
-        let ly = TOP + 14.0 + i as f64 * 24.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx:.1}" x2="{:.1}" y1="{ly:.1}" y2="{ly:.1}" stroke="{colour}" stroke-width="2"/>"#,
-            lx + 30.0
-        );
-        let _ = writeln!(s, "{}", marker(i, lx + 15.0, ly, colour, colour));
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" font-size="13">{label}</text>"#,
-            lx + 40.0,
-            ly + 4.5
-        );
-    }
-    if runs.iter().any(|r| r.flaw().is_some()) {
-        let lx = LEFT + pw + 24.0;
-        let ly = TOP + 14.0 + 4.0 * 24.0 + 8.0;
-        let _ = writeln!(s, "{}", marker(0, lx + 15.0, ly, "#555", "white"));
-        let _ = writeln!(
-            s,
-            r##"<text x="{:.1}" y="{:.1}" font-size="11" fill="#333"><tspan x="{:.1}" dy="0">hollow: not a clean</tspan><tspan x="{:.1}" dy="14">point (reason in red</tspan><tspan x="{:.1}" dy="14">under the rate)</tspan></text>"##,
-            lx + 40.0,
-            ly + 4.0,
-            lx + 40.0,
-            lx + 40.0,
-            lx + 40.0,
-        );
-    }
-    s.push_str("</svg>\n");
-    s
+    steps
 }
 
 /// The 1-2-5 step at or above `v` (`up`), or at or below it.
@@ -1061,35 +1092,35 @@ fn nice(v: f64, up: bool) -> f64 {
     }
 }
 
-/// Marker `i`: circle, square, triangle, diamond.
-fn marker(i: usize, x: f64, y: f64, stroke: &str, fill: &str) -> String {
-    let style = format!(r#"fill="{fill}" stroke="{stroke}" stroke-width="1.8""#);
-    match i % 4 {
-        0 => format!(r#"<circle cx="{x:.1}" cy="{y:.1}" r="4.5" {style}/>"#),
-        1 => format!(
-            r#"<rect x="{:.1}" y="{:.1}" width="8" height="8" {style}/>"#,
-            x - 4.0,
-            y - 4.0
-        ),
-        2 => format!(
-            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" {style}/>"#,
-            x,
-            y - 5.5,
-            x + 5.0,
-            y + 4.0,
-            x - 5.0,
-            y + 4.0
-        ),
-        _ => format!(
-            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" {style}/>"#,
-            x,
-            y - 5.5,
-            x + 5.0,
-            y,
-            x,
-            y + 5.5,
-            x - 5.0,
-            y
-        ),
-    }
+/// Draws marker `i` (circle, square, triangle, diamond) at `at`: filled,
+/// or white inside when its point is not clean.
+fn marker<DB: DrawingBackend, CT: CoordTranslate>(
+    area: &DrawingArea<DB, CT>,
+    i: usize,
+    at: CT::From,
+    colour: RGBColor,
+    hollow: bool,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    CT::From: Clone,
+{
+    let fill = if hollow { WHITE } else { colour }.filled();
+    let line = colour.stroke_width(2);
+    let corners: Vec<(i32, i32)> = match i % 4 {
+        0 => {
+            return area.draw(
+                &(EmptyElement::at(at)
+                    + Circle::new((0, 0), 4, fill)
+                    + Circle::new((0, 0), 4, line)),
+            )
+        }
+        1 => vec![(-4, -4), (4, -4), (4, 4), (-4, 4)],
+        2 => vec![(0, -6), (5, 4), (-5, 4)],
+        _ => vec![(0, -6), (5, 0), (0, 6), (-5, 0)],
+    };
+    let mut outline = corners.clone();
+    outline.push(corners[0]);
+    area.draw(
+        &(EmptyElement::at(at) + Polygon::new(corners, fill) + PathElement::new(outline, line)),
+    )
 }

@@ -22,6 +22,13 @@ pub struct Config {
     /// Unsent bytes one connection may hold; beyond it, it is read no more
     /// until it drains (and, in chat, slow recipients are shed).
     pub max_outbound: usize,
+    /// Everything peers make the process hold together: outbound queues,
+    /// partial messages, request heads (see `budget`).
+    pub memory_budget: usize,
+    /// All partial (unfinished) messages together.
+    pub max_partial_bytes: usize,
+    /// Time a client has to complete a message once its first bytes came.
+    pub message_timeout: Duration,
     /// Time to complete the opening handshake (slowloris bound).
     pub handshake_timeout: Duration,
     /// Time a peer has to finish the closing handshake.
@@ -77,6 +84,16 @@ pub struct Config {
     pub offline_to_unknown: bool,
     /// Where `/metrics` and `/healthz` are served apart from the chat.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--cluster`: be one node of a chat shared over this Redis.
+    pub cluster: Option<crate::cluster::RedisUrl>,
+    /// Prefix of the cluster's Redis keys and channels.
+    pub cluster_prefix: String,
+    /// How long a node's names outlive it (renewed every third of it).
+    pub cluster_lease: Duration,
+    /// Set SO_REUSEPORT on the listener, so several processes share the port.
+    pub reuseport: bool,
+    /// Message rate, per-address limits and trusted proxies.
+    pub limits: crate::limits::Settings,
 }
 
 /// How clients are authenticated (`--auth`).
@@ -94,6 +111,9 @@ impl Default for Config {
             max_connections: None,
             max_message_size: 64 * 1024,
             max_outbound: 1024 * 1024,
+            memory_budget: 256 * 1024 * 1024,
+            max_partial_bytes: 64 * 1024 * 1024,
+            message_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
             allowed_origins: Vec::new(),
@@ -121,6 +141,11 @@ impl Default for Config {
             max_known_users: 1_000_000,
             offline_to_unknown: false,
             metrics_listen: None,
+            cluster: None,
+            cluster_prefix: "wschat".to_string(),
+            cluster_lease: Duration::from_secs(15),
+            reuseport: false,
+            limits: crate::limits::Settings::default(),
         }
     }
 }
@@ -140,9 +165,10 @@ impl Config {
 }
 
 /// File descriptors kept back from `--max-connections`' default: the
-/// listener, epoll, stdio, and room to answer 503 at the limit.
+/// listener, epoll, stdio, room to answer 503 at the limit, and the sockets
+/// kept for health checks beyond it ([`crate::limits::HTTP_RESERVE`]).
 pub fn fd_reserve() -> usize {
-    32
+    32 + crate::limits::HTTP_RESERVE
 }
 
 /// How an option takes its value.
@@ -210,8 +236,9 @@ pub const OPTIONS: &[Opt] = &[
     Opt {
         flag: "--max-connections",
         value_name: "N",
-        about: "open sockets beyond N get 503",
-        default: Some("open-file limit - 32"),
+        about: "WebSocket connections (and handshakes) beyond N get 503; 16 more sockets are \
+                kept for /healthz and /metrics",
+        default: Some("open-file limit - 48"),
         kind: Kind::Value,
         set: |c, name, v| {
             c.max_connections = Some(parse_count(name, v, 1)?);
@@ -238,6 +265,43 @@ pub const OPTIONS: &[Opt] = &[
         kind: Kind::Value,
         set: |c, name, v| {
             c.max_outbound = parse_count(name, v, 1024)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--memory-budget",
+        value_name: "BYTES",
+        about: "bytes all peers together may make the server hold (outbound queues, partial \
+                messages, request heads); from three quarters of it new connections get 503 \
+                and public messages are shed",
+        default: Some("268435456"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.memory_budget = parse_count(name, v, 4096)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-partial-bytes",
+        value_name: "BYTES",
+        about: "bytes all unfinished messages together may hold; a client whose message would \
+                pass it is closed with 1009",
+        default: Some("67108864"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.max_partial_bytes = parse_count(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--message-timeout",
+        value_name: "DUR",
+        about: "time to complete a message once it began (pings do not extend it); \
+                then 1008",
+        default: Some("30s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.message_timeout = parse_duration(name, v)?;
             Ok(())
         },
     },
@@ -538,6 +602,119 @@ pub const OPTIONS: &[Opt] = &[
         },
     },
     Opt {
+        flag: "--cluster",
+        value_name: "REDIS_URL",
+        about: "be one node of a chat shared over Redis: redis://[:PASSWORD@]HOST:PORT[/DB]",
+        default: None,
+        kind: Kind::Value,
+        set: |c, name, v| {
+            let url = crate::cluster::RedisUrl::parse(v)
+                .map_err(|why| ConfigError::invalid(name, "(the URL)", &why))?;
+            c.cluster = Some(url);
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--cluster-prefix",
+        value_name: "PREFIX",
+        about: "prefix of the cluster's Redis keys and channels",
+        default: Some("wschat"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            if v.is_empty() || v.len() > 64 || v.bytes().any(|b| b.is_ascii_whitespace()) {
+                return Err(ConfigError::invalid(name, v, "1-64 characters, no spaces"));
+            }
+            c.cluster_prefix = v.to_string();
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--cluster-lease",
+        value_name: "DUR",
+        about: "how long names of a node that died stay taken (renewed every third)",
+        default: Some("15s"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            let lease = parse_duration(name, v)?;
+            if lease < Duration::from_secs(1) {
+                return Err(ConfigError::invalid(name, v, "at least 1s"));
+            }
+            c.cluster_lease = lease;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--reuseport",
+        value_name: "",
+        about: "set SO_REUSEPORT so several processes share --listen's port",
+        default: None,
+        kind: Kind::Switch,
+        set: |c, name, v| {
+            c.reuseport = parse_switch(name, v)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--rate-limit",
+        value_name: "N",
+        about: "chat messages per second per connection (acks and token renewals are free); \
+                beyond it rate_limited errors, and close 1008 for a sender that keeps on; 0 = off",
+        default: Some("20"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.rate_limit = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--rate-burst",
+        value_name: "N",
+        about: "messages a connection may send at once before --rate-limit applies",
+        default: Some("40"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.rate_burst = parse_u32(name, v, 1)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-connections-per-ip",
+        value_name: "N",
+        about: "connections one client address (an IPv6 /64) may hold; more get 429; 0 = off",
+        default: Some("64"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.max_connections_per_ip = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--max-handshakes-per-ip",
+        value_name: "N",
+        about: "connections one client address may open per second; more get 429; 0 = off",
+        default: Some("30"),
+        kind: Kind::Value,
+        set: |c, name, v| {
+            c.limits.max_handshakes_per_ip = parse_u32(name, v, 0)?;
+            Ok(())
+        },
+    },
+    Opt {
+        flag: "--trusted-proxy",
+        value_name: "IP|CIDR",
+        about: "a reverse proxy whose X-Forwarded-For names the client, for the per-address \
+                limits and the log (repeatable)",
+        default: None,
+        kind: Kind::List,
+        set: |c, name, v| {
+            let cidr = crate::limits::forwarded::Cidr::parse(v).ok_or_else(|| {
+                ConfigError::invalid(name, v, "an IP address or a CIDR such as 10.0.0.0/8")
+            })?;
+            c.limits.trusted_proxies.0.push(cidr);
+            Ok(())
+        },
+    },
+    Opt {
         flag: "--log",
         value_name: "LEVEL",
         about: "error | warn | info | debug",
@@ -738,6 +915,17 @@ fn parse_addr(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| ConfigError::invalid(name, text, "an address such as 127.0.0.1:8080"))
 }
 
+fn parse_u32(name: &str, text: &str, min: u32) -> Result<u32, ConfigError> {
+    match text.parse::<u32>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(ConfigError::invalid(
+            name,
+            text,
+            format!("a whole number from {min} to {}", u32::MAX),
+        )),
+    }
+}
+
 fn parse_count(name: &str, text: &str, min: usize) -> Result<usize, ConfigError> {
     match text.parse::<usize>() {
         Ok(n) if n >= min => Ok(n),
@@ -847,6 +1035,9 @@ mod tests {
             "PATH" => "/run/secrets/wschat",
             "AUD" => "chat",
             "ISS" => "https://auth.example",
+            "REDIS_URL" => "redis://:pw@127.0.0.1:6379/2",
+            "PREFIX" => "chat1",
+            "IP|CIDR" => "10.0.0.0/8",
             other => panic!("no example value for {other}: add one"),
         }
     }
@@ -900,6 +1091,55 @@ mod tests {
     }
 
     #[test]
+    fn limits_take_their_values() {
+        let c = config_in(
+            &[
+                "--rate-limit",
+                "0",
+                "--rate-burst=3",
+                "--trusted-proxy",
+                "10.0.0.1",
+            ],
+            &[
+                ("WSCHAT_MAX_CONNECTIONS_PER_IP", "5"),
+                ("WSCHAT_MAX_HANDSHAKES_PER_IP", "0"),
+                ("WSCHAT_TRUSTED_PROXY", "192.0.2.0/24, fd00::/8"),
+            ],
+        );
+        assert_eq!((c.limits.rate_limit, c.limits.rate_burst), (0, 3));
+        assert_eq!(c.limits.max_connections_per_ip, 5);
+        assert_eq!(c.limits.max_handshakes_per_ip, 0);
+        // The flag wins over its variable, as for every option.
+        let proxies: Vec<String> = c
+            .limits
+            .trusted_proxies
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(proxies, ["10.0.0.1/32"]);
+        let c = config_in(&[], &[("WSCHAT_TRUSTED_PROXY", "192.0.2.0/24, fd00::/8")]);
+        let proxies: Vec<String> = c
+            .limits
+            .trusted_proxies
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(proxies, ["192.0.2.0/24", "fd00::/8"]);
+        let d = Config::default().limits;
+        assert_eq!(
+            (
+                d.rate_limit,
+                d.rate_burst,
+                d.max_connections_per_ip,
+                d.max_handshakes_per_ip
+            ),
+            (20, 40, 64, 30)
+        );
+    }
+
+    #[test]
     fn mistakes_are_one_line_errors() {
         for args in [
             &["--bogus"][..],
@@ -912,6 +1152,11 @@ mod tests {
             &["--log", "loud"],
             &["--allowed-origin", "chat.example"],
             &["--echo=yes"],
+            &["--rate-limit", "-1"],
+            &["--rate-limit", "4294967296"],
+            &["--rate-burst", "0"],
+            &["--trusted-proxy", "proxy.example"],
+            &["--trusted-proxy", "10.0.0.0/33"],
         ] {
             let err = parse(args).expect_err("should fail");
             assert!(!err.to_string().contains('\n'), "{err}");

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use mio::net::TcpStream;
 
+use crate::budget::HeadBytes;
 use crate::delivery::outbound::Outbound;
 use crate::timer::Tick;
 use crate::ws::{CloseCode, Decoder};
@@ -14,7 +15,7 @@ use crate::ws::{CloseCode, Decoder};
 #[derive(Debug)]
 pub enum Phase {
     /// Receiving the HTTP request head (bounded by `handshake::MAX_HEAD`).
-    Handshake(Vec<u8>),
+    Handshake(HeadBytes),
     /// Speaking WebSocket.
     Open(OpenState),
     /// Our last bytes (a close frame or an HTTP response) are queued: send
@@ -67,6 +68,8 @@ pub enum CloseReason {
     CloseTimeout,
     /// Nothing arrived for `--idle-timeout`.
     IdleTimeout,
+    /// A message was not completed within `--message-timeout` (1008).
+    MessageTimeout,
     /// The backlog made no progress for `--write-timeout`.
     WriteStall,
     /// Too slow a reader for a private message (see `delivery::policy`).
@@ -92,6 +95,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::HandshakeRejected(status) => write!(f, "handshake refused ({status})"),
             CloseReason::CloseTimeout => f.write_str("close timeout"),
             CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::MessageTimeout => f.write_str("message timeout (1008)"),
             CloseReason::WriteStall => f.write_str("write stall"),
             CloseReason::SlowConsumer => f.write_str("slow consumer"),
             CloseReason::Shutdown => f.write_str("shutdown"),
@@ -180,7 +184,7 @@ impl Connection {
             id,
             peer: Peer::from(peer),
             socket,
-            phase: Phase::Handshake(Vec::new()),
+            phase: Phase::Handshake(HeadBytes::new()),
             out: Outbound::default(),
             deadline: None,
             armed: None,

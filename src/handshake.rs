@@ -48,6 +48,9 @@ pub struct Upgrade {
     pub query: String,
     /// The `Authorization` header (at most one), for `--auth jwt`.
     pub authorization: Option<String>,
+    /// Every `X-Forwarded-For` value, in order, joined by commas (read only
+    /// when the peer is a `--trusted-proxy`; see `limits::forwarded`).
+    pub forwarded_for: Option<String>,
     pub head_len: usize,
 }
 
@@ -129,6 +132,7 @@ pub fn parse(buf: &[u8], policy: &Policy) -> Outcome {
                         query: query.to_owned(),
                         authorization: authorization
                             .map(|value| String::from_utf8_lossy(trim(value)).into_owned()),
+                        forwarded_for: joined_header(request.headers, "x-forwarded-for"),
                         head_len,
                     }),
                     Err(response) => Outcome::Reject(response),
@@ -221,6 +225,23 @@ fn single_header<'h>(
         found = Some(h.value);
     }
     Ok(found)
+}
+
+/// Every `name` header's value, in order, joined by commas (as RFC 9110
+/// section 5.3 lets a list header be split); `None` if there is none.
+fn joined_header(headers: &[httparse::Header<'_>], name: &str) -> Option<String> {
+    let mut joined: Option<String> = None;
+    for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)) {
+        let value = String::from_utf8_lossy(trim(h.value));
+        match &mut joined {
+            Some(list) => {
+                list.push(',');
+                list.push_str(&value);
+            }
+            None => joined = Some(value.into_owned()),
+        }
+    }
+    joined
 }
 
 /// True if any `name` header lists `token` in its comma-separated value.
@@ -328,6 +349,26 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 101 "));
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(!text.contains("Sec-WebSocket-Protocol") && !text.contains("Extensions"));
+    }
+
+    #[test]
+    fn forwarded_for_headers_are_joined_in_order() {
+        let forwarded = |extra: &str| match parse_str(&with(
+            "Host: example.com",
+            &format!("Host: example.com{extra}"),
+        )) {
+            Outcome::Upgrade(up) => up.forwarded_for,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(forwarded(""), None);
+        assert_eq!(
+            forwarded("\r\nX-Forwarded-For:  192.0.2.1 "),
+            Some("192.0.2.1".into())
+        );
+        assert_eq!(
+            forwarded("\r\nX-Forwarded-For: 192.0.2.1, 10.0.0.2\r\nx-forwarded-for: 10.0.0.3"),
+            Some("192.0.2.1, 10.0.0.2,10.0.0.3".into())
+        );
     }
 
     #[test]

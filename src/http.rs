@@ -119,3 +119,7 @@ impl Response {
 
 /// Sent (best effort) to a socket accepted beyond `--max-connections`.
 pub const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 20\r\nConnection: close\r\nRetry-After: 1\r\n\r\ntoo many connections";
+
+/// Sent (best effort) to a socket accepted while the memory budget's high
+/// mark is passed (see `budget`): memory takes longer to free than a slot.
+pub const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 11\r\nConnection: close\r\nRetry-After: 5\r\n\r\nserver busy";

@@ -6,13 +6,16 @@
 //! queue takes and who is too slow.
 
 pub mod auth;
+pub mod budget;
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod endpoints;
 pub mod handshake;
 pub mod http;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod persist;

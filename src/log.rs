@@ -83,6 +83,23 @@ pub fn flush() {
     });
 }
 
+/// Peer-controlled text (a username) in a log line: in double quotes, with
+/// quotes, backslashes, control characters (newlines included) and
+/// invisible ones (bidirectional overrides, zero-width spaces) escaped as
+/// Rust does (`\n`, `\u{202e}`), so it can neither start a line of its own
+/// nor hide or reorder the text around it. Letters of any script stay.
+pub fn quoted(text: &str) -> Quoted<'_> {
+    Quoted(text)
+}
+
+pub struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T18:50:01.123Z`.
 fn write_timestamp(out: &mut Vec<u8>) {
     let since_epoch = SystemTime::now()
@@ -149,5 +166,24 @@ mod tests {
         assert_eq!(super::civil_from_days(0), (1970, 1, 1));
         assert_eq!(super::civil_from_days(20_419), (2025, 11, 27));
         assert_eq!(super::civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn quoted_peer_text_stays_on_one_visible_line() {
+        let table = [
+            ("alice", r#""alice""#),
+            ("Zoë_小明", r#""Zoë_小明""#),
+            ("a\nINFO fake", r#""a\nINFO fake""#),
+            ("a\r\tb", r#""a\r\tb""#),
+            ("say \"hi\" \\", r#""say \"hi\" \\""#),
+            ("\u{1b}[31mred", r#""\u{1b}[31mred""#),
+            ("evil\u{202e}txt", r#""evil\u{202e}txt""#),
+            ("zero\u{200b}width", r#""zero\u{200b}width""#),
+            ("line\u{2028}sep", r#""line\u{2028}sep""#),
+            ("", r#""""#),
+        ];
+        for (text, want) in table {
+            assert_eq!(super::quoted(text).to_string(), want, "{text:?}");
+        }
     }
 }

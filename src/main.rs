@@ -75,7 +75,7 @@ fn run(args: Vec<String>) -> i32 {
         Command::Version => return print(&format!("wschat {}\n", wschat::VERSION)),
     }
     log::set_level(config.log_level);
-    let listener = match Server::listen(config.listen) {
+    let listener = match Server::listen_on(config.listen, config.reuseport) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("wschat: cannot listen on {}: {e}", config.listen);

@@ -6,7 +6,9 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::budget::Held;
 use crate::conn::CloseReason;
+use crate::limits::per_ip::Refusal;
 use crate::process::ProcessStats;
 use crate::store::log::Replayed;
 
@@ -27,7 +29,7 @@ const LATENCY_BOUNDS: [f64; 12] = [
 ];
 
 /// Close reasons as metric labels, in a fixed order.
-const CLOSE_LABELS: [&str; 14] = [
+const CLOSE_LABELS: [&str; 15] = [
     "normal",
     "protocol_error",
     "unsupported_data",
@@ -42,6 +44,7 @@ const CLOSE_LABELS: [&str; 14] = [
     "shutdown",
     "token_expired",
     "replaced",
+    "message_timeout",
 ];
 
 fn close_index(reason: CloseReason) -> Option<usize> {
@@ -61,11 +64,12 @@ fn close_index(reason: CloseReason) -> Option<usize> {
         CloseReason::Shutdown => 11,
         CloseReason::TokenExpired => 12,
         CloseReason::Replaced => 13,
+        CloseReason::MessageTimeout => 14,
     })
 }
 
 /// HTTP statuses counted as handshake failures.
-const HANDSHAKE_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 426, 431, 503];
+const HANDSHAKE_STATUSES: [u16; 9] = [400, 401, 403, 404, 405, 426, 429, 431, 503];
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -78,6 +82,25 @@ pub struct Metrics {
     latency_buckets: [u64; LATENCY_BOUNDS.len() + 1],
     latency_count: u64,
     latency_sum: f64,
+    /// Connections refused for their address's limits: too many
+    /// connections, too many handshakes (see `limits::per_ip`).
+    refused_per_ip: [u64; 2],
+    pub memory: MemoryCounters,
+}
+
+/// What the memory budget refused (see `budget`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemoryCounters {
+    /// New connections answered 503 above the high mark.
+    pub connections_refused: u64,
+    /// Connections closed (1009) because their partial message would pass
+    /// `--max-partial-bytes` or the budget.
+    pub partial_refused: u64,
+    /// Connections closed (1008) for not completing a message within
+    /// `--message-timeout`.
+    pub message_timeouts: u64,
+    /// Times freed memory was given back to the OS.
+    pub trims: u64,
 }
 
 /// Figures kept elsewhere (the router, the store), read when rendering.
@@ -106,6 +129,16 @@ pub struct Snapshot {
     pub known_users_full: u64,
     /// What replaying the outbox log found at start.
     pub replayed: Replayed,
+    /// Bytes peers make the server hold now, by kind.
+    pub held: Held,
+    pub memory_budget: usize,
+    pub max_partial_bytes: usize,
+    /// Messages refused with `rate_limited`.
+    pub rate_limited: u64,
+    /// Connections closed (1008) for going on past the rate.
+    pub rate_limit_closes: u64,
+    /// Client addresses in the per-address table.
+    pub per_ip_tracked: usize,
     /// The outbox log cannot be written now.
     pub store_degraded: bool,
     /// Writes of the outbox log that failed, and recoveries from that.
@@ -135,6 +168,21 @@ impl Metrics {
     pub fn count_refused_at_capacity(&mut self) {
         if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == 503) {
             self.handshake_failures[i] += 1;
+        }
+    }
+
+    /// Counts a connection refused with 429 for its address's limits;
+    /// `at_accept`: answered before a connection was made (a refusal at
+    /// the handshake is counted with its close).
+    pub fn count_refused_per_ip(&mut self, refusal: Refusal, at_accept: bool) {
+        self.refused_per_ip[match refusal {
+            Refusal::Connections => 0,
+            Refusal::Handshakes => 1,
+        }] += 1;
+        if at_accept {
+            if let Some(i) = HANDSHAKE_STATUSES.iter().position(|&s| s == 429) {
+                self.handshake_failures[i] += 1;
+            }
         }
     }
 
@@ -224,6 +272,36 @@ impl Metrics {
             "wschat_message_errors_total",
             "Error events sent for refused client messages.",
             s.errors,
+        );
+        counter(
+            &mut out,
+            "wschat_rate_limited_total",
+            "Messages refused (rate_limited) because their sender passed --rate-limit.",
+            s.rate_limited,
+        );
+        counter(
+            &mut out,
+            "wschat_rate_limit_closes_total",
+            "Connections closed (1008) for sending on past --rate-limit.",
+            s.rate_limit_closes,
+        );
+        help(
+            &mut out,
+            "wschat_per_ip_refused_total",
+            "Connections refused (429) for their client address's limits, by limit.",
+            "counter",
+        );
+        for (label, n) in ["connections", "handshakes"]
+            .iter()
+            .zip(self.refused_per_ip)
+        {
+            let _ = writeln!(out, "wschat_per_ip_refused_total{{reason=\"{label}\"}} {n}");
+        }
+        gauge(
+            &mut out,
+            "wschat_per_ip_tracked_addresses",
+            "Client addresses (IPv6: /64s) in the per-address limits' table.",
+            s.per_ip_tracked as u64,
         );
         counter(
             &mut out,
@@ -343,6 +421,8 @@ impl Metrics {
             s.replayed.damaged_regions,
         );
 
+        self.render_memory(&mut out, s);
+
         help(
             &mut out,
             "wschat_routing_latency_seconds",
@@ -425,6 +505,60 @@ fn render_process(out: &mut String, p: &ProcessStats) {
             help(out, name, text, kind);
             let _ = writeln!(out, "{name} {value}");
         }
+    }
+}
+
+impl Metrics {
+    fn render_memory(&self, out: &mut String, s: &Snapshot) {
+        help(
+            out,
+            "wschat_memory_held_bytes",
+            "Bytes peers make the server hold, by kind (counted against --memory-budget).",
+            "gauge",
+        );
+        for (kind, bytes) in [
+            ("outbound", s.held.outbound),
+            ("partial", s.held.partial),
+            ("heads", s.held.heads),
+        ] {
+            let _ = writeln!(out, "wschat_memory_held_bytes{{kind=\"{kind}\"}} {bytes}");
+        }
+        gauge(
+            out,
+            "wschat_memory_budget_bytes",
+            "--memory-budget: from three quarters of it new connections get 503.",
+            s.memory_budget as u64,
+        );
+        gauge(
+            out,
+            "wschat_max_partial_bytes",
+            "--max-partial-bytes: the bound for all partial messages together.",
+            s.max_partial_bytes as u64,
+        );
+        let m = &self.memory;
+        help(
+            out,
+            "wschat_memory_refusals_total",
+            "What the memory budget refused: new connections (503), partial messages \
+             over budget (1009), messages not completed in --message-timeout (1008).",
+            "counter",
+        );
+        for (reason, n) in [
+            ("connection", m.connections_refused),
+            ("partial_message", m.partial_refused),
+            ("message_timeout", m.message_timeouts),
+        ] {
+            let _ = writeln!(
+                out,
+                "wschat_memory_refusals_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        counter(
+            out,
+            "wschat_memory_trims_total",
+            "Times freed memory was given back to the OS after the held bytes fell.",
+            m.trims,
+        );
     }
 }
 

@@ -9,12 +9,15 @@
 //! can never reach a newcomer in a reused slot. What goes into a
 //! connection's queue is decided in [`crate::delivery`] alone.
 
+mod admission;
+mod cluster;
 mod dispatch;
 mod lifecycle;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpListener;
@@ -23,6 +26,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 
 use crate::auth::Auth;
+use crate::budget;
 use crate::chat::{Limits, Router};
 use crate::config::Config;
 use crate::conn::{CloseReason, Connection, Phase};
@@ -110,7 +114,18 @@ struct Core {
     now_ms: u64,
     /// Who may connect as whom.
     auth: Auth,
+    /// Per-address limits and trusted proxies.
+    admission: admission::Admission,
     metrics: Metrics,
+    /// `--cluster`: this process is one node of a chat shared over Redis.
+    cluster: Option<crate::cluster::Cluster>,
+    /// What the loop remembers of the memory ledger (see `budget`).
+    memory: budget::Watch,
+    /// The names of connections the router has let go of whose sockets are
+    /// not yet freed (a closing connection lingers up to `--close-timeout`),
+    /// by connection id: for their `close` log line. Filled only when `info`
+    /// is logged.
+    left_names: HashMap<u64, Rc<str>>,
 }
 
 /// Where accepted sockets get TCP_NODELAY (small frames must not wait for
@@ -132,7 +147,17 @@ impl Server {
     /// Binds the listening socket (first, so a port in use fails before
     /// anything else is touched).
     pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-        let listener = TcpListener::bind(addr)?;
+        Self::listen_on(addr, false)
+    }
+
+    /// [`listen`](Self::listen), sharing the port with other processes
+    /// when `reuseport` (`--reuseport`).
+    pub fn listen_on(addr: std::net::SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+        let listener = if reuseport {
+            crate::cluster::reuseport::bind(addr, LISTEN_BACKLOG)?
+        } else {
+            TcpListener::bind(addr)?
+        };
         // As early as possible: only connections completed after this get it
         // from the listener (see `Nodelay`).
         crate::sys::set_listener_nodelay(&listener);
@@ -189,8 +214,13 @@ impl Server {
             }
             // With tokens, only names a valid token named are users.
             router.set_offline_to_unknown(config.offline_to_unknown && !auth.is_on());
+            router.set_message_policy(config.limits.message_policy());
             App::Chat(Box::new(router))
         };
+        budget::set_limits(budget::Limits {
+            memory_budget: config.memory_budget,
+            max_partial: config.max_partial_bytes,
+        });
         let clock = Clock::starting_now();
         let post = Post::new(
             Marks::new(config.max_outbound),
@@ -200,7 +230,8 @@ impl Server {
             },
             clock.tick(Instant::now()),
         );
-        Ok(Server {
+        let admission = admission::Admission::new(&config.limits);
+        let mut server = Server {
             poll,
             listener: Some(listener),
             admin_listener,
@@ -228,9 +259,25 @@ impl Server {
                 disk: persist::Disk::default(),
                 now_ms: 0,
                 auth,
+                admission,
                 metrics: Metrics::default(),
+                cluster: None,
+                memory: budget::Watch::default(),
+                left_names: HashMap::new(),
             },
-        })
+        };
+        if let (Some(url), App::Chat(_)) = (&server.core.config.cluster, &server.core.app) {
+            let settings = crate::cluster::Settings {
+                url: url.clone(),
+                prefix: server.core.config.cluster_prefix.clone(),
+                lease: server.core.config.cluster_lease,
+            };
+            let addr = url.resolve()?;
+            let cluster = crate::cluster::Cluster::new(settings, addr, Instant::now());
+            log::info!("cluster: node {} using Redis at {addr}", cluster.node());
+            server.core.start_cluster(cluster);
+        }
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
@@ -256,11 +303,16 @@ impl Server {
             self.core.now_ms = wall_clock_ms();
             self.core.post.now = self.core.clock.tick(now);
             self.core.post.now_ms = self.core.now_ms;
+            self.core.post.pressure = budget::current_pressure();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(now, Entrance::Chat),
                     ADMIN_LISTENER => self.accept(now, Entrance::Admin),
                     SIGNAL => self.begin_shutdown(now),
+                    token @ (crate::cluster::COMMAND_TOKEN | crate::cluster::SUBSCRIBER_TOKEN) => {
+                        self.core.on_cluster_ready(&mut self.conns, token, now);
+                        self.core.settle(&mut self.conns, now);
+                    }
                     Token(slot) => {
                         let Some(conn) = self.conns.get_mut(slot) else {
                             continue;
@@ -313,6 +365,7 @@ impl Server {
             self.core.shutdown_by,
             self.core.next_expiry(now),
             self.core.disk.retry_at(),
+            self.core.cluster.as_ref().and_then(|c| c.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -342,6 +395,8 @@ impl Server {
         self.core.fire_timers(&mut self.conns, now);
         self.core.expire_held(&mut self.conns);
         self.core.settle(&mut self.conns, now);
+        self.core.cluster_turn(&mut self.conns, now);
+        self.core.settle(&mut self.conns, now);
         self.core.commit(&mut self.conns, now);
         // A connection that dies in the flush departs, and its `leave`
         // must not wait for the next event: flush again (a few rounds at most).
@@ -363,10 +418,23 @@ impl Server {
                     self.core.take_released();
                 }
                 let conn = self.conns.remove(slot);
+                self.core.admission.release(slot);
                 self.core.metrics.count_close(conn.close_reason);
-                log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason);
+                match self.core.left_names.remove(&conn.id) {
+                    Some(name) => log::info!(
+                        "close #{} {} {}: {}",
+                        conn.id,
+                        conn.peer,
+                        log::quoted(&name),
+                        conn.close_reason
+                    ),
+                    None => log::info!("close #{} {}: {}", conn.id, conn.peer, conn.close_reason),
+                }
             }
         }
+        // Leaves announced in the flush rounds go now, not next turn.
+        self.core.cluster_send(now);
+        self.core.give_back_memory();
         Ok(())
     }
 
@@ -417,10 +485,12 @@ impl Server {
                 }
             };
             let live = self.conns.len() - self.core.dead.len();
-            // The operator's health checks and scrapes get in at the limit.
+            // The operator's health checks and scrapes get in at the limit:
+            // through the admin listener, or in the few sockets kept beyond
+            // it (an upgrade there is refused at its handshake).
             if entrance == Entrance::Chat
-                && live >= self.core.max_connections
-                && !self.core.evict_oldest_handshake(&mut self.conns)
+                && live >= self.core.max_connections + crate::limits::HTTP_RESERVE
+                && !self.core.evict_oldest_handshake(&mut self.conns, None)
             {
                 if !self.core.refusing {
                     log::warn!(
@@ -435,12 +505,23 @@ impl Server {
                 let _ = socket.shutdown(Shutdown::Both);
                 continue;
             }
+            if entrance == Entrance::Chat && self.core.refuse_over_memory_mark(&socket) {
+                continue;
+            }
+            let slot = self.conns.vacant_key();
+            if entrance == Entrance::Chat && self.core.refuse_at_accept(&socket, peer, slot, now) {
+                continue;
+            }
             if self.core.refusing {
                 log::info!("accepting again");
                 self.core.refusing = false;
             }
             self.core
                 .admit(&mut self.conns, socket, peer, now, entrance);
+            if !self.conns.contains(slot) {
+                // Not registered: nothing holds the count taken for it.
+                self.core.admission.release(slot);
+            }
         }
     }
 
@@ -580,6 +661,10 @@ impl Core {
             senders_held: self.post.senders_held,
             bytes_out: self.post.bytes_out,
             replayed: self.log.as_ref().map(Log::replayed).unwrap_or_default(),
+            held: budget::held(),
+            memory_budget: self.config.memory_budget,
+            max_partial_bytes: self.config.max_partial_bytes,
+            per_ip_tracked: self.admission.tracked(),
             store_degraded: self.disk.degraded(),
             store_write_failures: self.disk.write_failures,
             store_recoveries: self.disk.recoveries,
@@ -595,11 +680,21 @@ impl Core {
             s.private_refused = router.stats.refused;
             s.known_users = router.known_users();
             s.known_users_full = router.stats.known_full;
+            s.rate_limited = router.stats.rate_limited;
+            s.rate_limit_closes = router.stats.rate_limit_closes;
             s.store_refused = router.stats.storage_refused;
             (s.offline_messages, s.offline_bytes) = router.held();
             s.offline_users = router.held_users();
         }
-        self.metrics.render(&s)
+        let mut text = self.metrics.render(&s);
+        if let Some(cluster) = &self.cluster {
+            let remote = match &self.app {
+                App::Chat(router) => router.remote(),
+                App::Echo => None,
+            };
+            cluster.render_metrics(&mut text, remote);
+        }
+        text
     }
 
     /// Held senders released this turn are read again.

@@ -113,6 +113,19 @@ pub fn try_lock_exclusive(file: &impl AsRawFd) -> io::Result<bool> {
     }
 }
 
+/// Gives the allocator's free memory back to the OS, after a crowd left
+/// (see `budget::trim_due`): glibc returns only the top of its heap by
+/// itself, and freed buffers between live ones stay in the process's RSS.
+/// Elsewhere a no-op (other allocators decide for themselves).
+pub fn give_back_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists and
+    // releases free pages (madvise); it takes its own locks.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The write end of the signal pipe, for the handler (which may only make

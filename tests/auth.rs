@@ -472,14 +472,7 @@ fn metrics_listen_serves_metrics_apart_from_the_chat() {
     let logs = server.logs();
     let admin: SocketAddr = logs
         .lines()
-        .find_map(|l| {
-            let at = l.find("metrics on ")?;
-            l[at + "metrics on ".len()..]
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+        .find_map(|l| support::spawn::address_after(l, "metrics on "))
         .unwrap_or_else(|| panic!("no `metrics on` line:\n{logs}"));
     assert!(http_get(admin, "/metrics").starts_with("HTTP/1.1 200"));
     assert!(http_get(admin, "/healthz").starts_with("HTTP/1.1 200"));

@@ -93,14 +93,14 @@ fn welcome_lists_the_others_and_counts_everyone() {
     let (mut alice, w) = Chat::join(server.addr, "alice");
     assert_eq!(
         w,
-        json!({"type":"welcome","username":"alice","online":1,"users":[]}),
+        json!({"type":"welcome","username":"alice","online":1,"users":[],"limits":{"max_body":8192}}),
         "first user's welcome"
     );
 
     let (mut bob, w) = Chat::join(server.addr, "bob");
     assert_eq!(
         w,
-        json!({"type":"welcome","username":"bob","online":2,"users":["alice"]}),
+        json!({"type":"welcome","username":"bob","online":2,"users":["alice"],"limits":{"max_body":8192}}),
         "second user's welcome"
     );
     assert_presence(
@@ -152,7 +152,8 @@ fn welcome_lists_the_others_and_counts_everyone() {
 /// newcomer's first message.
 #[test]
 fn a_burst_of_arrivals_reaches_a_watcher_in_order_before_their_messages() {
-    let server = ChatServer::start(&[]);
+    // A crowd from one address, faster than --max-handshakes-per-ip allows.
+    let server = ChatServer::start(&["--max-handshakes-per-ip", "0"]);
     let mut watcher = Chat::joined(server.addr, "watcher");
     // Each newcomer's message closes the watcher's presence window early;
     // the lone arrival below is released by the window's deadline.
@@ -838,7 +839,12 @@ fn every_error_code_and_the_connection_stays_open() {
 #[test]
 fn body_limit_counts_bytes_not_characters() {
     let server = ChatServer::start(&["--max-body", "16"]);
-    let mut alice = Chat::joined(server.addr, "alice");
+    let (mut alice, welcome) = Chat::join(server.addr, "alice");
+    assert_eq!(
+        welcome["limits"],
+        json!({"max_body":16}),
+        "the welcome tells the limit"
+    );
     let t = now_ms();
     let ok = "\u{e9}".repeat(8); // 16 bytes
     alice.public(&ok);
@@ -1026,7 +1032,14 @@ fn body_index(v: &Value, context: &str) -> usize {
 
 #[test]
 fn a_slow_reader_gets_a_gap_and_the_others_get_everything() {
-    let server = ChatServer::start(&["--max-outbound", "65536", "--max-body", "60000"]);
+    let server = ChatServer::start(&[
+        "--max-outbound",
+        "65536",
+        "--max-body",
+        "60000",
+        "--rate-limit",
+        "0",
+    ]);
     let mut alice = Chat::joined(server.addr, "alice");
     let mut carol = Chat::joined(server.addr, "carol");
     alice.recv_type("join", "carol");
@@ -1098,6 +1111,8 @@ fn a_slow_consumer_is_disconnected_by_a_private_message_others_keep_receiving() 
         "60000",
         "--slow-reader-after",
         "300ms",
+        "--rate-limit",
+        "0",
     ]);
     let mut alice = Chat::joined(server.addr, "alice");
     let mut carol = Chat::joined(server.addr, "carol");
@@ -1323,4 +1338,66 @@ fn shutdown_does_not_wait_past_the_timeout_for_a_client_that_never_answers() {
     assert_eq!(f.close_code(), Some(1001), "{f:?}");
     assert_eq!(f.close_reason(), "server shutting down");
     mute.expect_eof(Duration::from_secs(2), "after exit");
+}
+
+/// The log lines of connection number `id` that start with `verb`.
+fn conn_lines<'a>(log: &'a str, verb: &str, id: &str) -> Vec<&'a str> {
+    let tag = format!(" INFO {verb} #{id} ");
+    log.lines().filter(|l| l.contains(&tag)).collect()
+}
+
+#[test]
+fn log_lines_name_the_user_quoted_and_a_name_cannot_forge_a_line() {
+    let mut server = ChatServer::start(&["--log", "info"]);
+    let alice = Chat::joined(server.addr, "alice");
+    let mut zoe = Chat::joined(server.addr, "Zoë");
+    alice.close();
+    zoe.recv_type("leave", "alice's leave");
+    // Refused: a name with a line break and a fake log line after it.
+    let mut forger = Chat::open(
+        server.addr,
+        &format!("/ws?username={}", percent_encode("x\nINFO close #1 forged")),
+    );
+    forger.recv_error("invalid_username", "the forged name");
+    forger.expect_close(4001, None, "the forged name");
+    drop(forger);
+    drop(zoe); // its name is still known when its socket goes
+    let log = server.log_after_exit();
+
+    let id_of = |name: &str| -> String {
+        let quoted = format!(" \"{name}\"");
+        let line = log
+            .lines()
+            .find(|l| l.contains(" INFO join #") && l.ends_with(&quoted))
+            .unwrap_or_else(|| panic!("no join line for {name}:\n{log}"));
+        let after = &line[line.find(" INFO join #").expect("join") + " INFO join #".len()..];
+        after.split(' ').next().expect("an id").to_string()
+    };
+    for name in ["alice", "Zoë"] {
+        let id = id_of(name);
+        assert_eq!(
+            conn_lines(&log, "open", &id).len(),
+            1,
+            "{name}: open\n{log}"
+        );
+        let closes = conn_lines(&log, "close", &id);
+        assert_eq!(closes.len(), 1, "{name}: one close line\n{log}");
+        assert!(
+            closes[0].contains(&format!(" \"{name}\": ")),
+            "{name}: the close line names the user: {}",
+            closes[0]
+        );
+    }
+    // Every line is one whole log line: the refused name forged none.
+    for line in log.lines() {
+        let stamp = line.split(' ').next().unwrap_or_default();
+        assert!(
+            stamp.len() == 24 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+            "a line that is not a log line: {line:?}\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("forged"),
+        "the refused name was logged:\n{log}"
+    );
 }

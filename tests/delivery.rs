@@ -114,7 +114,7 @@ fn gaps(messages: &[Value]) -> Vec<&Value> {
 #[test]
 fn a_reader_that_reads_gets_every_public_of_bursts_far_above_the_soft_mark() {
     // Soft mark 16 KiB; each burst is 50 × 4 KiB, written at once.
-    let server = ChatServer::start(&["--max-outbound", "65536"]);
+    let server = ChatServer::start(&["--max-outbound", "65536", "--rate-limit", "0"]);
     let bursts = 8;
     let per_burst = 50;
     let total = bursts * per_burst;
@@ -250,7 +250,14 @@ fn recv_private(chat: &mut Chat, context: &str) -> Value {
 
 #[test]
 fn a_private_flood_cannot_knock_a_steady_reader_off_and_the_flooder_pays() {
-    let server = ChatServer::start(&["--max-outbound", "262144", "--max-body", "9000"]);
+    let server = ChatServer::start(&[
+        "--max-outbound",
+        "262144",
+        "--max-body",
+        "9000",
+        "--rate-limit",
+        "0",
+    ]);
     // 8 KB each: 8 MB, more than the socket buffers hold (Linux lets a
     // socket's send buffer grow to tcp_wmem's 4 MiB).
     let flood = 1000;
@@ -378,6 +385,8 @@ fn a_reader_that_does_not_read_is_disconnected_after_a_gap_free_prefix() {
         "9000",
         "--slow-reader-after",
         "300ms",
+        "--rate-limit",
+        "0",
     ]);
     let mut sender = Chat::joined(server.addr, "sender");
     let sleeper = Raw::join(server.addr, "sleeper");
@@ -426,7 +435,7 @@ fn a_reader_that_does_not_read_is_disconnected_after_a_gap_free_prefix() {
 fn a_private_overtakes_public_traffic_queued_for_the_same_reader() {
     // The default --max-outbound: up to 256 KiB of public traffic may wait
     // in the server for a reader whose socket is full.
-    let server = ChatServer::start(&["--max-body", "9000"]);
+    let server = ChatServer::start(&["--max-body", "9000", "--rate-limit", "0"]);
     let reader = Raw::join(server.addr, "reader");
     let mut friend = Chat::joined(server.addr, "friend");
     let mut publisher = Raw::join(server.addr, "publisher");

@@ -804,7 +804,14 @@ fn handshake_timeout_does_not_affect_upgraded_connections() {
 
 #[test]
 fn slowloris_does_not_block_real_clients() {
-    let mut server = Server::echo(&[]);
+    // From one address: the per-address limits would refuse most of the
+    // attack; this is about what the handshake deadline alone does.
+    let mut server = Server::echo(&[
+        "--max-connections-per-ip",
+        "0",
+        "--max-handshakes-per-ip",
+        "0",
+    ]);
     let mut half_open = Vec::new();
     for i in 0..200 {
         let mut s = connect(server.addr);
@@ -1059,11 +1066,15 @@ fn connections_beyond_max_connections_get_503() {
     let server = Server::echo(&["--max-connections", "2"]);
     let a = ws_client(server.addr, "/ws");
     let mut b = ws_client(server.addr, "/ws");
-    let resp = http_error(server.addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+    let resp = http_error(server.addr, upgrade_request("/ws", &[]).as_bytes());
     assert_eq!(
         resp.status, 503,
         "third connection with --max-connections 2: {resp:?}"
     );
+    assert_eq!(resp.header("Retry-After"), Some("1"), "{resp:?}");
+    // Health checks still get their answer (in the sockets kept for them).
+    let health = http_request(server.addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
+    assert_eq!(health.status, 200, "/healthz at the limit: {health:?}");
     // The connections that were in first are unaffected.
     b.send(tungstenite::Message::text("b still works"))
         .expect("send on b");
@@ -1080,12 +1091,12 @@ fn connections_beyond_max_connections_get_503() {
     wait_for_room(&server);
 }
 
-/// Polls `/healthz` until it answers 200 (not 503), for at most a second.
+/// Tries upgrades until one is let in (101, not 503), for at most a second.
 fn wait_for_room(server: &Server) {
     let mut last = None;
     for _ in 0..40 {
-        let resp = http_request(server.addr, b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n");
-        if resp.status == 200 {
+        let resp = http_request(server.addr, upgrade_request("/ws", &[]).as_bytes());
+        if resp.status == 101 {
             return;
         }
         last = Some(resp);
@@ -1096,7 +1107,7 @@ fn wait_for_room(server: &Server) {
 
 #[test]
 fn slowloris_at_the_connection_limit_evicts_the_oldest_handshake() {
-    let server = Server::echo(&["--max-connections", "20"]);
+    let server = Server::echo(&["--max-connections", "20", "--max-handshakes-per-ip", "0"]);
     let mut half_open = Vec::new();
     for i in 0..20 {
         let mut s = connect(server.addr);

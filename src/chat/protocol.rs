@@ -339,6 +339,16 @@ pub mod encode {
         out.push(b'}');
     }
 
+    /// `rate_limited`: an error that says when to send again.
+    pub fn rate_limited(out: &mut Vec<u8>, retry_after_ms: u64, reference: Option<&str>) {
+        out.extend_from_slice(
+            b"{\"type\":\"error\",\"code\":\"rate_limited\",\"message\":\"too many messages: wait before sending more\",\"retry_after_ms\":",
+        );
+        out.extend_from_slice(retry_after_ms.to_string().as_bytes());
+        reference_field(out, reference);
+        out.push(b'}');
+    }
+
     /// Appends `name` to a comma-separated list of JSON strings.
     pub fn name_list_push(list: &mut Vec<u8>, name: &str) {
         if !list.is_empty() {
@@ -347,9 +357,31 @@ pub mod encode {
         plain(list, name);
     }
 
+    /// The first event a joined connection gets: its name, the count and
+    /// (some) names online (encoded by [`name_list_push`]), and the limits a
+    /// client needs before it sends (`max_body`, in bytes).
+    pub fn welcome(
+        out: &mut Vec<u8>,
+        username: &str,
+        online: usize,
+        names: &[u8],
+        max_body: usize,
+    ) {
+        roster_fields(out, "welcome", Some(username), online, names);
+        out.extend_from_slice(b",\"limits\":{\"max_body\":");
+        number(out, max_body as u64);
+        out.extend_from_slice(b"}}");
+    }
+
+    /// The answer to a `users` request.
+    pub fn users(out: &mut Vec<u8>, online: usize, names: &[u8]) {
+        roster_fields(out, "users", None, online, names);
+        out.push(b'}');
+    }
+
     /// `welcome` and `users` share a shape: a count and (some) names, the
-    /// names already encoded (see [`name_list_push`]).
-    pub fn roster_encoded(
+    /// names already encoded. Leaves the object open.
+    fn roster_fields(
         out: &mut Vec<u8>,
         kind: &str,
         username: Option<&str>,
@@ -366,7 +398,7 @@ pub mod encode {
         number(out, online as u64);
         out.extend_from_slice(b",\"users\":[");
         out.extend_from_slice(names);
-        out.extend_from_slice(b"]}");
+        out.push(b']');
     }
 
     /// `join` or `leave`.
@@ -593,10 +625,16 @@ mod tests {
         let mut names = Vec::new();
         encode::name_list_push(&mut names, "bob");
         encode::name_list_push(&mut names, "carol");
-        encode::roster_encoded(&mut out, "welcome", Some("alice"), 3, &names);
+        encode::welcome(&mut out, "alice", 3, &names, 8192);
         assert_eq!(
             serde_json::from_slice::<Value>(&out).unwrap(),
-            serde_json::json!({"type":"welcome","username":"alice","online":3,"users":["bob","carol"]})
+            serde_json::json!({"type":"welcome","username":"alice","online":3,"users":["bob","carol"],"limits":{"max_body":8192}})
+        );
+        out.clear();
+        encode::users(&mut out, 3, &names);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            serde_json::json!({"type":"users","online":3,"users":["bob","carol"]})
         );
         out.clear();
         encode::presence(&mut out, "join", "bob", 4);

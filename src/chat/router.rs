@@ -15,8 +15,12 @@ use super::lookalike::{Clash, Lookalikes};
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::auth::Auth;
+use crate::cluster::remote::Remote;
+use crate::limits::rate::{Charge, MessageLimiter, MessagePolicy, Rate};
 use crate::store::{self, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
+
+mod cluster;
 
 /// At most this many names are listed in `welcome` and `users`.
 pub const LIST_LIMIT: usize = 1000;
@@ -104,6 +108,10 @@ pub struct RouterStats {
     pub refused: u64,
     /// Users not remembered because `--max-known-users` were.
     pub known_full: u64,
+    /// Messages refused with `rate_limited`.
+    pub rate_limited: u64,
+    /// Connections closed for going on past the rate (1008).
+    pub rate_limit_closes: u64,
     /// Private messages for offline users refused because the log could
     /// not be written.
     pub storage_refused: u64,
@@ -159,10 +167,14 @@ pub struct Router {
     auth: Auth,
     /// Hold private messages for names that never connected, too.
     offline_to_unknown: bool,
+    /// Each connection's message allowance (`--rate-limit`).
+    limiter: MessageLimiter,
     /// The log can be written: offline messages may be promised `queued`.
     storage_available: bool,
     /// This turn's `queued` promises, taken back if the log write fails.
     awaiting_disk: Vec<AwaitingDisk>,
+    /// Under `--cluster`: the other nodes' users, and what goes to them.
+    remote: Option<Box<Remote>>,
     pub stats: RouterStats,
 }
 
@@ -182,8 +194,10 @@ impl Router {
             scratch: Vec::with_capacity(256),
             auth: Auth::None,
             offline_to_unknown: false,
+            limiter: MessageLimiter::new(MessagePolicy::new(Rate::UNLIMITED)),
             storage_available: true,
             awaiting_disk: Vec::new(),
+            remote: None,
             stats: RouterStats::default(),
         }
     }
@@ -199,6 +213,11 @@ impl Router {
     /// refused with `unknown_user`.
     pub fn set_offline_to_unknown(&mut self, hold: bool) {
         self.offline_to_unknown = hold;
+    }
+
+    /// How fast each connection may send (unlimited until set).
+    pub fn set_message_policy(&mut self, policy: MessagePolicy) {
+        self.limiter = MessageLimiter::new(policy);
     }
 
     /// Names remembered as users.
@@ -313,7 +332,7 @@ impl Router {
             }
         };
         if self.index.contains_key(&*name) || self.position_of_conn(slot).is_some() {
-            self.refuse_taken(slot, "that username is online already", out);
+            self.refuse_lookalike_or_taken(slot, "that username is online already", out);
             return None;
         }
         let keys = username::lookalike_keys(&name);
@@ -323,22 +342,19 @@ impl Router {
                 Clash::Online => "that username looks like the name of a user who is online",
                 Clash::Known => "that username looks like the name of an existing user",
             };
-            self.refuse_taken(slot, message, out);
+            self.refuse_lookalike_or_taken(slot, message, out);
             return None;
         }
         let resume = resume_point(query);
         let name: Rc<str> = Rc::from(&*name);
+        if let Some(remote) = &mut self.remote {
+            remote.claim(&name);
+        }
         // Everyone already online is listed first in `members`.
-        let online = self.members.len() + 1;
+        let online = self.online_everywhere() + 1;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
-            &mut json,
-            "welcome",
-            Some(&name),
-            online,
-            self.roster_names(),
-        );
+        self.encode_roster(&mut json, Some(&name), online);
         out.send(slot, &json, Class::Reply);
 
         match self.outboxes.remember(&name) {
@@ -362,6 +378,9 @@ impl Router {
         if online <= self.limits.presence_limit {
             encode::presence(&mut json, "join", &name, online);
             self.broadcast(&json, Some(slot), Class::Presence, out);
+        }
+        if let Some(remote) = &mut self.remote {
+            remote.announce_join(&name);
         }
         self.scratch = json;
         self.replay_held(slot, &name, resume, out);
@@ -397,12 +416,12 @@ impl Router {
         }
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
-        encode::roster_encoded(
+        encode::welcome(
             &mut json,
-            "welcome",
-            Some(&name),
-            self.members.len(),
+            &name,
+            self.online_everywhere(),
             &others,
+            self.limits.max_body,
         );
         out.send(slot, &json, Class::Reply);
         json.clear();
@@ -498,11 +517,30 @@ impl Router {
 
     /// The connection is gone or closing: free its name at once (nothing
     /// if it held none).
-    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) {
-        let Some(position) = self.position_of_conn(conn) else {
-            return;
-        };
+    /// The connection stopped being open: its name is free (and returned)
+    /// and the others are told.
+    pub fn leave(&mut self, conn: ConnId, out: &mut impl Outbox) -> Option<Rc<str>> {
+        let member = self.forget_member(conn)?;
+        if let Some(remote) = &mut self.remote {
+            remote.announce_leave(&member.name);
+        }
+        let online = self.online_everywhere();
+        if online <= self.limits.presence_limit {
+            let mut json = std::mem::take(&mut self.scratch);
+            json.clear();
+            encode::presence(&mut json, "leave", &member.name, online);
+            self.broadcast(&json, None, Class::Presence, out);
+            json.clear();
+            self.scratch = json;
+        }
+        Some(member.name)
+    }
+
+    /// Takes the connection's member out of the index and the list.
+    fn forget_member(&mut self, conn: ConnId) -> Option<Member> {
+        let position = self.position_of_conn(conn)?;
         self.positions[conn.0] = NOT_A_MEMBER;
+        self.limiter.forget(conn.0);
         let member = self.members.swap_remove(position);
         self.index.remove(&member.name);
         self.lookalikes.leave(&member.name);
@@ -517,15 +555,7 @@ impl Router {
             }
             self.set_position(moved_conn, position);
         }
-        let online = self.members.len();
-        if online <= self.limits.presence_limit {
-            let mut json = std::mem::take(&mut self.scratch);
-            json.clear();
-            encode::presence(&mut json, "leave", &member.name, online);
-            self.broadcast(&json, None, Class::Presence, out);
-            json.clear();
-            self.scratch = json;
-        }
+        Some(member)
     }
 
     /// A text message from the connection `slot`; one that has not joined
@@ -536,13 +566,22 @@ impl Router {
         };
         let from = self.members[position].name.clone();
         let from = &*from;
+        // Everything a client asks for is charged but acknowledgements and
+        // token renewals, which a well-behaved client must be able to send
+        // however fast it chats; errors are charged as the message they answer.
         let parsed = match protocol::parse(text, self.limits.max_body) {
             Ok(parsed) => parsed,
             Err((error, reference)) => {
-                self.reply_error(slot, &error, reference, out);
+                if self.admit(slot, now_ms, reference, out) {
+                    self.reply_error(slot, &error, reference, out);
+                }
                 return;
             }
         };
+        let free = matches!(parsed.request, Request::Ack { .. } | Request::Auth { .. });
+        if !free && !self.admit(slot, now_ms, parsed.reference, out) {
+            return;
+        }
         let reference = parsed.reference;
         let mut json = std::mem::take(&mut self.scratch);
         json.clear();
@@ -552,6 +591,9 @@ impl Router {
                 encode::public(&mut json, id, now_ms, from, &body, is_plain(&body));
                 self.stats.public += 1;
                 self.broadcast(&json, None, Class::Public, out);
+                if !self.public_to_cluster(&json) {
+                    self.cluster_unavailable(slot, reference, out);
+                }
             }
             Request::Private { to, body } => {
                 let body_is_plain = is_plain(&body);
@@ -567,8 +609,8 @@ impl Router {
                 );
             }
             Request::Users => {
-                let online = self.members.len();
-                encode::roster_encoded(&mut json, "users", None, online, self.roster_names());
+                let online = self.online_everywhere();
+                self.encode_roster(&mut json, None, online);
                 out.send(slot, &json, Class::Reply);
             }
             Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
@@ -654,6 +696,10 @@ impl Router {
             },
         };
         let target = position.map(|p| (self.members[p].conn, self.members[p].reliable));
+        if target.is_none() && self.private_to_cluster(slot, from, to, body, reference, now_ms, out)
+        {
+            return;
+        }
         // Offline storage is for users: a name nobody ever connected under
         // (or, with tokens, that no valid token named) cannot fill the store,
         // and a name that looks like a user's is never held for: nobody can
@@ -858,7 +904,15 @@ impl Router {
     }
 
     fn next_id(&mut self) -> u64 {
-        self.last_id += 1;
+        // Under `--cluster`, from the blocks the cluster's counter granted
+        // (unique across nodes); past them (Redis away long), on from here.
+        let granted = self.remote.as_mut().and_then(|r| r.take_id());
+        self.last_id = granted.map_or(self.last_id + 1, |id| id.max(self.last_id + 1));
+        self.last_id
+    }
+
+    /// The last message id given out.
+    pub fn last_id(&self) -> u64 {
         self.last_id
     }
 
@@ -909,9 +963,54 @@ impl Router {
         self.refuse(slot, "invalid_username", message, code, reason, out);
     }
 
-    fn refuse_taken(&mut self, slot: ConnId, message: &str, out: &mut impl Outbox) {
+    fn refuse_lookalike_or_taken(&mut self, slot: ConnId, message: &str, out: &mut impl Outbox) {
         let (code, reason) = (CloseCode::UsernameTaken, "username taken");
         self.refuse(slot, "username_taken", message, code, reason, out);
+    }
+
+    /// Charges one message to the connection's allowance: false if it is
+    /// over its rate (and then it was answered, perhaps closed).
+    #[inline]
+    fn admit(
+        &mut self,
+        slot: ConnId,
+        now_ms: u64,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) -> bool {
+        match self.limiter.charge(slot.0, now_ms.saturating_mul(1000)) {
+            Charge::Admitted => true,
+            refused => {
+                self.rate_limited(slot, refused, reference, out);
+                false
+            }
+        }
+    }
+
+    /// A message over the sender's rate: not routed, answered with
+    /// `rate_limited`; the refusal that makes the flood sustained closes.
+    #[cold]
+    fn rate_limited(
+        &mut self,
+        slot: ConnId,
+        charge: Charge,
+        reference: Option<&str>,
+        out: &mut impl Outbox,
+    ) {
+        let (Charge::Refused { retry_after_ms } | Charge::RefusedAndClose { retry_after_ms }) =
+            charge
+        else {
+            return;
+        };
+        self.stats.rate_limited += 1;
+        self.stats.errors += 1;
+        let mut json = Vec::with_capacity(128);
+        encode::rate_limited(&mut json, retry_after_ms, reference);
+        out.send(slot, &json, Class::Reply);
+        if matches!(charge, Charge::RefusedAndClose { .. }) {
+            self.stats.rate_limit_closes += 1;
+            out.close(slot, CloseCode::Policy, "rate limit exceeded");
+        }
     }
 
     fn refuse(
@@ -952,6 +1051,8 @@ pub fn unlimited_outboxes() -> Outboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod cluster;
     use serde_json::{json, Value};
 
     /// Records what the router sends; slots listed in `full` are too slow.
@@ -1054,7 +1155,7 @@ mod tests {
             out.take(),
             vec![(
                 1,
-                json!({"type":"welcome","username":"alice","online":1,"users":[]})
+                json!({"type":"welcome","username":"alice","online":1,"users":[],"limits":{"max_body":100}})
             )]
         );
         r.join(ConnId(2), "username=bob", &mut out);
@@ -1063,7 +1164,7 @@ mod tests {
             vec![
                 (
                     2,
-                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"]})
+                    json!({"type":"welcome","username":"bob","online":2,"users":["alice"],"limits":{"max_body":100}})
                 ),
                 (1, json!({"type":"join","username":"bob","online":2})),
             ]
@@ -1332,7 +1433,7 @@ mod tests {
             out.take(),
             vec![(
                 3,
-                json!({"type":"welcome","username":"alice","online":2,"users":["bob"]})
+                json!({"type":"welcome","username":"alice","online":2,"users":["bob"],"limits":{"max_body":100}})
             )],
             "bob sees no leave and no join"
         );
@@ -1642,6 +1743,63 @@ mod tests {
         assert!(out.take().is_empty());
         r.leave(ConnId(2), &mut out);
         assert_eq!(r.online(), 1, "the refused one's leave frees nobody");
+    }
+
+    #[test]
+    fn messages_are_charged_to_their_sender_but_acks_and_renewals() {
+        let mut r = router(10);
+        r.set_message_policy(MessagePolicy::new(Rate::new(1, 2)));
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
+        out.take();
+        let t = 1_800_000_000_000; // ms
+        let limited = |reference: Value, wait: u64| {
+            let mut e = json!({"type":"error","code":"rate_limited",
+                "message":"too many messages: wait before sending more","retry_after_ms":wait});
+            if !reference.is_null() {
+                e["ref"] = reference;
+            }
+            vec![(1, e)]
+        };
+        /// The time, the message, and what its sender is sent.
+        type Row<'a> = (u64, &'a str, Vec<(usize, Value)>);
+        #[rustfmt::skip]
+        let table: Vec<Row> = vec![
+            // The burst of two.
+            (t, r#"{"type":"users"}"#, vec![(1, json!({"type":"users","online":2,"users":["alice","bob"]}))]),
+            (t, r#"{"type":"private","to":"bob","body":"1","ref":1}"#, vec![]),
+            // Acks and renewals are free (this server has no tokens: the
+            // renewal's own error, not rate_limited).
+            (t, r#"{"type":"ack","seq":1}"#, vec![]),
+            (t, r#"{"type":"auth","token":"x","ref":2}"#, vec![(1, json!({"type":"error","code":"invalid_token",
+                "message":"this server does not use tokens","ref":2}))]),
+            // Everything else is refused, with the message's ref if it has one.
+            (t, r#"{"type":"private","to":"bob","body":"2","ref":3}"#, limited(json!(3), 1000)),
+            (t + 400, r#"{"type":"public","body":"3","ref":"q"}"#, limited(json!("q"), 600)),
+            (t + 400, "{", limited(Value::Null, 600)),
+            (t + 400, r#"{"type":"dance","ref":4}"#, limited(json!(4), 600)),
+            // One second after the burst, one more.
+            (t + 1000, r#"{"type":"users"}"#, vec![(1, json!({"type":"users","online":2,"users":["alice","bob"]}))]),
+            (t + 1000, r#"{"type":"users"}"#, limited(Value::Null, 1000)),
+        ];
+        for (i, (now, text, expected)) in table.into_iter().enumerate() {
+            r.handle(ConnId(1), text, now, &mut out);
+            let mine: Vec<(usize, Value)> = out
+                .take()
+                .into_iter()
+                .filter(|(slot, v)| *slot == 1 && v["type"] != "receipt")
+                .collect();
+            assert_eq!(mine, expected, "row {i}: {text}");
+        }
+        assert_eq!((r.stats.rate_limited, r.stats.rate_limit_closes), (5, 0));
+        assert!(out.closed.is_empty());
+        // A new tenant of the slot starts with a full bucket.
+        r.leave(ConnId(1), &mut out);
+        r.join(ConnId(1), "username=carol", &mut out);
+        out.take();
+        r.handle(ConnId(1), r#"{"type":"users"}"#, t + 1000, &mut out);
+        assert_eq!(out.take()[0].1["type"], "users");
     }
 
     #[test]

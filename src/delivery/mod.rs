@@ -22,6 +22,7 @@ use std::rc::Rc;
 
 use slab::Slab;
 
+use crate::budget::Pressure;
 use crate::chat::protocol::encode;
 use crate::chat::{Class, ConnId, Delivery, Fanout, Outbox};
 use crate::conn::{CloseReason, Connection};
@@ -65,6 +66,8 @@ pub struct Post {
     pub now: Tick,
     /// The wall clock at `now`, in milliseconds since 1970.
     pub now_ms: u64,
+    /// The process's memory pressure as of this turn (see `budget`).
+    pub pressure: Pressure,
     flush_list: Vec<usize>,
     /// `join`/`leave` events of the current window (see `presence`).
     pub presence: PresenceBatch,
@@ -96,6 +99,7 @@ impl Post {
             times,
             now,
             now_ms: 0,
+            pressure: Pressure::Normal,
             flush_list: Vec::new(),
             presence: PresenceBatch::default(),
             departures: Vec::new(),
@@ -218,10 +222,14 @@ impl Post {
     /// judged by what its socket has not taken: when the first verdict is
     /// anything but `Queue` and the socket may still take bytes, the queue is
     /// offered to it before judging again.
+    #[inline]
     fn judge(&mut self, slot: usize, conn: &mut Connection, class: Class, len: usize) -> Verdict {
         let (now, times) = (self.now, self.times);
-        let reader = || policy::reader(conn.stalled_since, now, times);
-        let verdict = policy::admit(class, conn.out.bytes(), len, reader, self.marks);
+        let (reader, pressure) = (
+            || policy::reader(conn.stalled_since, now, times),
+            self.pressure,
+        );
+        let verdict = policy::admit(class, conn.out.bytes(), len, reader, pressure, self.marks);
         // A socket that said "full" may have drained since without an
         // EPOLLOUT edge (the kernel wakes writers only once a third of a
         // large send buffer is free): before disconnecting, look.
@@ -233,7 +241,7 @@ impl Post {
         // turn's flush, which registers for writability.
         self.list_for_flush(slot, conn);
         let reader = || policy::reader(conn.stalled_since, now, times);
-        policy::admit(class, conn.out.bytes(), len, reader, self.marks)
+        policy::admit(class, conn.out.bytes(), len, reader, pressure, self.marks)
     }
 
     /// Offers a blocked connection's queue to its socket once more: the

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::rc::Rc;
 
+use crate::budget::{self, Kind};
 use crate::ws::frame::{header_len, write_header, Opcode};
 
 /// Bytes to send: owned, shared with other connections, or static.
@@ -57,6 +58,20 @@ pub enum Lane {
 struct Entry {
     chunk: Chunk,
     lane: Lane,
+}
+
+impl Entry {
+    /// What the entry holds for the ledger ([`crate::budget`]): its own
+    /// bytes if it owns them, and its place in the queue. Shared bytes are
+    /// one copy whatever the readers, and a reader's shared backlog is
+    /// bounded by the policy's marks.
+    fn held(&self) -> usize {
+        let own = match &self.chunk {
+            Chunk::Owned(bytes) => bytes.len(),
+            _ => 0,
+        };
+        own + std::mem::size_of::<Entry>()
+    }
 }
 
 /// Small frames are appended to the last queued buffer up to this size
@@ -165,10 +180,12 @@ impl Outbound {
     /// Queues bytes behind everything else (HTTP bytes, a closing frame).
     pub fn push(&mut self, chunk: Chunk) {
         self.bytes += chunk.as_bytes().len();
-        self.queue.push_back(Entry {
+        let entry = Entry {
             chunk,
             lane: Lane::Bulk,
-        });
+        };
+        budget::charge(Kind::Outbound, entry.held());
+        self.queue.push_back(entry);
     }
 
     /// Queues a chunk in `lane` (not `Control`: see `push_control`), into a
@@ -183,6 +200,7 @@ impl Outbound {
 
     /// `VecDeque::insert`, with the usual case (at the back) kept cheap.
     fn insert(&mut self, at: usize, entry: Entry) {
+        budget::charge(Kind::Outbound, entry.held());
         if at >= self.queue.len() {
             self.queue.push_back(entry);
         } else {
@@ -236,6 +254,7 @@ impl Outbound {
             if *last_lane == lane && buffer.len() + len <= CORK_BYTES {
                 write_header(buffer, opcode, payload.len());
                 buffer.extend_from_slice(payload);
+                budget::charge(Kind::Outbound, len);
                 return;
             }
         }
@@ -260,13 +279,12 @@ impl Outbound {
             at += 1;
         }
         self.bytes += chunk.as_bytes().len();
-        self.queue.insert(
-            at.min(self.queue.len()),
-            Entry {
-                chunk,
-                lane: Lane::Control,
-            },
-        );
+        let entry = Entry {
+            chunk,
+            lane: Lane::Control,
+        };
+        budget::charge(Kind::Outbound, entry.held());
+        self.queue.insert(at.min(self.queue.len()), entry);
     }
 
     /// Queues a pong or a ping, keeping at most `keep` unsent frames of the
@@ -295,7 +313,9 @@ impl Outbound {
                 let entry = &mut self.queue[i];
                 self.bytes -= entry.chunk.as_bytes().len();
                 self.bytes += chunk.as_bytes().len();
+                budget::refund(Kind::Outbound, entry.held());
                 entry.chunk = chunk;
+                budget::charge(Kind::Outbound, entry.held());
             }
             _ => self.push_control(chunk),
         }
@@ -345,13 +365,22 @@ impl Outbound {
             }
             written -= left;
             self.front_written = 0;
-            if let Some(Entry {
-                chunk: Chunk::Owned(buffer),
-                ..
-            }) = self.queue.pop_front()
-            {
-                spares.keep_buffer(buffer);
+            if let Some(entry) = self.queue.pop_front() {
+                budget::refund(Kind::Outbound, entry.held());
+                if let Chunk::Owned(buffer) = entry.chunk {
+                    spares.keep_buffer(buffer);
+                }
             }
+        }
+    }
+}
+
+impl Drop for Outbound {
+    /// A connection that ends with bytes unsent gives them back to the ledger.
+    fn drop(&mut self) {
+        if !self.queue.is_empty() {
+            let held: usize = self.queue.iter().map(Entry::held).sum();
+            budget::refund(Kind::Outbound, held);
         }
     }
 }
@@ -506,6 +535,37 @@ mod tests {
         let mut expected = b"\x81\x03one\x81\x03two\x81\x05three\x81\x04four".to_vec();
         expected.extend(crate::ws::frame::encode(Opcode::Binary, &big));
         assert_eq!(s.out, expected);
+    }
+
+    #[test]
+    fn the_ledger_counts_what_queues_hold_until_written_or_dropped() {
+        use crate::budget;
+        let entry = std::mem::size_of::<Entry>();
+        let mut spares = Spares::default();
+        let mut q = Outbound::default();
+        q.push_frame(Opcode::Text, b"one", Lane::Urgent, &mut spares);
+        q.push_frame(Opcode::Text, b"two", Lane::Urgent, &mut spares); // corked
+        let public = Chunk::Shared(Rc::from(&b"[public]"[..]));
+        q.push_reusing(public, Lane::Bulk, &mut spares); // shared: its entry
+        q.push_control_bounded(Chunk::Static(b"\x8a\x00"), 1);
+        q.push_control_bounded(Chunk::Owned(b"\x8a\x01p".to_vec()), 1); // replaces it
+        q.push(Chunk::Owned(vec![0; 100]));
+        let held = budget::held().outbound;
+        assert_eq!(held, (10 + entry) + entry + (3 + entry) + (100 + entry));
+        // Partly written: the front entry is still held.
+        let mut partly = sink(2, 1);
+        q.write_to(&mut partly, &mut spares).unwrap();
+        assert_eq!(budget::held().outbound, held);
+        let mut all = sink(1 << 20, usize::MAX);
+        q.write_to(&mut all, &mut spares).unwrap();
+        assert_eq!(budget::held().outbound, 0);
+        // A connection that ends with bytes unsent gives them back.
+        let mut q = Outbound::default();
+        q.push(Chunk::Owned(vec![0; 100]));
+        q.push_control(Chunk::Static(b"\x89\x00"));
+        assert_eq!(budget::held().outbound, 100 + 2 * entry);
+        drop(q);
+        assert_eq!(budget::held().outbound, 0);
     }
 
     #[test]

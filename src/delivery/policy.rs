@@ -24,11 +24,18 @@
 //!   `--max-outbound`.
 //! - Any backlog that makes no progress for `--write-timeout` ends the
 //!   connection (`write stall`).
+//! - Under memory pressure (see `budget`; read once per loop turn, so the
+//!   usual frame pays one comparison for it): from the high mark, public
+//!   messages and presence are shed for every reader with bytes still
+//!   waiting, not only past the soft mark; at the budget itself, a private
+//!   message that would wait is refused to its sender. Replies are queued
+//!   as ever (each client's own are bounded by the read pause above).
 
 use std::time::Duration;
 
 use crate::timer::Tick;
 
+pub use crate::budget::Pressure;
 pub use crate::chat::Class;
 
 /// The byte marks of the policy, from `--max-outbound`.
@@ -87,23 +94,34 @@ pub enum Verdict {
 }
 
 /// The verdict for a frame of `len` bytes and `class` for a reader with
-/// `backlog` unsent bytes (after the kernel was offered them). `reader` is
-/// asked only when the frame does not fit under the soft mark (the usual
-/// case costs two comparisons).
+/// `backlog` unsent bytes (after the kernel was offered them), with the
+/// process's memory `pressure` (as of this loop turn). `reader` is asked
+/// only when the frame does not fit under the soft mark (the usual case
+/// costs three comparisons).
 pub fn admit(
     class: Class,
     backlog: usize,
     len: usize,
     reader: impl FnOnce() -> Reader,
+    pressure: Pressure,
     marks: Marks,
 ) -> Verdict {
     let after = backlog.saturating_add(len);
-    if after <= marks.soft {
+    // With memory to spare, or nothing waiting (the frame goes out with this
+    // turn's flush), a frame under the soft mark is queued.
+    if after <= marks.soft && (pressure == Pressure::Normal || backlog == 0) {
         return Verdict::Queue;
     }
     match class {
-        Class::Public | Class::Presence if backlog > marks.soft => Verdict::Shed,
-        Class::Public | Class::Presence => Verdict::Queue,
+        Class::Reply => Verdict::Queue,
+        Class::Public | Class::Presence => {
+            if backlog > marks.soft || (backlog > 0 && pressure >= Pressure::High) {
+                Verdict::Shed
+            } else {
+                Verdict::Queue
+            }
+        }
+        Class::Private if backlog > 0 && pressure == Pressure::Full => Verdict::Refuse,
         Class::Private if after <= marks.soft => Verdict::Queue,
         Class::Private => match (after <= marks.max, reader()) {
             (true, Reader::Draining) => Verdict::QueueAndHoldSender,
@@ -111,7 +129,6 @@ pub fn admit(
             (false, Reader::Draining) => Verdict::Refuse,
             (false, Reader::Stalled) => Verdict::Disconnect,
         },
-        Class::Reply => Verdict::Queue,
     }
 }
 
@@ -193,15 +210,62 @@ mod tests {
             (Reply,     usize::MAX, 1, Draining, Queue),
         ];
         for (class, backlog, len, reader, verdict) in table {
-            assert_eq!(
-                admit(class, backlog, len, || reader, marks),
-                verdict,
-                "{class:?} backlog {backlog} len {len} {reader:?}"
-            );
+            for pressure in [Pressure::Normal, Pressure::High] {
+                // High pressure sheds more, but none of these rows.
+                let high_sheds =
+                    pressure == Pressure::High && matches!(class, Public | Presence) && backlog > 0;
+                let expected = if high_sheds { Shed } else { verdict };
+                assert_eq!(
+                    admit(class, backlog, len, || reader, pressure, marks),
+                    expected,
+                    "{class:?} backlog {backlog} len {len} {reader:?} {pressure:?}"
+                );
+            }
         }
         assert!(!worth_offering(Queue));
         for verdict in [QueueAndHoldSender, Shed, Refuse, Disconnect] {
             assert!(worth_offering(verdict));
+        }
+    }
+
+    #[test]
+    fn the_memory_pressure_table() {
+        use Pressure::{Full, High, Normal};
+        let marks = Marks::new(1000); // soft 250
+        #[rustfmt::skip]
+        let table = [
+            // class,   backlog, len, pressure, verdict
+            (Public,    0,       10,  Full,   Queue),  // nothing waits: it goes out this turn
+            (Public,    0,       900, High,   Queue),  // a burst, judged after the kernel took it
+            (Public,    1,       10,  Normal, Queue),
+            (Public,    1,       10,  High,   Shed),   // it would wait, and memory is short
+            (Presence,  1,       10,  High,   Shed),
+            (Public,    1,       10,  Full,   Shed),
+            (Private,   1,       10,  High,   Queue),  // privates are never shed
+            (Private,   1,       10,  Full,   Refuse), // at the budget: the sender hears it
+            (Private,   0,       10,  Full,   Queue),
+            (Private,   990,     11,  Full,   Refuse), // not disconnected: refused first
+            (Reply,     1,       10,  Full,   Queue),  // replies are bounded per client
+            (Reply,     5000,    10,  Full,   Queue),
+        ];
+        for (class, backlog, len, pressure, verdict) in table {
+            assert_eq!(
+                admit(class, backlog, len, || Stalled, pressure, marks),
+                verdict,
+                "{class:?} backlog {backlog} len {len} {pressure:?}"
+            );
+        }
+        // A frame under the soft mark does not ask about the reader.
+        for pressure in [Normal, High, Full] {
+            let verdict = admit(
+                Public,
+                0,
+                10,
+                || unreachable!("reader asked"),
+                pressure,
+                marks,
+            );
+            assert_eq!(verdict, Queue);
         }
     }
 

@@ -8,6 +8,7 @@ use slab::Slab;
 
 use super::{wall_clock_ms, App, Core};
 use crate::auth::{self, Refusal, TokenError};
+use crate::budget::HeadBytes;
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, OpenState, Phase};
 use crate::delivery::{policy, Mailer};
@@ -16,7 +17,7 @@ use crate::handshake::{self, Outcome};
 use crate::http::{Response, Status};
 use crate::log;
 use crate::persist::{self, Committed};
-use crate::ws::{CloseCode, Message, Opcode};
+use crate::ws::{CloseCode, Message, Opcode, ProtocolError};
 
 impl Core {
     /// Hands freshly read bytes to whatever the connection is doing.
@@ -30,7 +31,7 @@ impl Core {
         let conn = &mut conns[slot];
         match &mut conn.phase {
             Phase::Handshake(head) => {
-                head.extend_from_slice(data);
+                head.extend(data, handshake::MAX_HEAD + 1);
                 let head = std::mem::take(head);
                 self.on_request(conns, slot, head, now);
             }
@@ -47,7 +48,7 @@ impl Core {
         &mut self,
         conns: &mut Slab<Connection>,
         slot: usize,
-        mut head: Vec<u8>,
+        mut head: HeadBytes,
         now: Instant,
     ) {
         let conn = &mut conns[slot];
@@ -59,6 +60,10 @@ impl Core {
         match outcome {
             Outcome::Partial => conn.phase = Phase::Handshake(head),
             Outcome::Upgrade(upgrade) => {
+                if self.refuse_upgrade(conns, slot, upgrade.forwarded_for.as_deref(), now) {
+                    return;
+                }
+                let conn = &mut conns[slot];
                 let claims = match (&self.app, self.auth.is_on()) {
                     (App::Chat(_), true) => match auth::authenticate(
                         &self.auth,
@@ -105,6 +110,11 @@ impl Core {
                 if let Some(next) = self.heartbeat_deadline(conn) {
                     self.set_deadline(conn, slot, next);
                 }
+                let verified = claims.as_ref().map(|c| c.sub.as_str());
+                let early = head.get(upgrade.head_len..).unwrap_or_default();
+                if self.join_via_cluster(conns, slot, &upgrade.query, verified, early, now) {
+                    return; // joins when its name's lease is confirmed
+                }
                 if let App::Chat(router) = &mut self.app {
                     let mut mailer = Mailer {
                         conns,
@@ -112,7 +122,12 @@ impl Core {
                     };
                     let verified = claims.as_ref().map(|c| c.sub.as_str());
                     match router.join_as(ConnId(slot), &upgrade.query, verified, &mut mailer) {
-                        Some(name) => log::debug!("#{} joined as {name}", conns[slot].id),
+                        Some(name) => log::info!(
+                            "join #{} {} {}",
+                            conns[slot].id,
+                            conns[slot].peer,
+                            log::quoted(&name)
+                        ),
                         None => return, // refused: closing
                     }
                 }
@@ -150,7 +165,7 @@ impl Core {
     }
 
     /// Decodes frames and acts on each message.
-    fn on_frames(
+    pub(super) fn on_frames(
         &mut self,
         conns: &mut Slab<Connection>,
         slot: usize,
@@ -192,6 +207,9 @@ impl Core {
                 }
                 Err(error) => {
                     log::debug!("#{} protocol error: {error}", conns[slot].id);
+                    if error == ProtocolError::OverBudget {
+                        self.metrics.memory.partial_refused += 1;
+                    }
                     let code = error.close_code();
                     self.post.close(
                         conns,
@@ -209,7 +227,20 @@ impl Core {
         }
         let conn = &mut conns[slot];
         if matches!(conn.phase, Phase::Decoding) {
-            conn.phase = Phase::Open(state);
+            // A completed message's buffer is not kept while the client idles.
+            state.decoder.release_lent();
+            if state.decoder.partial_message_untimed() {
+                // A message began: its clock starts (and only a completed
+                // message stops it, not pings).
+                let due = self.clock.tick(now) + self.config.message_timeout;
+                state.decoder.time_partial_message(due);
+                conn.phase = Phase::Open(state);
+                if let Some(next) = self.heartbeat_deadline(conn) {
+                    self.set_deadline(conn, slot, next);
+                }
+            } else {
+                conn.phase = Phase::Open(state);
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! heartbeat, idle, write stall, close), told to the router when it stops
 //! being open, and killed.
 
+use std::io::{Read, Write};
 use std::time::Instant;
 
 use mio::net::TcpStream;
@@ -9,9 +10,11 @@ use mio::{Interest, Token};
 use slab::Slab;
 
 use super::{App, Core, Entrance, Nodelay};
+use crate::budget;
 use crate::chat::ConnId;
 use crate::conn::{CloseReason, Connection, Phase};
 use crate::delivery::{policy, Mailer};
+use crate::http;
 use crate::log;
 use crate::timer::Tick;
 use crate::ws::CloseCode;
@@ -50,6 +53,46 @@ impl Core {
         self.set_deadline(conn, slot, at);
     }
 
+    /// Above the memory budget's high mark: answers a new connection 503
+    /// (best effort: the socket is fresh, so its buffer has room) and says
+    /// so; the caller drops it. Checked before the per-address limits, which
+    /// count a connection they let in.
+    pub(super) fn refuse_over_memory_mark(&mut self, socket: &TcpStream) -> bool {
+        let held = budget::held();
+        if budget::admits_connection(held, budget::limits()) {
+            if self.memory.refusing {
+                log::info!("memory below the high mark: accepting again");
+                self.memory.refusing = false;
+            }
+            return false;
+        }
+        if !self.memory.refusing {
+            log::warn!(
+                "memory held by peers at {} of --memory-budget {} bytes: refusing new connections with 503",
+                held.total(),
+                self.config.memory_budget
+            );
+            self.memory.refusing = true;
+        }
+        // As for the 429: what already arrived is read, so that closing
+        // sends a FIN after the answer rather than a reset that could destroy it.
+        let _ = (&*socket).write(http::BUSY);
+        let _ = socket.shutdown(std::net::Shutdown::Write);
+        let _ = (&*socket).read(&mut [0; 4096]);
+        self.metrics.memory.connections_refused += 1;
+        self.metrics.count_refused_at_capacity();
+        true
+    }
+
+    /// At the end of a turn: gives freed memory back to the OS once what
+    /// peers held fell far below its peak (a crowd left).
+    pub(super) fn give_back_memory(&mut self) {
+        if self.memory.note(budget::held().total()) {
+            crate::sys::give_back_free_memory();
+            self.metrics.memory.trims += 1;
+        }
+    }
+
     /// Drops entries at the front of `handshakes` whose connection is past
     /// the handshake, so the queue holds about as many entries as there are
     /// handshakes in progress.
@@ -66,10 +109,20 @@ impl Core {
     }
 
     /// At the connection limit: closes the oldest connection still in its
-    /// handshake to make room. False if there is none.
-    pub(super) fn evict_oldest_handshake(&mut self, conns: &mut Slab<Connection>) -> bool {
+    /// handshake (but `except`) to make room. False if there is none.
+    pub(super) fn evict_oldest_handshake(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        except: Option<usize>,
+    ) -> bool {
         self.forget_finished_handshakes(conns);
-        let Some((slot, _)) = self.handshakes.pop_front() else {
+        let oldest = self.handshakes.iter().position(|&(slot, id)| {
+            Some(slot) != except
+                && conns.get(slot).is_some_and(|c| {
+                    c.id == id && !c.dead && matches!(c.phase, Phase::Handshake(_))
+                })
+        });
+        let Some((slot, _)) = oldest.and_then(|i| self.handshakes.remove(i)) else {
             return false;
         };
         let conn = &mut conns[slot];
@@ -105,7 +158,12 @@ impl Core {
                         conns,
                         post: &mut self.post,
                     };
-                    router.leave(ConnId(slot), &mut mailer);
+                    let name = router.leave(ConnId(slot), &mut mailer);
+                    if let (Some(name), Some(conn)) = (name, conns.get(slot)) {
+                        if log::enabled(log::Level::Info) {
+                            self.left_names.insert(conn.id, name);
+                        }
+                    }
                 }
             }
             for slot in std::mem::take(&mut self.post.began_closing) {
@@ -173,6 +231,22 @@ impl Core {
                     );
                     return;
                 }
+                if state
+                    .decoder
+                    .partial_message_due()
+                    .is_some_and(|at| now >= at)
+                {
+                    log::debug!("#{}: message timeout", conn.id);
+                    self.metrics.memory.message_timeouts += 1;
+                    self.post.close(
+                        conns,
+                        slot,
+                        CloseCode::Policy,
+                        "message timeout",
+                        CloseReason::MessageTimeout,
+                    );
+                    return;
+                }
                 if conn.token_expires.is_some_and(|at| now >= at) {
                     log::debug!("#{}: token expired", conn.id);
                     self.post.close(
@@ -202,20 +276,26 @@ impl Core {
         }
     }
 
-    /// The next time an open connection needs a look: ping, idle or stall.
+    /// The next time an open connection needs a look: ping, idle, stall or
+    /// an unfinished message.
     pub(super) fn heartbeat_deadline(&self, conn: &Connection) -> Option<Tick> {
         let Phase::Open(state) = &conn.phase else {
             return None;
         };
         let stall = policy::write_stall_deadline(conn.stalled_since, self.post.times());
+        // An unfinished message is timed in echo mode too.
+        let stall_or_message = [stall, state.decoder.partial_message_due()]
+            .into_iter()
+            .flatten()
+            .min();
         if matches!(self.app, App::Echo) {
-            return stall;
+            return stall_or_message;
         }
         let mut next = (state.last_rx + self.config.idle_timeout).min(state.next_ping);
         if let Some(expires) = conn.token_expires {
             next = next.min(expires);
         }
-        Some(stall.map_or(next, |stall| stall.min(next)))
+        Some(stall_or_message.map_or(next, |at| at.min(next)))
     }
 
     /// Ends a connection now; its slot is freed at the end of the turn.

@@ -7,6 +7,10 @@
 //! (zero copy); only a message that spans reads or frames is copied, into a
 //! buffer that exists just while that message is incomplete. Between
 //! messages the decoder holds nothing but a partial frame header.
+//!
+//! That buffer is charged to the process's ledger ([`crate::budget`]): a
+//! message whose growth would pass the process's bound for partial
+//! messages fails with [`ProtocolError::OverBudget`] (1009).
 
 use super::frame::{
     apply_mask, parse_header, unmask_reporting_ascii, FrameHeader, HeaderError, Opcode, Role,
@@ -14,6 +18,8 @@ use super::frame::{
 };
 use super::utf8::Utf8Validator;
 use super::CloseCode;
+use crate::budget::{grown_capacity, PartialBytes};
+use crate::timer::Tick;
 
 /// One complete message or control frame from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,6 +48,9 @@ pub enum ProtocolError {
     ExpectedContinuation,
     /// The message would exceed the configured size limit.
     MessageTooBig,
+    /// The message would take the partial messages of the whole process
+    /// past their bound (`--max-partial-bytes` or `--memory-budget`).
+    OverBudget,
     InvalidUtf8,
     /// A close frame with a one-byte payload (a code needs two).
     CloseTooShort,
@@ -56,7 +65,10 @@ impl ProtocolError {
             ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => {
                 CloseCode::InvalidPayload
             }
-            ProtocolError::MessageTooBig => CloseCode::TooBig,
+            // It names the cause from the client's side: this message was
+            // too big to be held now (1013, "try again later", is not an
+            // RFC 6455 code and many clients do not know it).
+            ProtocolError::MessageTooBig | ProtocolError::OverBudget => CloseCode::TooBig,
             _ => CloseCode::Protocol,
         }
     }
@@ -75,6 +87,7 @@ impl ProtocolError {
             ProtocolError::UnexpectedContinuation => "continuation without a message",
             ProtocolError::ExpectedContinuation => "expected a continuation frame",
             ProtocolError::MessageTooBig => "message too big",
+            ProtocolError::OverBudget => "server busy: partial messages over budget",
             ProtocolError::InvalidUtf8 => "invalid UTF-8 in text message",
             ProtocolError::CloseTooShort => "close payload of one byte",
             ProtocolError::InvalidCloseCode(_) => "invalid close code",
@@ -113,8 +126,11 @@ enum DataKind {
 #[derive(Debug)]
 struct Assembly {
     kind: DataKind,
-    bytes: Vec<u8>,
+    bytes: PartialBytes,
     utf8: Utf8Validator,
+    /// When it must be complete, once the caller timed it (kept here, so an
+    /// idle connection carries no field for it).
+    due: Option<Tick>,
 }
 
 /// The frame whose payload is being received.
@@ -197,11 +213,7 @@ impl Decoder {
         input: &'a mut [u8],
         max_message: usize,
     ) -> Result<(usize, Option<Message<'a>>), ProtocolError> {
-        match std::mem::take(&mut self.lent) {
-            Lent::Nothing => {}
-            Lent::Control => self.control = None,
-            Lent::Assembly => self.assembly = None,
-        }
+        self.release_lent();
         let mut pos = 0;
         let frame = loop {
             if let Some(frame) = self.frame {
@@ -264,8 +276,9 @@ impl Decoder {
                     } else {
                         DataKind::Text
                     },
-                    bytes: Vec::new(),
+                    bytes: PartialBytes::new(),
                     utf8: Utf8Validator::default(),
+                    due: None,
                 })
             });
             if assembly.kind == DataKind::Text {
@@ -274,7 +287,20 @@ impl Decoder {
                     .feed(piece)
                     .map_err(|_| ProtocolError::InvalidUtf8)?;
             }
-            assembly.bytes.extend_from_slice(piece);
+            // Room for what arrived, doubling, up to the message limit; and
+            // never past the message's end once its final frame is here.
+            let needed = assembly.bytes.len() + take;
+            let limit = if header.fin {
+                assembly.bytes.len() + (header.payload_len - frame.received) as usize
+            } else {
+                max_message
+            };
+            let capacity = grown_capacity(assembly.bytes.capacity(), needed, limit);
+            assembly
+                .bytes
+                .try_reserve_total(capacity)
+                .map_err(|_| ProtocolError::OverBudget)?;
+            assembly.bytes.extend(piece, max_message);
         }
         let received = frame.received + take as u64;
         if received < header.payload_len {
@@ -317,6 +343,46 @@ impl Decoder {
     /// per-connection state that an idle one would not.
     pub fn is_mid_message(&self) -> bool {
         self.header_len > 0 || self.frame.is_some() || self.assembly.is_some()
+    }
+
+    /// The message being reassembled, if any (not one already lent out).
+    fn partial(&self) -> Option<&Assembly> {
+        self.assembly
+            .as_deref()
+            .filter(|_| self.lent != Lent::Assembly)
+    }
+
+    /// True while a data message is being reassembled and the caller has
+    /// not timed it yet (its bytes are held until it completes, so
+    /// `--message-timeout` bounds how long).
+    pub fn partial_message_untimed(&self) -> bool {
+        self.partial().is_some_and(|a| a.due.is_none())
+    }
+
+    /// When the message being reassembled must be complete; the deadline
+    /// goes with the message.
+    pub fn partial_message_due(&self) -> Option<Tick> {
+        self.partial().and_then(|a| a.due)
+    }
+
+    /// Times the message being reassembled (nothing without one).
+    pub fn time_partial_message(&mut self, due: Tick) {
+        if self.lent != Lent::Assembly {
+            if let Some(assembly) = self.assembly.as_mut() {
+                assembly.due = Some(due);
+            }
+        }
+    }
+
+    /// Drops what the last message was lent from. `decode` does it at its
+    /// next call; the caller does it when the input ran out, so a completed
+    /// message's buffer is not kept while the connection idles.
+    pub fn release_lent(&mut self) {
+        match std::mem::take(&mut self.lent) {
+            Lent::Nothing => {}
+            Lent::Control => self.control = None,
+            Lent::Assembly => self.assembly = None,
+        }
     }
 
     /// Parses a header from buffered bytes plus `input`; buffers a partial one.
@@ -700,6 +766,102 @@ mod tests {
         }
         let mut masked = client_frame(true, 1, b"x", 1);
         assert!(Decoder::client().decode(&mut masked, LIMIT).is_err());
+    }
+
+    #[test]
+    fn partial_messages_are_charged_and_refused_past_the_process_bound() {
+        use crate::budget::{self, Limits};
+        // This test thread's own ledger.
+        budget::set_limits(Limits {
+            memory_budget: 1 << 20,
+            max_partial: 1000,
+        });
+        let mut first = Decoder::default();
+        let mut bytes = client_frame(false, 1, &[b'a'; 600], 1);
+        assert_eq!(decode_with(&mut first, &mut bytes), Ok(None));
+        assert_eq!(budget::held().partial, 600, "what arrived");
+        assert!(first.partial_message_untimed());
+
+        // A second message that would pass 1000 in all is refused at its
+        // first frame; the first keeps its room.
+        let mut second = Decoder::default();
+        let mut bytes = client_frame(false, 1, &[b'b'; 401], 2);
+        assert_eq!(
+            decode_with(&mut second, &mut bytes),
+            Err(ProtocolError::OverBudget)
+        );
+        assert_eq!(ProtocolError::OverBudget.close_code().to_u16(), 1009);
+        drop(second);
+        assert_eq!(budget::held().partial, 600);
+
+        // The first finishes: its final frame grows it to exactly its end.
+        let mut bytes = client_frame(true, 0, &[b'a'; 400], 3);
+        let message = decode_with(&mut first, &mut bytes).map(|m| m.map(|m| m.len()));
+        assert_eq!(message, Ok(Some(1000)));
+        assert_eq!(budget::held().partial, 1000);
+        assert!(!first.partial_message_untimed(), "lent, not partial");
+        first.release_lent();
+        assert_eq!(budget::held().partial, 0, "released without another read");
+        budget::set_limits(Limits::UNLIMITED);
+    }
+
+    /// Decodes all of `bytes`; the last message's length, if any.
+    fn decode_with(
+        decoder: &mut Decoder,
+        bytes: &mut [u8],
+    ) -> Result<Option<Vec<u8>>, ProtocolError> {
+        let mut pos = 0;
+        let mut last = None;
+        while pos < bytes.len() {
+            let (used, message) = decoder.decode(&mut bytes[pos..], LIMIT)?;
+            pos += used;
+            if let Some(Message::Text(t)) = message {
+                last = Some(t.as_bytes().to_vec());
+            }
+        }
+        Ok(last)
+    }
+
+    #[test]
+    fn a_declared_length_reserves_nothing_until_its_bytes_come() {
+        use crate::budget;
+        let mut decoder = Decoder::default();
+        let mut frame = client_frame(false, 1, &[b'x'; 60_000], 1);
+        let header = frame.len() - 60_000;
+        frame.truncate(header + 10); // the header, its mask, 10 bytes of 60,000
+        let before = budget::held().partial;
+        decoder.decode(&mut frame, LIMIT).unwrap();
+        assert_eq!(budget::held().partial - before, 10);
+    }
+
+    #[test]
+    fn a_partial_message_is_timed_once_and_its_deadline_goes_with_it() {
+        let clock = crate::timer::Clock::starting_now();
+        let due = clock.tick(std::time::Instant::now());
+        let mut decoder = Decoder::default();
+        assert!(!decoder.partial_message_untimed());
+        decoder.time_partial_message(due); // nothing held: nothing timed
+        let mut bytes = client_frame(false, 1, b"abc", 1);
+        bytes.extend(client_frame(true, 9, b"ping", 2));
+        let mut pos = 0;
+        while pos < bytes.len() {
+            pos += decoder.decode(&mut bytes[pos..], LIMIT).unwrap().0;
+        }
+        assert!(decoder.partial_message_untimed());
+        decoder.time_partial_message(due);
+        assert!(!decoder.partial_message_untimed());
+        assert_eq!(decoder.partial_message_due(), Some(due));
+        let mut ping = client_frame(true, 9, b"", 3);
+        decoder.decode(&mut ping, LIMIT).unwrap();
+        assert_eq!(
+            decoder.partial_message_due(),
+            Some(due),
+            "pings do not move it"
+        );
+        let mut last = client_frame(true, 0, b"def", 4);
+        decoder.decode(&mut last, LIMIT).unwrap();
+        decoder.release_lent();
+        assert_eq!(decoder.partial_message_due(), None);
     }
 
     #[test]

@@ -222,6 +222,95 @@ await step('XSS body renders as text, no dialog', ['join'], async () => {
   assert(dialogs.length === 0, dialogs.join('; '));
 });
 
+const notice = (page, kind, text) =>
+  page.locator(`${T('messages')} ${T('notice')}[data-kind="${kind}"]`).filter({ hasText: text });
+
+await step('join and leave lines in #public', ['join'], async () => {
+  await openPublic(alice);
+  const erin = await newUser('erin');
+  await join(erin, 'erin');
+  await expectOnline(erin);
+  await notice(alice, 'join', 'erin joined').waitFor();
+  await erin.context().close();
+  await notice(alice, 'leave', 'erin left').waitFor();
+  assert(!(await alice.locator(T('public-channel')).locator(T('unread')).isVisible()), 'presence lines count as unread');
+});
+
+await step('links: http(s) addresses become <a>, javascript: stays text', ['join'], async () => {
+  const text = 'docs at https://example.com/a?b=1&c=2. not javascript:alert(1), JAVASCRIPT:alert(2) ' +
+    'or <a href="javascript:alert(3)">x</a> (see http://example.org/x_(y))';
+  await openPublic(alice);
+  await openPublic(bob);
+  await sendText(alice, text);
+  const body = messageWith(bob, 'docs at').locator(T('message-body'));
+  await body.waitFor();
+  assert((await body.textContent()) === text, `the text changed: ${await body.textContent()}`);
+  const links = await body.locator('a').evaluateAll((as) =>
+    as.map((a) => ({ href: a.getAttribute('href'), text: a.textContent, rel: a.rel, target: a.target })));
+  const want = ['https://example.com/a?b=1&c=2', 'http://example.org/x_(y)'];
+  assert(JSON.stringify(links.map((l) => l.href)) === JSON.stringify(want), `links: ${JSON.stringify(links)}`);
+  assert(JSON.stringify(links.map((l) => l.text)) === JSON.stringify(want), `link texts: ${JSON.stringify(links)}`);
+  for (const l of links) {
+    assert(l.rel.split(' ').includes('noopener') && l.rel.split(' ').includes('noreferrer'), `rel="${l.rel}"`);
+    assert(l.target === '_blank', `target="${l.target}"`);
+  }
+  for (const [n, p] of Object.entries({ alice, bob })) {
+    const hrefs = await p.locator(`${T('messages')} a`).evaluateAll((as) => as.map((a) => a.protocol));
+    assert(hrefs.every((h) => h === 'https:' || h === 'http:'), `${n}: a link that is not http(s): ${hrefs}`);
+  }
+});
+
+// The server's default --max-body (the test server sets none).
+const MAX_BODY = 8192;
+
+await step('the counter shows bytes left; an over-long draft stays in the box', ['join'], async () => {
+  await openPublic(alice);
+  const box = alice.locator(T('composer'));
+  const count = alice.locator(T('body-counter'));
+  await box.fill('héllo 👋'); // 1 + 2 + 3 + 1 + 4 bytes
+  await count.filter({ hasText: 'left' }).waitFor();
+  const left = await count.getAttribute('data-left');
+  assert(left === String(MAX_BODY - 11), `bytes left: ${left} (${await count.textContent()})`);
+  const long = 'x'.repeat(MAX_BODY - 2) + '👋'; // two bytes over
+  await box.fill(long);
+  await alice.locator(`${T('body-counter')}.over`).filter({ hasText: '2 too many' }).waitFor();
+  await box.press('Enter');
+  await alice.locator(T('toast')).filter({ hasText: 'Too long' }).waitFor();
+  assert((await box.inputValue()) === long, 'the over-long draft was cleared');
+  await box.fill('');
+  await count.waitFor({ state: 'hidden' });
+});
+
+await step('a draft the server refuses comes back to be shortened', [], async () => {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 700 }, locale: 'en-US' });
+  context.setDefaultTimeout(WAIT);
+  // As from a server that does not announce its limit: the page cannot
+  // count, sends, and the server answers body_too_long.
+  await context.routeWebSocket(/\/ws\?/, (ws) => {
+    const server = ws.connectToServer();
+    server.onMessage((m) => {
+      try {
+        const v = JSON.parse(m);
+        if (v.type === 'welcome') { delete v.limits; m = JSON.stringify(v); }
+      } catch (e) { /* not JSON: as it is */ }
+      ws.send(m);
+    });
+  });
+  const page = await context.newPage();
+  page.on('pageerror', (e) => problems.push(`frank: page error ${e.message}`));
+  await page.goto(base + '/');
+  await join(page, 'frank');
+  await expectOnline(page);
+  const box = page.locator(T('composer'));
+  const long = 'y'.repeat(MAX_BODY) + ' and one more';
+  await box.fill(long);
+  assert(!(await page.locator(T('body-counter')).isVisible()), 'a counter without a known limit');
+  await box.press('Enter');
+  await page.locator(T('notice')).filter({ hasText: 'not sent' }).waitFor();
+  assert((await box.inputValue()) === long, `the refused draft is not back: ${(await box.inputValue()).length} chars`);
+  await context.close();
+});
+
 await step('reconnect after a dropped connection', ['join'], async () => {
   await bob.evaluate(() => window.wschat.drop());
   await bob.locator(`${T('conn-state')}[data-state="reconnecting"]`).waitFor();

@@ -94,6 +94,15 @@ impl ChatServer {
         }
     }
 
+    /// Every stderr line, once the process has exited (stopped by SIGTERM)
+    /// and its stderr has been read to the end.
+    pub fn log_after_exit(&mut self) -> String {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(5));
+        self.process.stop();
+        self.logs()
+    }
+
     /// Fails if the process died.
     pub fn assert_running(&mut self) {
         if let Some(status) = self.process.child.try_wait().expect("try_wait on wschat") {

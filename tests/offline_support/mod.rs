@@ -71,7 +71,18 @@ impl Drop for TempDir {
 /// they hold messages for names that never connected (`--offline-to-unknown`).
 pub fn start_on(dir: &Path, extra: &[&str]) -> ChatServer {
     let dir = dir.to_str().expect("data dir path is UTF-8");
-    let mut args = vec!["--data-dir", dir, "--offline-to-unknown"];
+    // The suites load the store far faster than --rate-limit lets a person,
+    // and poll /metrics from the clients' address faster than
+    // --max-handshakes-per-ip allows.
+    let mut args = vec![
+        "--data-dir",
+        dir,
+        "--offline-to-unknown",
+        "--rate-limit",
+        "0",
+        "--max-handshakes-per-ip",
+        "0",
+    ];
     args.extend_from_slice(extra);
     ChatServer::start(&args)
 }

@@ -26,8 +26,14 @@ pub fn bin() -> String {
 
 /// Extracts the address from a line containing `listening on ADDR`.
 pub fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let at = line.find("listening on ")?;
-    line[at + "listening on ".len()..]
+    address_after(line, "listening on ")
+}
+
+/// Extracts the address that follows `marker` in `line` (`metrics on ADDR`
+/// for `--metrics-listen`).
+pub fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let at = line.find(marker)?;
+    line[at + marker.len()..]
         .split_whitespace()
         .next()?
         .parse()

@@ -35,6 +35,11 @@ USAGE:
 
 Each run prints a table; with --json the last line is one JSON object.
 Exit status: 0 ok, 1 protocol errors counted, 2 usage or setup error.
+
+All its connections come from one address and send far faster than a person: run the
+server under test with --rate-limit 0 --max-connections-per-ip 0
+--max-handshakes-per-ip 0, or its limits are what gets measured (rate_limited errors,
+429s at connect).
 ";
 
 const COMMON: &str = "
@@ -73,6 +78,12 @@ USAGE: wschat-bench private --url URL [options]
                    sender and receiver gets too
   --public-size BYTES
                    public body size: K<seq>T<ns>X padded with x [default: 4096]
+  --receiver-url URL
+                   receivers connect here instead: another node of a wschat
+                   --cluster, so every message crosses nodes through Redis
+  --receiver-pid PID, --redis-pid PID
+                   report that process's CPU over the run (warm-up included),
+                   in % of a core and µs per message sent
 
 Reports delivered msgs/s in the window; latency p50/p90/p99/p99.9/max in µs from the
 send time in the body to arrival; lost, misrouted, out-of-order and malformed counts
@@ -331,7 +342,33 @@ fn private_opts(args: &mut Args) -> Result<private::Opts, String> {
     if public_size.is_some() && public_rate.is_none() {
         return Err("--public-size needs --public-rate".into());
     }
+    let receiver_target = args
+        .text("receiver-url")?
+        .map(|url| net::Target::parse(&url))
+        .transpose()?;
+    let mut watch = Vec::new();
+    if let Some(pid) = args.opt::<u32>("receiver-pid")? {
+        watch.push(private::Watched {
+            label: "receiver node cpu",
+            key: "receiver",
+            pid,
+        });
+    }
+    if let Some(pid) = args.opt::<u32>("redis-pid")? {
+        watch.push(private::Watched {
+            label: "redis cpu",
+            key: "redis",
+            pid,
+        });
+    }
+    for w in &watch {
+        if os::proc_cpu_ns(w.pid).is_none() {
+            return Err(format!("{}: no process {}", w.label, w.pid));
+        }
+    }
     Ok(private::Opts {
+        receiver_target,
+        watch,
         pairs: args.num("pairs", 50)?,
         window: args.num("window", 16)?,
         size: args.num("size", 64)?,

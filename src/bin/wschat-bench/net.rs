@@ -131,6 +131,8 @@ pub struct Conn {
     blocked: bool,
     /// Listed in `Net::dirty`.
     dirty: bool,
+    /// Connected to `Net::second`'s target.
+    second: bool,
 }
 
 /// What a connection reports to the application.
@@ -178,6 +180,9 @@ pub struct Net {
     flushing: Vec<usize>,
     rbuf: Vec<u8>,
     target: Target,
+    /// Another server: connections with tags below the number go there
+    /// (the receivers of `private --receiver-url`, on another cluster node).
+    pub second: Option<(Target, usize)>,
     pub rng: Rng,
     timer: Option<TimerFd>,
     /// Handshakes started and not yet finished.
@@ -197,6 +202,7 @@ impl Net {
             flushing: Vec::new(),
             rbuf: vec![0; READ_BUF],
             target,
+            second: None,
             rng: Rng::seeded(),
             timer: None,
             handshaking: 0,
@@ -227,7 +233,12 @@ impl Net {
 
     /// Starts a connection as `name`; the handshake runs in the loop.
     pub fn connect(&mut self, name: &str, tag: usize) -> io::Result<usize> {
-        let mut stream = TcpStream::connect(self.target.addr)?;
+        let second = self.second.as_ref().is_some_and(|(_, below)| tag < *below);
+        let addr = match &self.second {
+            Some((target, _)) if second => target.addr,
+            _ => self.target.addr,
+        };
+        let mut stream = TcpStream::connect(addr)?;
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let id = entry.key();
@@ -250,6 +261,7 @@ impl Net {
             out_pos: 0,
             blocked: true,
             dirty: false,
+            second,
         });
         self.handshaking += 1;
         Ok(id)
@@ -356,9 +368,13 @@ impl Net {
             }
             conn.state = State::Handshake;
             let key = std::str::from_utf8(&conn.key).unwrap_or_default();
+            let target = match &self.second {
+                Some((target, _)) if conn.second => target,
+                _ => &self.target,
+            };
             let request = format!(
                 "GET {}{} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                self.target.path, conn.name, self.target.host
+                target.path, conn.name, target.host
             );
             conn.out.extend_from_slice(request.as_bytes());
         }

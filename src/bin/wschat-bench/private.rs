@@ -22,6 +22,11 @@ pub struct Opts {
     /// Public messages per second from `<prefix>pub` to everyone.
     pub public_rate: Option<f64>,
     pub public_size: usize,
+    /// Receivers connect here instead (another node of a `--cluster`).
+    pub receiver_target: Option<crate::net::Target>,
+    /// Processes whose CPU over the window is reported per message (the
+    /// receivers' node, Redis), with their labels.
+    pub watch: Vec<Watched>,
 }
 
 #[derive(Default, Clone)]
@@ -51,6 +56,13 @@ struct PrivateApp {
     types: TypeCounts,
     msg: Vec<u8>,
     flood: Option<Flood>,
+}
+
+/// A process whose CPU is reported: its row label, its JSON key prefix, its pid.
+pub struct Watched {
+    pub label: &'static str,
+    pub key: &'static str,
+    pub pid: u32,
 }
 
 /// The public flood and what the pairs' connections got of it. Tags 0..2P
@@ -257,6 +269,8 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         }),
     };
     let mut net = Net::new(c.target.clone()).map_err(|e| format!("event loop: {e}"))?;
+    // Receivers are tags 0..P.
+    net.second = o.receiver_target.clone().map(|t| (t, p));
     if o.rate.is_some() || app.flood.is_some() {
         net.enable_timer().map_err(|e| format!("timerfd: {e}"))?;
     }
@@ -295,6 +309,12 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     }
     let interval = o.rate.map(|r| 1e9 / r);
     let mut k: u64 = 0;
+    let watched_before: Vec<Option<u64>> = o
+        .watch
+        .iter()
+        .map(|w| crate::os::proc_cpu_ns(w.pid))
+        .collect();
+    let watch_start = now_ns();
     let cpu = run_window(&mut net, &mut app, c, w, |net, app| {
         // Open loop: send what is due, each message at its scheduled time.
         if let Some(interval) = interval {
@@ -308,6 +328,16 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
         }
     })?;
     app.sending = false;
+    let watch_wall = now_ns().saturating_sub(watch_start).max(1) as f64;
+    let watched: Vec<Option<f64>> = o
+        .watch
+        .iter()
+        .zip(&watched_before)
+        .map(|(w, before)| {
+            let after = crate::os::proc_cpu_ns(w.pid)?;
+            Some(after.saturating_sub((*before)?) as f64 * 100.0 / watch_wall)
+        })
+        .collect();
 
     // Drain what is in flight (and public copies neither here nor reported
     // dropped yet).
@@ -370,6 +400,20 @@ pub fn run(c: &Common, o: &Opts) -> Result<Outcome, String> {
     r.row("other messages", app.types.text());
     r.val("other_types", app.types.json());
     r.cpu(&cpu, Some((rate, "message")));
+    // The whole run (warm-up included) was watched: per message over what
+    // was sent in it.
+    let run_rate = sent as f64 / (watch_wall / 1e9);
+    for (w, pct) in o.watch.iter().zip(&watched) {
+        let Some(pct) = pct else { continue };
+        let mut text = format!("{pct:.1} % of one core (pid {})", w.pid);
+        if run_rate > 0.0 {
+            let us = pct / 100.0 * 1e6 / run_rate;
+            text += &format!(", {us:.1} µs per message");
+            r.val(&format!("{}_us_per_message", w.key), round1(us));
+        }
+        r.row(w.label, text);
+        r.val(&format!("{}_cpu_pct", w.key), round1(*pct));
+    }
     r.net(&net.stats);
     let server_errors = app.types.get("error");
     if server_errors > 0 {

@@ -1,0 +1,1003 @@
+//! `--cluster`: several wschat processes as one chat, over Redis. See
+//! docs/CLUSTER.md for the design.
+//!
+//! This is the thin shell: two non-blocking Redis connections registered in
+//! the server's `mio::Poll` (one for commands, one subscribed to the
+//! cluster's channels), RESP from [`resp`], and the node's Redis work: name
+//! leases, joins that wait for their lease, lease renewal and heartbeats in
+//! batches, reconnecting with jittered backoff. What the node knows of the
+//! others and what it tells them is [`remote::Remote`], owned by the router.
+
+pub mod link;
+pub mod remote;
+pub mod resp;
+pub mod reuseport;
+pub mod url;
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mio::{Registry, Token};
+
+use self::link::{Link, LinkError};
+use self::remote::{Outgoing, Remote, To};
+use self::resp::Frame;
+pub use self::url::RedisUrl;
+
+/// The command connection's token (outside the client slab's range, beside
+/// the listeners').
+pub const COMMAND_TOKEN: Token = Token(usize::MAX - 3);
+/// The subscriber connection's token.
+pub const SUBSCRIBER_TOKEN: Token = Token(usize::MAX - 4);
+
+/// Joins waiting for their lease, at most; beyond, 1013 at once.
+pub const MAX_WAITING_JOINS: usize = 10_000;
+/// Bytes that waiting joins sent behind their request heads, at most.
+pub const MAX_WAITING_BYTES: usize = 4 * 1024 * 1024;
+/// Commands sent and not answered, at most; beyond, the node sheds.
+pub const MAX_IN_FLIGHT: usize = 100_000;
+/// Names renewed by one command (a short Lua script over their keys).
+const RENEW_BATCH: usize = 1000;
+/// `PEXPIRE` on every key given, answering 1 or 0 for each.
+const RENEW_SCRIPT: &[u8] = b"local r = {} for i, k in ipairs(KEYS) do \
+    r[i] = redis.call('PEXPIRE', k, ARGV[1]) end return r";
+/// How long a join waits for Redis before it is told 1013 (at most the lease).
+pub const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// How long the link may take to come up, or a command to be answered,
+/// before the connection is dropped and made again.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Round-trip histogram bounds, in seconds.
+const RTT_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub url: RedisUrl,
+    pub prefix: String,
+    pub lease: Duration,
+}
+
+/// A connection waiting for its name's lease before its `welcome`.
+#[derive(Debug)]
+pub struct WaitingJoin {
+    pub slot: usize,
+    pub conn_id: u64,
+    pub name: Rc<str>,
+    pub query: String,
+    /// The name came from a verified token: a session elsewhere is replaced.
+    pub verified: bool,
+    /// Bytes that came right behind the request head, decoded once joined.
+    pub early: Vec<u8>,
+    pub deadline: Instant,
+    sent: bool,
+}
+
+impl WaitingJoin {
+    pub fn new(
+        slot: usize,
+        conn_id: u64,
+        name: &str,
+        query: &str,
+        verified: bool,
+        early: &[u8],
+    ) -> WaitingJoin {
+        WaitingJoin {
+            slot,
+            conn_id,
+            name: Rc::from(name),
+            query: query.to_owned(),
+            verified,
+            early: early.to_vec(),
+            deadline: Instant::now() + JOIN_WAIT,
+            sent: false,
+        }
+    }
+}
+
+/// What the loop must act on after Redis spoke.
+#[derive(Debug)]
+pub enum Event {
+    JoinGranted(WaitingJoin),
+    JoinRefused(WaitingJoin),
+    /// Redis did not answer in time: close 1013.
+    JoinTimedOut(WaitingJoin),
+    /// A message from another node (or our own echo).
+    Message(Vec<u8>),
+    /// The lease of a local user was taken by another node while Redis was away.
+    LeaseLost(Rc<str>),
+    /// The link came up: re-register the local names.
+    Up,
+    /// An authenticated user's lease was taken from this node: its session there ends.
+    TookOver(Rc<str>, Rc<str>),
+    /// Message ids up to this one (a block of `remote::ID_BLOCK`) are this node's.
+    Ids(u64),
+}
+
+/// What a command's reply means to us.
+#[derive(Debug)]
+enum Expect {
+    /// AUTH, SELECT, PUBLISH, deletes: an error is logged, nothing else.
+    Nothing,
+    /// `SET name node NX PX lease GET` for a waiting join (by connection id).
+    Join(u64, Rc<str>),
+    /// A batch of renewals of local names' leases: the reply lists, per
+    /// name, 1 if renewed, 0 if the key was lost.
+    Renew(Vec<Rc<str>>),
+    /// Taking a lost lease back.
+    Reclaim(Rc<str>),
+    /// A block of message ids from the cluster's counter.
+    Ids,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Down { retry_at: Instant, attempt: u32 },
+    Connecting { since: Instant, attempt: u32 },
+    Up,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    commands: u64,
+    reconnects: u64,
+    shed: u64,
+    joins_timed_out: u64,
+    rtt_counts: [u64; RTT_BUCKETS.len() + 1],
+    rtt_sum: f64,
+}
+
+pub struct Cluster {
+    settings: Settings,
+    addr: SocketAddr,
+    node: String,
+    command: Link,
+    subscriber: Link,
+    state: State,
+    /// Replies the command connection owes, in order, with when each was asked.
+    expecting: VecDeque<(Expect, Instant)>,
+    waiting: VecDeque<WaitingJoin>,
+    /// The `early` bytes of `waiting`.
+    waiting_bytes: usize,
+    /// When local leases are renewed and the heartbeat sent next.
+    renew_at: Instant,
+    seed: u64,
+    /// Ids are asked for above this (the clock × 1000 and the last id given
+    /// out; kept by the loop).
+    pub id_floor: u64,
+    /// A block of ids is asked for and not granted yet.
+    ids_asked: bool,
+    stats: Stats,
+}
+
+impl Cluster {
+    pub fn new(settings: Settings, addr: SocketAddr, now: Instant) -> Cluster {
+        let seed = random_seed();
+        let node = format!("{seed:016x}");
+        Cluster {
+            settings,
+            addr,
+            node,
+            command: Link::default(),
+            subscriber: Link::default(),
+            state: State::Down {
+                retry_at: now,
+                attempt: 0,
+            },
+            expecting: VecDeque::new(),
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            renew_at: now,
+            seed,
+            id_floor: 0,
+            ids_asked: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// How long a join waits for Redis: [`JOIN_WAIT`], or the lease if shorter.
+    fn join_wait(&self) -> Duration {
+        JOIN_WAIT.min(self.settings.lease)
+    }
+
+    /// This node's id (unique: 64 random bits).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state == State::Up
+    }
+
+    fn key(&self, name: &str) -> Vec<u8> {
+        format!("{}:name:{name}", self.settings.prefix).into_bytes()
+    }
+
+    fn channel(&self, to: &To) -> Vec<u8> {
+        match to {
+            To::All => format!("{}:all", self.settings.prefix).into_bytes(),
+            To::Node(node) => format!("{}:node:{node}", self.settings.prefix).into_bytes(),
+        }
+    }
+
+    fn lease_ms(&self) -> Vec<u8> {
+        self.settings.lease.as_millis().to_string().into_bytes()
+    }
+
+    fn command(&mut self, args: &[&[u8]], expect: Expect, now: Instant) {
+        self.command.queue(args);
+        self.expecting.push_back((expect, now));
+        self.stats.commands += 1;
+    }
+
+    /// When the loop must wake for the cluster next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let link = match self.state {
+            State::Down { retry_at, .. } => retry_at,
+            State::Connecting { since, .. } => since + LINK_TIMEOUT,
+            State::Up => self.renew_at,
+        };
+        let join = self.waiting.front().map(|j| j.deadline);
+        let reply = self.expecting.front().map(|(_, at)| *at + LINK_TIMEOUT);
+        [Some(link), join, reply].into_iter().flatten().min()
+    }
+
+    /// A connection wants `name`: it waits for the lease (or is told 1013 at
+    /// once when too many wait). Returns the join back when refused.
+    pub fn begin_join(&mut self, mut join: WaitingJoin, now: Instant) -> Result<(), WaitingJoin> {
+        if self.waiting.len() >= MAX_WAITING_JOINS
+            || self.expecting.len() >= MAX_IN_FLIGHT
+            || self.waiting_bytes + join.early.len() > MAX_WAITING_BYTES
+        {
+            self.stats.shed += 1;
+            return Err(join);
+        }
+        join.deadline = now + self.join_wait();
+        join.sent = false;
+        if self.is_up() {
+            self.send_join(&mut join, now);
+        }
+        self.waiting_bytes += join.early.len();
+        self.waiting.push_back(join);
+        Ok(())
+    }
+
+    fn send_join(&mut self, join: &mut WaitingJoin, now: Instant) {
+        let key = self.key(&join.name);
+        let lease = self.lease_ms();
+        let node = self.node.clone();
+        self.command(
+            &[b"SET", &key, node.as_bytes(), b"NX", b"PX", &lease, b"GET"],
+            Expect::Join(join.conn_id, join.name.clone()),
+            now,
+        );
+        join.sent = true;
+    }
+
+    /// Asks the cluster's counter for the next block of message ids (raised
+    /// to the floor first, so ids keep growing after Redis lost the counter).
+    pub fn ask_for_ids(&mut self, now: Instant) {
+        if !self.is_up() || self.ids_asked {
+            return;
+        }
+        self.ids_asked = true;
+        let key = format!("{}:ids", self.settings.prefix).into_bytes();
+        let block = remote::ID_BLOCK.to_string().into_bytes();
+        let floor = self.id_floor.to_string().into_bytes();
+        self.command(
+            &[
+                b"EVAL",
+                b"local v = redis.call('INCRBY', KEYS[1], ARGV[1]) \
+                  local least = tonumber(ARGV[2]) + tonumber(ARGV[1]) \
+                  if v < least then redis.call('SET', KEYS[1], least) v = least end return v",
+                b"1",
+                &key,
+                &block,
+                &floor,
+            ],
+            Expect::Ids,
+            now,
+        );
+    }
+
+    /// Gives a lease back unless another node holds it now.
+    pub fn release(&mut self, name: &str, now: Instant) {
+        if !self.is_up() {
+            return; // it lapses within the lease
+        }
+        let key = self.key(name);
+        let node = self.node.clone();
+        self.command(
+            &[
+                b"EVAL",
+                b"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                b"1",
+                &key,
+                node.as_bytes(),
+            ],
+            Expect::Nothing,
+            now,
+        );
+    }
+
+    /// Sends what the router owes the cluster this turn (all of it in the
+    /// turn's one write).
+    pub fn send_outgoing(&mut self, remote: &mut Remote, now: Instant) {
+        for outgoing in remote.take_outgoing() {
+            match outgoing {
+                Outgoing::Publish(to, payload) => {
+                    if !self.is_up() || self.expecting.len() >= MAX_IN_FLIGHT {
+                        self.stats.shed += 1;
+                        continue;
+                    }
+                    let channel = self.channel(&to);
+                    self.command(&[b"PUBLISH", &channel, &payload], Expect::Nothing, now);
+                }
+                Outgoing::Release(name) => self.release(&name, now),
+            }
+        }
+    }
+
+    /// Renews every local lease and beats, once a third of the lease has
+    /// passed: one pipelined batch, not a round trip per name.
+    pub fn renew<'a>(&mut self, names: impl Iterator<Item = &'a Rc<str>>, now: Instant) -> bool {
+        if !self.is_up() || now < self.renew_at {
+            return false;
+        }
+        self.renew_at = now + self.settings.lease / 3;
+        let lease = self.lease_ms();
+        let mut batch: Vec<Rc<str>> = Vec::with_capacity(RENEW_BATCH);
+        let mut names = names.peekable();
+        while names.peek().is_some() {
+            batch.clear();
+            batch.extend(names.by_ref().take(RENEW_BATCH).cloned());
+            let keys: Vec<Vec<u8>> = batch.iter().map(|n| self.key(n)).collect();
+            let count = keys.len().to_string().into_bytes();
+            let mut args: Vec<&[u8]> = vec![b"EVAL", RENEW_SCRIPT, &count];
+            args.extend(keys.iter().map(Vec::as_slice));
+            args.push(&lease);
+            self.command(&args, Expect::Renew(batch.clone()), now);
+        }
+        true
+    }
+
+    /// Re-registers names after the link came back (the keys may be gone
+    /// with a restarted Redis).
+    pub fn reclaim<'a>(&mut self, names: impl Iterator<Item = &'a Rc<str>>, now: Instant) {
+        for name in names {
+            self.reclaim_one(name.clone(), now);
+        }
+    }
+
+    fn reclaim_one(&mut self, name: Rc<str>, now: Instant) {
+        let key = self.key(&name);
+        let lease = self.lease_ms();
+        let node = self.node.clone();
+        self.command(
+            &[b"SET", &key, node.as_bytes(), b"NX", b"PX", &lease, b"GET"],
+            Expect::Reclaim(name),
+            now,
+        );
+    }
+
+    /// Takes a name over from `holder` for an authenticated user.
+    fn take_over(&mut self, name: &str, now: Instant) {
+        let key = self.key(name);
+        let lease = self.lease_ms();
+        let node = self.node.clone();
+        self.command(
+            &[b"SET", &key, node.as_bytes(), b"PX", &lease],
+            Expect::Nothing,
+            now,
+        );
+    }
+
+    /// Deadlines: reconnect, link and reply timeouts, joins that waited too long.
+    pub fn tick(&mut self, registry: &Registry, now: Instant, events: &mut Vec<Event>) {
+        match self.state {
+            State::Down { retry_at, attempt } if now >= retry_at => {
+                self.connect(registry, now, attempt)
+            }
+            State::Connecting { since, attempt } if now >= since + LINK_TIMEOUT => {
+                self.fail(registry, now, attempt, "connecting timed out");
+            }
+            State::Up
+                if self
+                    .expecting
+                    .front()
+                    .is_some_and(|(_, at)| now >= *at + LINK_TIMEOUT) =>
+            {
+                self.fail(registry, now, 0, "a reply timed out");
+            }
+            _ => {}
+        }
+        while self.waiting.front().is_some_and(|j| now >= j.deadline) {
+            if let Some(join) = self.waiting.pop_front() {
+                self.waiting_bytes -= join.early.len();
+                self.stats.joins_timed_out += 1;
+                events.push(Event::JoinTimedOut(join));
+            }
+        }
+    }
+
+    fn connect(&mut self, registry: &Registry, now: Instant, attempt: u32) {
+        self.stats.reconnects += u64::from(attempt > 0);
+        let result = self
+            .command
+            .connect(registry, COMMAND_TOKEN, self.addr)
+            .and_then(|()| {
+                self.subscriber
+                    .connect(registry, SUBSCRIBER_TOKEN, self.addr)
+            });
+        if let Err(e) = result {
+            self.fail(registry, now, attempt, &e.to_string());
+            return;
+        }
+        self.state = State::Connecting {
+            since: now,
+            attempt,
+        };
+        self.expecting.clear();
+        let db = self.settings.url.db.to_string();
+        let password = self.settings.url.password.clone();
+        for link in [&mut self.command, &mut self.subscriber] {
+            if let Some(pw) = &password {
+                link.queue(&[b"AUTH", pw.as_bytes()]);
+            }
+            if db != "0" {
+                link.queue(&[b"SELECT", db.as_bytes()]);
+            }
+        }
+        let setup = usize::from(password.is_some()) + usize::from(db != "0");
+        for _ in 0..setup {
+            self.expecting.push_back((Expect::Nothing, now));
+        }
+        let all = self.channel(&To::All);
+        let mine = self.channel(&To::Node(Rc::from(self.node.as_str())));
+        self.subscriber.queue(&[b"SUBSCRIBE", &all, &mine]);
+        self.subscriber.setup_replies = setup;
+    }
+
+    fn fail(&mut self, registry: &Registry, now: Instant, attempt: u32, why: &str) {
+        if self.state == State::Up {
+            crate::log::warn!(
+                "cluster: lost Redis at {}: {why}; serving local users",
+                self.addr
+            );
+        } else if attempt < 2 {
+            crate::log::warn!("cluster: cannot reach Redis at {}: {why}", self.addr);
+        }
+        self.command.close(registry);
+        self.subscriber.close(registry);
+        self.expecting.clear();
+        self.ids_asked = false;
+        for join in &mut self.waiting {
+            join.sent = false;
+        }
+        let attempt = attempt.saturating_add(1);
+        self.state = State::Down {
+            retry_at: now + self.backoff(attempt),
+            attempt,
+        };
+    }
+
+    /// Exponential from 100 ms to 5 s, each delay drawn from its upper half,
+    /// so nodes that lost Redis together do not return together.
+    fn backoff(&mut self, attempt: u32) -> Duration {
+        let ceiling = BACKOFF_MIN
+            .saturating_mul(1 << attempt.min(10))
+            .min(BACKOFF_MAX);
+        self.seed = xorshift(self.seed);
+        let half = ceiling / 2;
+        half + Duration::from_micros(self.seed % (half.as_micros() as u64 + 1))
+    }
+
+    /// A readiness event on one of the cluster's tokens.
+    pub fn on_event(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        now: Instant,
+        events: &mut Vec<Event>,
+    ) {
+        let attempt = match self.state {
+            State::Connecting { attempt, .. } => attempt,
+            State::Down { .. } => return,
+            State::Up => 0,
+        };
+        let mut frames = Vec::new();
+        let result = if token == COMMAND_TOKEN {
+            self.command.on_ready(&mut frames)
+        } else {
+            self.subscriber.on_ready(&mut frames)
+        };
+        for frame in frames {
+            if token == COMMAND_TOKEN {
+                self.on_reply(frame, now, events);
+            } else if let Err(e) = self.on_push(frame, now, events) {
+                self.fail(registry, now, attempt, &e.to_string());
+                return;
+            }
+        }
+        if let Err(e) = result {
+            self.fail(registry, now, attempt, &e.to_string());
+        }
+    }
+
+    fn on_push(
+        &mut self,
+        frame: Frame,
+        now: Instant,
+        events: &mut Vec<Event>,
+    ) -> Result<(), LinkError> {
+        if self.subscriber.setup_replies > 0 {
+            self.subscriber.setup_replies -= 1;
+            if let Frame::Error(e) = frame {
+                return Err(LinkError::Refused(e));
+            }
+            return Ok(());
+        }
+        let Frame::Array(Some(items)) = frame else {
+            if let Frame::Error(e) = frame {
+                return Err(LinkError::Refused(e));
+            }
+            return Ok(());
+        };
+        match items.first().and_then(Frame::as_bytes) {
+            Some(b"message") => {
+                if let Some(Frame::Bulk(Some(payload))) = items.into_iter().nth(2) {
+                    events.push(Event::Message(payload));
+                }
+            }
+            // Both channels confirmed: the node is part of the cluster.
+            Some(b"subscribe")
+                if matches!(items.get(2), Some(Frame::Integer(2))) && self.state != State::Up =>
+            {
+                self.state = State::Up;
+                self.renew_at = now;
+                crate::log::info!(
+                    "cluster: node {} joined via Redis at {}",
+                    self.node,
+                    self.addr
+                );
+                // Ids first: a user welcomed by the joins below may speak at once.
+                self.ask_for_ids(now);
+                let mut waiting = std::mem::take(&mut self.waiting);
+                for join in &mut waiting {
+                    self.send_join(join, now);
+                }
+                self.waiting = waiting;
+                events.push(Event::Up);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_reply(&mut self, frame: Frame, now: Instant, events: &mut Vec<Event>) {
+        let Some((expect, asked)) = self.expecting.pop_front() else {
+            return;
+        };
+        self.observe_rtt(now.saturating_duration_since(asked));
+        match expect {
+            Expect::Nothing => {
+                if let Frame::Error(e) = frame {
+                    crate::log::warn!("cluster: Redis said {e}");
+                }
+            }
+            Expect::Join(conn_id, name) => {
+                let Some(i) = self
+                    .waiting
+                    .iter()
+                    .position(|j| j.conn_id == conn_id && j.sent)
+                else {
+                    // It timed out meanwhile: give back a lease it was granted.
+                    if frame == Frame::Bulk(None) {
+                        self.release(&name, now);
+                    }
+                    return;
+                };
+                let Some(join) = self.waiting.remove(i) else {
+                    return;
+                };
+                self.waiting_bytes -= join.early.len();
+                match frame {
+                    Frame::Bulk(None) => events.push(Event::JoinGranted(join)),
+                    Frame::Bulk(Some(holder)) if holder == self.node.as_bytes() => {
+                        // Ours already: the router decides (a local duplicate
+                        // or, with a token, a local replacement).
+                        events.push(Event::JoinGranted(join));
+                    }
+                    Frame::Bulk(Some(holder)) if join.verified => {
+                        let name = join.name.clone();
+                        self.take_over(&name, now);
+                        let holder = String::from_utf8_lossy(&holder);
+                        events.push(Event::TookOver(Rc::from(&*holder), name));
+                        events.push(Event::JoinGranted(join));
+                    }
+                    Frame::Bulk(Some(_)) => events.push(Event::JoinRefused(join)),
+                    _ => {
+                        crate::log::warn!("cluster: unexpected reply to a join: {frame:?}");
+                        events.push(Event::JoinTimedOut(join));
+                    }
+                }
+            }
+            Expect::Renew(names) => {
+                let Frame::Array(Some(results)) = frame else {
+                    crate::log::warn!("cluster: unexpected reply to a renewal: {frame:?}");
+                    return;
+                };
+                for (name, result) in names.into_iter().zip(results) {
+                    if result == Frame::Integer(0) {
+                        self.reclaim_one(name, now);
+                    }
+                }
+            }
+            Expect::Ids => {
+                self.ids_asked = false;
+                match frame {
+                    Frame::Integer(end) if end > 0 => events.push(Event::Ids(end as u64)),
+                    other => crate::log::warn!("cluster: unexpected reply for ids: {other:?}"),
+                }
+            }
+            Expect::Reclaim(name) => match frame {
+                Frame::Bulk(None) => {}
+                Frame::Bulk(Some(holder)) if holder == self.node.as_bytes() => {}
+                _ => events.push(Event::LeaseLost(name)),
+            },
+        }
+    }
+
+    fn observe_rtt(&mut self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = RTT_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(RTT_BUCKETS.len());
+        self.stats.rtt_counts[i] += 1;
+        self.stats.rtt_sum += secs;
+    }
+
+    /// Writes what the turn queued, one write per connection.
+    pub fn flush(&mut self, registry: &Registry, now: Instant) {
+        let attempt = match self.state {
+            State::Connecting { attempt, .. } => attempt,
+            State::Down { .. } => return,
+            State::Up => 0,
+        };
+        let result = self.command.flush().and_then(|()| self.subscriber.flush());
+        if let Err(e) = result {
+            self.fail(registry, now, attempt, &e.to_string());
+        }
+    }
+
+    /// The cluster's part of `/metrics`.
+    pub fn render_metrics(&self, out: &mut String, remote: Option<&Remote>) {
+        let _ = writeln!(
+            out,
+            "# HELP wschat_cluster_node_info This node's id.\n# TYPE wschat_cluster_node_info gauge\nwschat_cluster_node_info{{node=\"{}\"}} 1",
+            self.node
+        );
+        let state = match self.state {
+            State::Down { .. } => 0,
+            State::Connecting { .. } => 1,
+            State::Up => 2,
+        };
+        gauge(
+            out,
+            "wschat_cluster_redis_state",
+            "Redis link: 0 down, 1 connecting, 2 up.",
+            state,
+        );
+        gauge(
+            out,
+            "wschat_cluster_commands_in_flight",
+            "Redis commands sent and not yet answered.",
+            self.expecting.len() as u64,
+        );
+        gauge(
+            out,
+            "wschat_cluster_joins_waiting",
+            "Connections waiting for their name's lease.",
+            self.waiting.len() as u64,
+        );
+        counter(
+            out,
+            "wschat_cluster_commands_total",
+            "Redis commands sent.",
+            self.stats.commands,
+        );
+        counter(
+            out,
+            "wschat_cluster_reconnects_total",
+            "Reconnections to Redis.",
+            self.stats.reconnects,
+        );
+        counter(
+            out,
+            "wschat_cluster_shed_total",
+            "Messages and joins not sent to Redis because it was unreachable or the queue full.",
+            self.stats.shed,
+        );
+        counter(
+            out,
+            "wschat_cluster_joins_timed_out_total",
+            "Joins closed with 1013 because Redis did not answer in time.",
+            self.stats.joins_timed_out,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP wschat_cluster_redis_rtt_seconds Redis command round trips.\n# TYPE wschat_cluster_redis_rtt_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (i, count) in self.stats.rtt_counts.iter().enumerate() {
+            cumulative += count;
+            let le = RTT_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "wschat_cluster_redis_rtt_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "wschat_cluster_redis_rtt_seconds_sum {}",
+            self.stats.rtt_sum
+        );
+        let _ = writeln!(out, "wschat_cluster_redis_rtt_seconds_count {cumulative}");
+        if let Some(remote) = remote {
+            let s = remote.stats;
+            counter(
+                out,
+                "wschat_cluster_messages_out_total",
+                "Messages sent to other nodes.",
+                s.messages_out,
+            );
+            counter(
+                out,
+                "wschat_cluster_messages_in_total",
+                "Messages received from other nodes.",
+                s.messages_in,
+            );
+            counter(
+                out,
+                "wschat_cluster_unavailable_total",
+                "Messages refused with cluster_unavailable.",
+                s.unavailable,
+            );
+            counter(
+                out,
+                "wschat_cluster_receipts_lost_total",
+                "Cross-node privates whose receipt never came.",
+                s.receipts_lost,
+            );
+            gauge(
+                out,
+                "wschat_cluster_peers",
+                "Other nodes heard from.",
+                remote.peers() as u64,
+            );
+            gauge(
+                out,
+                "wschat_cluster_remote_users",
+                "Users online on other nodes.",
+                remote.online() as u64,
+            );
+        }
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// 64 bits from the kernel (node ids must not collide across hosts).
+fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_ok();
+    if filled && bytes != [0; 8] {
+        return u64::from_le_bytes(bytes);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    now ^ (u64::from(std::process::id()) << 32) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(lease_secs: u64) -> Cluster {
+        let settings = Settings {
+            url: RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
+            prefix: "t".into(),
+            lease: Duration::from_secs(lease_secs),
+        };
+        let mut c = Cluster::new(settings, "127.0.0.1:1".parse().unwrap(), Instant::now());
+        c.state = State::Up;
+        c
+    }
+
+    fn join(conn_id: u64, name: &str, verified: bool) -> WaitingJoin {
+        WaitingJoin::new(conn_id as usize, conn_id, name, "", verified, b"")
+    }
+
+    fn bulk(s: &str) -> Frame {
+        Frame::Bulk(Some(s.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn backoff_doubles_to_five_seconds_with_jitter_in_the_upper_half() {
+        let mut c = cluster(15);
+        for attempt in 1..20 {
+            let ceiling = BACKOFF_MIN
+                .saturating_mul(1 << attempt.min(10))
+                .min(BACKOFF_MAX);
+            for _ in 0..50 {
+                let d = c.backoff(attempt);
+                assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn join_replies_grant_refuse_or_take_over() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        let node = c.node().to_string();
+        let cases = [
+            (false, Frame::Bulk(None), "granted"),
+            (false, bulk(&node), "granted"),
+            (false, bulk("another"), "refused"),
+            (true, bulk("another"), "took over"),
+            (false, Frame::Error("ERR".into()), "timed out"),
+        ];
+        for (i, (verified, reply, expected)) in cases.into_iter().enumerate() {
+            let id = i as u64;
+            c.begin_join(join(id, "ann", verified), now).unwrap();
+            let mut events = Vec::new();
+            c.on_reply(reply, now, &mut events);
+            let got = match events.as_slice() {
+                [Event::JoinGranted(j)] if j.conn_id == id => "granted",
+                [Event::JoinRefused(j)] if j.conn_id == id => "refused",
+                [Event::JoinTimedOut(j)] if j.conn_id == id => "timed out",
+                [Event::TookOver(holder, name), Event::JoinGranted(_)]
+                    if &**holder == "another" && &**name == "ann" =>
+                {
+                    // The take-over SET is queued behind.
+                    assert!(matches!(c.expecting.back(), Some((Expect::Nothing, _))));
+                    c.expecting.pop_back();
+                    "took over"
+                }
+                other => panic!("case {i}: {other:?}"),
+            };
+            assert_eq!(got, expected, "case {i}");
+            assert!(c.waiting.is_empty() && c.expecting.is_empty(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_lease_granted_after_its_join_timed_out_is_given_back() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        c.begin_join(join(1, "ann", false), now).unwrap();
+        let mut events = Vec::new();
+        c.tick(
+            &mio::Poll::new().unwrap().registry().try_clone().unwrap(),
+            now + Duration::from_secs(6),
+            &mut events,
+        );
+        assert!(matches!(events.as_slice(), [Event::JoinTimedOut(_)]));
+        c.state = State::Up; // the reply timeout dropped the link; say it is back
+        c.expecting
+            .push_back((Expect::Join(1, Rc::from("ann")), now));
+        c.on_reply(Frame::Bulk(None), now, &mut events);
+        assert!(
+            matches!(c.expecting.back(), Some((Expect::Nothing, _))),
+            "a compare-and-delete follows"
+        );
+    }
+
+    #[test]
+    fn a_lost_lease_is_taken_again_or_reported() {
+        let mut c = cluster(15);
+        let now = Instant::now();
+        let names = [Rc::from("ann")];
+        assert!(c.renew(names.iter(), now));
+        assert!(!c.renew(names.iter(), now), "once a third of the lease");
+        let mut events = Vec::new();
+        c.on_reply(
+            Frame::Array(Some(vec![Frame::Integer(0)])),
+            now,
+            &mut events,
+        );
+        assert!(matches!(c.expecting.back(), Some((Expect::Reclaim(n), _)) if &**n == "ann"));
+        c.on_reply(bulk("another"), now, &mut events);
+        assert!(matches!(events.as_slice(), [Event::LeaseLost(n)] if &**n == "ann"));
+    }
+
+    #[test]
+    fn leases_are_renewed_in_batches_of_a_thousand() {
+        let mut c = cluster(15);
+        let now = Instant::now();
+        let names: Vec<Rc<str>> = (0..2500).map(|i| Rc::from(format!("u{i}"))).collect();
+        assert!(c.renew(names.iter(), now));
+        let sizes: Vec<usize> = c
+            .expecting
+            .iter()
+            .map(|(e, _)| match e {
+                Expect::Renew(batch) => batch.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes, vec![1000, 1000, 500]);
+        // Only the lost ones are taken again.
+        let mut results = vec![Frame::Integer(1); 1000];
+        results[7] = Frame::Integer(0);
+        c.on_reply(Frame::Array(Some(results)), now, &mut Vec::new());
+        assert!(matches!(c.expecting.back(), Some((Expect::Reclaim(n), _)) if &**n == "u7"));
+        assert_eq!(c.expecting.len(), 3);
+    }
+
+    #[test]
+    fn ids_are_asked_for_once_and_granted() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        c.id_floor = 5_000;
+        c.ask_for_ids(now);
+        c.ask_for_ids(now);
+        assert_eq!(c.expecting.len(), 1, "one request at a time");
+        let mut events = Vec::new();
+        c.on_reply(Frame::Integer(7_000_000), now, &mut events);
+        assert!(matches!(events.as_slice(), [Event::Ids(7_000_000)]));
+        c.ask_for_ids(now);
+        assert_eq!(c.expecting.len(), 1, "asked again once answered");
+    }
+
+    #[test]
+    fn waiting_joins_are_bounded() {
+        let now = Instant::now();
+        let mut c = cluster(15);
+        c.state = State::Down {
+            retry_at: now,
+            attempt: 1,
+        };
+        for i in 0..MAX_WAITING_JOINS as u64 {
+            assert!(c.begin_join(join(i, "n", false), now).is_ok());
+        }
+        assert!(c.begin_join(join(0, "n", false), now).is_err());
+        let mut c = cluster(15);
+        let big = WaitingJoin::new(1, 1, "n", "", false, &vec![0; MAX_WAITING_BYTES + 1]);
+        assert!(
+            c.begin_join(big, now).is_err(),
+            "early bytes are bounded too"
+        );
+    }
+}

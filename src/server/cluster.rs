@@ -1,0 +1,254 @@
+//! The loop's side of `--cluster`: Redis readiness and deadlines go to
+//! [`Cluster`], and what it reports (leases granted or refused, messages
+//! from other nodes) goes to the router and the waiting connections.
+
+use std::time::Instant;
+
+use mio::Token;
+use slab::Slab;
+
+use super::{App, Core};
+use crate::chat::ConnId;
+use crate::cluster::remote::{self, Remote};
+use crate::cluster::{Cluster, Event, WaitingJoin};
+use crate::conn::{CloseReason, Connection};
+use crate::delivery::Mailer;
+use crate::log;
+use crate::ws::CloseCode;
+
+/// Sent when the cluster cannot confirm a name in time (RFC 6455: try again later).
+const TRY_AGAIN_LATER: CloseCode = CloseCode::Other(1013);
+
+impl Core {
+    /// Sets the router up as a node (called once, at start).
+    pub(super) fn start_cluster(&mut self, cluster: Cluster) {
+        if let App::Chat(router) = &mut self.app {
+            router.set_remote(Remote::new(cluster.node()));
+        }
+        self.cluster = Some(cluster);
+    }
+
+    pub(super) fn on_cluster_ready(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        token: Token,
+        now: Instant,
+    ) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let mut events = Vec::new();
+        cluster.on_event(&self.registry, token, now, &mut events);
+        self.on_cluster_events(conns, events, now);
+    }
+
+    /// A WebSocket connection asks for `name` on a node: it waits, unread,
+    /// for the name's lease. False when the cluster is off and the router
+    /// should join it at once.
+    pub(super) fn join_via_cluster(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        slot: usize,
+        query: &str,
+        verified: Option<&str>,
+        early: &[u8],
+        now: Instant,
+    ) -> bool {
+        let (Some(cluster), App::Chat(router)) = (&mut self.cluster, &self.app) else {
+            return false;
+        };
+        let requested = match verified {
+            Some(name) => Some(std::borrow::Cow::Borrowed(name)),
+            None => crate::chat::username::query_param(query, "username"),
+        };
+        let Some(name) = requested.filter(|n| crate::chat::username::is_valid(n)) else {
+            return false; // the router refuses it
+        };
+        // Held here already: the router refuses it (or, with a token, the
+        // new connection replaces the old) without asking Redis.
+        if router.is_online_here(&name) {
+            return false;
+        }
+        let conn = &mut conns[slot];
+        let join = WaitingJoin::new(slot, conn.id, &name, query, verified.is_some(), early);
+        match cluster.begin_join(join, now) {
+            Ok(()) => conn.held = true,
+            Err(_) => self.post.close(
+                conns,
+                slot,
+                TRY_AGAIN_LATER,
+                "chat cluster busy",
+                CloseReason::Refused(TRY_AGAIN_LATER),
+            ),
+        }
+        true
+    }
+
+    /// Once per turn: deadlines, lease renewal, and the router's messages
+    /// for other nodes, written to Redis in one go.
+    pub(super) fn cluster_turn(&mut self, conns: &mut Slab<Connection>, now: Instant) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let mut events = Vec::new();
+        cluster.tick(&self.registry, now, &mut events);
+        self.on_cluster_events(conns, events, now);
+        let (Some(cluster), App::Chat(router)) = (&mut self.cluster, &mut self.app) else {
+            return;
+        };
+        let mut mailer = Mailer {
+            conns,
+            post: &mut self.post,
+        };
+        let up = cluster.is_up();
+        cluster.id_floor = self.now_ms.saturating_mul(1000).max(router.last_id());
+        if router
+            .remote()
+            .is_some_and(|r| r.ids_left() < crate::cluster::remote::ID_BLOCK / 2)
+        {
+            cluster.ask_for_ids(now);
+        }
+        // With the link down no receipt can come back: the senders of
+        // what is pending are told now rather than at the timeout.
+        router.cluster_overdue(if up { self.now_ms } else { u64::MAX }, &mut mailer);
+        if let Some(remote) = router.remote_mut() {
+            remote.up = up;
+        }
+        if cluster.renew(router.local_names(), now) {
+            if let Some(remote) = router.remote_mut() {
+                remote.beat();
+            }
+            // Beats come every third of the lease: a node that missed two
+            // is dead, and its users' `leave` goes out within the lease.
+            let silent_ms = self.config.cluster_lease.as_millis() as u64 * 2 / 3;
+            router.cluster_forget_silent(self.now_ms.saturating_sub(silent_ms), &mut mailer);
+        }
+        if let Some(remote) = router.remote_mut() {
+            cluster.send_outgoing(remote, now);
+        }
+        cluster.flush(&self.registry, now);
+    }
+
+    /// What the router queued for other nodes since `cluster_turn`.
+    pub(super) fn cluster_send(&mut self, now: Instant) {
+        let (Some(cluster), App::Chat(router)) = (&mut self.cluster, &mut self.app) else {
+            return;
+        };
+        if let Some(remote) = router.remote_mut() {
+            if remote.has_outgoing() {
+                cluster.send_outgoing(remote, now);
+                cluster.flush(&self.registry, now);
+            }
+        }
+    }
+
+    fn on_cluster_events(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        events: Vec<Event>,
+        now: Instant,
+    ) {
+        for event in events {
+            let (Some(cluster), App::Chat(router)) = (&mut self.cluster, &mut self.app) else {
+                return;
+            };
+            let mut mailer = Mailer {
+                conns,
+                post: &mut self.post,
+            };
+            match event {
+                Event::Message(payload) => {
+                    if let Some((node, inbound)) = remote::decode(&payload) {
+                        router.on_cluster(node, inbound, self.now_ms, &mut mailer);
+                    }
+                }
+                Event::Up => {
+                    let now_ms = self.now_ms;
+                    cluster.reclaim(router.local_names(), now);
+                    let names: Vec<_> = router.local_names().cloned().collect();
+                    if let Some(remote) = router.remote_mut() {
+                        remote.up = true;
+                        remote.forgive_silence(now_ms);
+                        remote.hello();
+                        remote.roster(remote::To::All, names.iter().map(|n| &**n));
+                    }
+                }
+                Event::Ids(end) => {
+                    if let Some(remote) = router.remote_mut() {
+                        remote.grant_ids(end);
+                    }
+                }
+                Event::TookOver(node, name) => {
+                    if let Some(remote) = router.remote_mut() {
+                        remote.kick(node, &name);
+                    }
+                }
+                Event::LeaseLost(name) => {
+                    log::warn!(
+                        "cluster: {name}'s name was taken by another node while Redis was away"
+                    );
+                    router.kicked(&name, &mut mailer);
+                }
+                Event::JoinGranted(join) => self.joined(conns, join, now),
+                Event::JoinRefused(join) => {
+                    if let Some(slot) = waiting_slot(mailer.conns, &join) {
+                        mailer.conns[slot].held = false;
+                        router.refuse_taken(ConnId(slot), &mut mailer);
+                    }
+                }
+                Event::JoinTimedOut(join) => {
+                    if let Some(slot) = waiting_slot(conns, &join) {
+                        conns[slot].held = false;
+                        self.post.close(
+                            conns,
+                            slot,
+                            TRY_AGAIN_LATER,
+                            "chat cluster unavailable",
+                            CloseReason::Refused(TRY_AGAIN_LATER),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lease is ours: the connection joins (its `welcome` now), and what
+    /// it sent meanwhile is read.
+    fn joined(&mut self, conns: &mut Slab<Connection>, join: WaitingJoin, now: Instant) {
+        let Some(slot) = waiting_slot(conns, &join) else {
+            // Gone while it waited: the lease lapses unrenewed, or goes now.
+            if let Some(cluster) = &mut self.cluster {
+                cluster.release(&join.name, now);
+            }
+            return;
+        };
+        conns[slot].held = false;
+        let App::Chat(router) = &mut self.app else {
+            return;
+        };
+        let mut mailer = Mailer {
+            conns,
+            post: &mut self.post,
+        };
+        let verified = join.verified.then_some(&*join.name);
+        if router
+            .join_as(ConnId(slot), &join.query, verified, &mut mailer)
+            .is_none()
+        {
+            return;
+        }
+        if !join.early.is_empty() {
+            let mut early = join.early;
+            self.on_frames(conns, slot, &mut early, now);
+        }
+        self.read_again.push((slot, conns[slot].id));
+    }
+}
+
+/// The slot of a waiting join's connection, if it is still that connection and open.
+fn waiting_slot(conns: &Slab<Connection>, join: &WaitingJoin) -> Option<usize> {
+    conns
+        .get(join.slot)
+        .filter(|c| c.id == join.conn_id && c.is_open())
+        .map(|_| join.slot)
+}
