@@ -431,9 +431,15 @@ fn unicode_usernames_work_percent_encoded() {
     assert_eq!(w["users"], json!(["\u{5c0f}\u{660e}"]), "{w}");
     assert_presence(&ming.recv("join Zoë"), "join", zoe_name, 2, "join Zoë");
 
-    // Other scripts, digits, `_ - .`, and exactly 32 characters (64 bytes).
+    // Other scripts (one a name: Latin with Greek would be mixed), digits,
+    // `_ - .`, and exactly 32 characters (64 bytes).
     let long = "\u{e9}".repeat(32);
-    for name in ["\u{3a9}mega_1.x-y", "\u{663}\u{664}", "a", long.as_str()] {
+    for name in [
+        "\u{3a9}\u{3bc}\u{3ad}\u{3b3}\u{3b1}_1.2-3",
+        "\u{663}\u{664}",
+        "a",
+        long.as_str(),
+    ] {
         let (c, _) = Chat::join(server.addr, name);
         for other in [&mut ming, &mut zoe] {
             assert_presence(&other.recv("join"), "join", name, 3, "unicode join");

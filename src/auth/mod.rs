@@ -5,6 +5,7 @@
 pub mod base64url;
 pub mod jwt;
 
+use std::borrow::Cow;
 use std::path::Path;
 
 pub use jwt::{Claims, Rules, Secret, TokenError};
@@ -30,13 +31,20 @@ impl Auth {
     pub fn verify(&self, token: Option<&str>, now_secs: u64) -> Result<Claims, TokenError> {
         match self {
             Auth::None => Err(TokenError::Missing),
-            Auth::Jwt { secret, rules } => jwt::verify(
-                token.ok_or(TokenError::Missing)?,
-                secret,
-                rules,
-                now_secs,
-                crate::chat::username::is_valid,
-            ),
+            Auth::Jwt { secret, rules } => {
+                let mut claims = jwt::verify(
+                    token.ok_or(TokenError::Missing)?,
+                    secret,
+                    rules,
+                    now_secs,
+                    username::is_valid,
+                )?;
+                // The user is known by the NFC form of its `sub`.
+                if let Ok(Cow::Owned(nfc)) = username::canonical(&claims.sub) {
+                    claims.sub = nfc;
+                }
+                Ok(claims)
+            }
         }
     }
 
@@ -101,7 +109,9 @@ pub fn authenticate(
     };
     let claims = auth.verify(token, now_secs).map_err(Refusal::Token)?;
     match username::query_param(query, "username") {
-        Some(name) if *name != claims.sub => Err(Refusal::NotTheTokensUser),
+        Some(name) if username::canonical(&name).ok().as_deref() != Some(&*claims.sub) => {
+            Err(Refusal::NotTheTokensUser)
+        }
         _ => Ok(claims),
     }
 }
@@ -210,6 +220,24 @@ mod tests {
             ok(None, &format!("token={zoe}&username=Zo%C3%AB")),
             Ok("Zoë".into())
         );
+        // A `sub` in NFD is the user in NFC; `username=` may be either form.
+        let nfd = token("Zoe\\u0308");
+        for query in [
+            format!("token={nfd}"),
+            format!("token={nfd}&username=Zo%C3%AB"),
+            format!("token={nfd}&username=Zoe%CC%88"),
+            format!("token={zoe}&username=Zoe%CC%88"),
+        ] {
+            assert_eq!(ok(None, &query), Ok("Zoë".into()), "{query}");
+        }
+        // A `sub` that is no valid name (invisible, mixed scripts) is refused.
+        for sub in ["alice\\u3164", "\\u0430lice", "\\uff41lice"] {
+            assert_eq!(
+                ok(None, &format!("token={}", token(sub))),
+                Err(Refusal::Token(TokenError::BadSubject)),
+                "{sub}"
+            );
+        }
     }
 
     #[test]

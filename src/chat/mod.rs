@@ -1,6 +1,8 @@
 //! The chat application, without I/O: protocol, usernames, routing.
 
+mod confusable;
 pub mod json;
+pub mod lookalike;
 pub mod protocol;
 pub mod router;
 mod scan;

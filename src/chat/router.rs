@@ -7,9 +7,11 @@
 //! which the event loop implements over its connections (and tests over a
 //! Vec); outbox changes become log records that the loop writes to disk.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use super::lookalike::{Clash, Lookalikes};
 use super::protocol::{self, encode, is_plain, PrivateMessage, Request, RequestError};
 use super::username;
 use crate::auth::Auth;
@@ -147,6 +149,8 @@ pub struct Router {
     /// are dense, so a vector is smaller and faster than a map.
     positions: Vec<u32>,
     outboxes: Outboxes,
+    /// Whose look each online and known name has (checked at join).
+    lookalikes: Lookalikes,
     /// The names of `members[..roster_len]` (at most `LIST_LIMIT`), encoded
     /// once: every welcome lists up to 1000 names, and re-encoding them per
     /// handshake would cost more than the handshake.
@@ -185,6 +189,7 @@ impl Router {
             roster_len: Some(0),
             last_target: None,
             last_id: outboxes.max_id,
+            lookalikes: Lookalikes::new(outboxes.known_names()),
             outboxes,
             scratch: Vec::with_capacity(256),
             auth: Auth::None,
@@ -313,33 +318,35 @@ impl Router {
             Some(name) => Some(std::borrow::Cow::Borrowed(name)),
             None => username::query_param(query, "username"),
         };
-        let name = match requested.as_deref() {
-            Some(name) if username::is_valid(name) => name,
-            _ => {
-                self.refuse(
-                    slot,
-                    "invalid_username",
-                    "username must be 1-32 letters, digits, '_', '-' or '.'",
-                    CloseCode::InvalidUsername,
-                    "invalid username",
-                    out,
-                );
+        let name = match requested.as_deref().map(username::canonical) {
+            Some(Ok(name)) => name,
+            Some(Err(invalid)) => {
+                let message = invalid.explain();
+                self.refuse_invalid_name(slot, message, out);
+                return None;
+            }
+            None => {
+                let message = username::InvalidName::Length.explain();
+                self.refuse_invalid_name(slot, message, out);
                 return None;
             }
         };
-        if self.index.contains_key(name) || self.position_of_conn(slot).is_some() {
-            self.refuse(
-                slot,
-                "username_taken",
-                "that username is online already",
-                CloseCode::UsernameTaken,
-                "username taken",
-                out,
-            );
+        if self.index.contains_key(&*name) || self.position_of_conn(slot).is_some() {
+            self.refuse_lookalike_or_taken(slot, "that username is online already", out);
+            return None;
+        }
+        let keys = username::lookalike_keys(&name);
+        let known_exactly = self.outboxes.is_known(&name);
+        if let Some(clash) = self.lookalikes.clash(&name, &keys, known_exactly) {
+            let message = match clash {
+                Clash::Online => "that username looks like the name of a user who is online",
+                Clash::Known => "that username looks like the name of an existing user",
+            };
+            self.refuse_lookalike_or_taken(slot, message, out);
             return None;
         }
         let resume = resume_point(query);
-        let name: Rc<str> = Rc::from(name);
+        let name: Rc<str> = Rc::from(&*name);
         if let Some(remote) = &mut self.remote {
             remote.claim(&name);
         }
@@ -350,9 +357,12 @@ impl Router {
         self.encode_roster(&mut json, Some(&name), online);
         out.send(slot, &json, Class::Reply);
 
-        if self.outboxes.remember(&name) == store::Remembered::Full {
-            self.stats.known_full += 1;
+        match self.outboxes.remember(&name) {
+            store::Remembered::Full => self.stats.known_full += 1,
+            store::Remembered::New => self.lookalikes.remember(&keys),
+            store::Remembered::AlreadyKnown => {}
         }
+        self.lookalikes.arrive(&name, keys);
         self.index.insert(name.clone(), self.members.len());
         self.set_position(slot, self.members.len());
         self.members.push(Member {
@@ -420,7 +430,9 @@ impl Router {
         name
     }
 
-    /// Where `name` is in `members`, if online.
+    /// Where `name` is in `members`, if online. Inlined: it is on the path
+    /// of every private message.
+    #[inline(always)]
     fn position_of(&mut self, name: &str) -> Option<usize> {
         if let Some((last, position)) = &self.last_target {
             if **last == *name {
@@ -430,6 +442,14 @@ impl Router {
         let position = self.index.get(name).copied()?;
         self.last_target = Some((self.members[position].name.clone(), position));
         Some(position)
+    }
+
+    /// [`position_of`](Self::position_of) off the per-message path (a
+    /// second call site would stop it being inlined there).
+    #[cold]
+    #[inline(never)]
+    fn position_of_cold(&mut self, name: &str) -> Option<usize> {
+        self.position_of(name)
     }
 
     /// Sends what the outbox holds for a user who just connected, before
@@ -523,6 +543,7 @@ impl Router {
         self.limiter.forget(conn.0);
         let member = self.members.swap_remove(position);
         self.index.remove(&member.name);
+        self.lookalikes.leave(&member.name);
         self.last_target = None;
         if position < self.roster_len.unwrap_or(0) {
             self.roster_len = None;
@@ -654,24 +675,50 @@ impl Router {
         json: &mut Vec<u8>,
         out: &mut impl Outbox,
     ) {
-        let position = self.position_of(to);
+        let mut position = self.position_of(to);
+        // Only valid names in NFC are online, so only a miss needs the
+        // check, and a name in another normalisation form a second look.
+        let normalised;
+        let to = match position {
+            Some(_) => to,
+            None => match username::canonical(to) {
+                Ok(Cow::Borrowed(_)) => to,
+                Ok(Cow::Owned(nfc)) => {
+                    normalised = nfc;
+                    position = self.position_of_cold(&normalised);
+                    &normalised
+                }
+                Err(_) => {
+                    let message = "no user can have that name";
+                    self.send_error(slot, "invalid_username", message, reference, out);
+                    return;
+                }
+            },
+        };
         let target = position.map(|p| (self.members[p].conn, self.members[p].reliable));
         if target.is_none() && self.private_to_cluster(slot, from, to, body, reference, now_ms, out)
         {
             return;
         }
-        // Only valid names are online, so only a miss needs the check.
-        if target.is_none() && !username::is_valid(to) {
-            let message = "no user can have that name";
-            self.send_error(slot, "invalid_username", message, reference, out);
-            return;
-        }
         // Offline storage is for users: a name nobody ever connected under
-        // (or, with tokens, that no valid token named) cannot fill the store.
-        if target.is_none() && !self.offline_to_unknown && !self.outboxes.is_known(to) {
-            let message = "no user of that name has ever connected";
-            self.send_error(slot, "unknown_user", message, reference, out);
-            return;
+        // (or, with tokens, that no valid token named) cannot fill the store,
+        // and a name that looks like a user's is never held for: nobody can
+        // take it, and the sender meant that user or was tricked.
+        if target.is_none() && !self.outboxes.is_known(to) {
+            let lookalike = self.offline_to_unknown
+                && self
+                    .lookalikes
+                    .clash(to, &username::lookalike_keys(to), false)
+                    .is_some();
+            if !self.offline_to_unknown || lookalike {
+                let message = if lookalike {
+                    "no user has that name (it looks like another user's name)"
+                } else {
+                    "no user of that name has ever connected"
+                };
+                self.send_error(slot, "unknown_user", message, reference, out);
+                return;
+            }
         }
         self.stats.private += 1;
         let hold = !matches!(target, Some((_, false)));
@@ -909,6 +956,16 @@ impl Router {
         let mut json = Vec::with_capacity(64 + message.len());
         encode::error(&mut json, code, message, reference);
         out.send(slot, &json, Class::Reply);
+    }
+
+    fn refuse_invalid_name(&mut self, slot: ConnId, message: &str, out: &mut impl Outbox) {
+        let (code, reason) = (CloseCode::InvalidUsername, "invalid username");
+        self.refuse(slot, "invalid_username", message, code, reason, out);
+    }
+
+    fn refuse_lookalike_or_taken(&mut self, slot: ConnId, message: &str, out: &mut impl Outbox) {
+        let (code, reason) = (CloseCode::UsernameTaken, "username taken");
+        self.refuse(slot, "username_taken", message, code, reason, out);
     }
 
     /// Charges one message to the connection's allowance: false if it is
@@ -1488,6 +1545,140 @@ mod tests {
             Some(&json!("queued"))
         );
         assert_eq!(r.stats.storage_refused, 2);
+    }
+
+    /// Joins `query` on `slot`: the name admitted, or the error code.
+    fn join_answer(r: &mut Router, slot: usize, query: &str) -> Result<String, String> {
+        let mut out = Recorder::default();
+        match r.join(ConnId(slot), query, &mut out) {
+            Some(name) => Ok(name.to_string()),
+            None => {
+                let code = out.take()[0].1["code"].as_str().unwrap_or("").to_string();
+                let close = out.closed[0].1;
+                let expected = if code == "invalid_username" {
+                    4001
+                } else {
+                    4009
+                };
+                assert_eq!(close, expected, "{query}");
+                Err(code)
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_nfc_and_lookalikes_of_online_and_known_users_are_taken() {
+        let mut r = router(10);
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
+        r.leave(ConnId(2), &mut out); // bob is known, offline
+        let taken = Err("username_taken".to_string());
+        let invalid = Err("invalid_username".to_string());
+        // (query, what it gets), in order, each on its own slot.
+        let table: &[(&str, Result<&str, ()>)] = &[
+            ("username=%D0%B0lice", Err(())),    // Cyrillic а + Latin: invalid
+            ("username=%D0%B0%D0%B5", Ok("ае")), // all Cyrillic, no clash
+            ("username=Alice", Err(())),         // case: alice is online
+            ("username=ALICE", Err(())),
+            ("username=aIice", Err(())), // capital I
+            ("username=a1ice", Err(())),
+            ("username=%EF%BD%81lice", Err(())), // full-width a
+            ("username=%F0%9D%90%9Alice", Err(())), // mathematical bold a
+            ("username=alice%E3%85%A4", Err(())), // U+3164 HANGUL FILLER
+            ("username=BOB", Err(())),           // known, offline
+            ("username=b0b", Err(())),
+            ("username=Zoe%CC%88", Ok("Zoë")), // NFD in, NFC name
+            ("username=zo%C3%AB", Err(())),    // Zoë is online
+            ("username=%E6%9D%8E%E9%9B%B7", Ok("李雷")),
+            ("username=bob", Ok("bob")), // bob himself comes back
+        ];
+        for (slot, (query, expected)) in table.iter().enumerate() {
+            let got = join_answer(&mut r, 10 + slot, query);
+            match expected {
+                Ok(name) => assert_eq!(got, Ok(name.to_string()), "{query}"),
+                Err(()) => assert!(got == taken || got == invalid, "{query}: {got:?}"),
+            }
+        }
+        // Which refusal: invalid names are invalid, lookalikes taken.
+        assert_eq!(join_answer(&mut r, 40, "username=%D0%B0lice"), invalid);
+        assert_eq!(join_answer(&mut r, 41, "username=%EF%BD%81lice"), invalid);
+        assert_eq!(join_answer(&mut r, 42, "username=alice%E3%85%A4"), invalid);
+        assert_eq!(join_answer(&mut r, 43, "username=Alice"), taken);
+        assert_eq!(join_answer(&mut r, 44, "username=BOB"), taken);
+        // Alice leaves: her look stays hers, since she is known.
+        r.leave(ConnId(1), &mut out);
+        assert_eq!(join_answer(&mut r, 45, "username=Alice"), taken);
+        assert_eq!(
+            join_answer(&mut r, 46, "username=alice"),
+            Ok("alice".into())
+        );
+    }
+
+    #[test]
+    fn a_lookalike_of_a_known_user_is_taken_only_once_that_user_is_known() {
+        // Past --max-known-users, a name is not known: its look is not kept
+        // once it leaves (nor is mail held for it).
+        let mut r = Router::new(
+            Limits {
+                max_body: 100,
+                presence_limit: 10,
+            },
+            Outboxes::new(store::Limits {
+                max_known_users: 1,
+                ..store::Limits::unbounded()
+            }),
+        );
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=bob", &mut out);
+        assert_eq!(
+            join_answer(&mut r, 3, "username=BOB"),
+            Err("username_taken".into())
+        );
+        r.leave(ConnId(2), &mut out);
+        assert_eq!(join_answer(&mut r, 4, "username=BOB"), Ok("BOB".into()));
+    }
+
+    #[test]
+    fn a_private_to_a_lookalike_spelling_goes_to_nobody() {
+        let mut r = router(10); // holds for unknown names too
+        let mut out = Recorder::default();
+        r.join(ConnId(1), "username=alice", &mut out);
+        r.join(ConnId(2), "username=Zo%C3%AB", &mut out);
+        r.join(ConnId(3), "username=bob", &mut out);
+        r.leave(ConnId(3), &mut out);
+        r.join(ConnId(4), "username=dave", &mut out);
+        out.take();
+        let to = |name: &str| format!(r#"{{"type":"private","to":"{name}","body":"x","ref":1}}"#);
+        // (to, the error code, or the slot it reaches live)
+        let table: &[(&str, Result<usize, &str>)] = &[
+            ("alice", Ok(1)),
+            ("Zoe\\u0308", Ok(2)), // NFD: the same name
+            ("\\u0430lice", Err("invalid_username")),
+            ("\\uff41lice", Err("invalid_username")),
+            ("alice\\u200b", Err("invalid_username")),
+            ("Alice", Err("unknown_user")),
+            ("aIice", Err("unknown_user")),
+            ("BOB", Err("unknown_user")), // bob is known, offline
+        ];
+        for (name, expected) in table {
+            r.handle(ConnId(4), &to(name), 1, &mut out);
+            let sent = out.take();
+            assert!(!sent.is_empty(), "{name}: {:?}", out.durable);
+            match expected {
+                Ok(slot) => {
+                    assert_eq!(sent[0].0, *slot, "{name}");
+                    assert_eq!(sent[0].1["type"], "private", "{name}");
+                }
+                Err(code) => assert_eq!(sent[0].1["code"], *code, "{name}"),
+            }
+        }
+        assert_eq!(r.held().0, 0, "nothing held for a lookalike");
+        // A name that looks like nobody's is still held for (this router
+        // holds for names that never connected).
+        r.handle(ConnId(4), &to("carol"), 1, &mut out);
+        assert_eq!(r.held().0, 1);
     }
 
     #[test]

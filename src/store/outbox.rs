@@ -186,6 +186,11 @@ impl Outboxes {
         self.known.contains(user)
     }
 
+    /// Every name remembered as a user.
+    pub fn known_names(&self) -> impl Iterator<Item = &str> {
+        self.known.iter().map(|name| &**name)
+    }
+
     /// How many names are remembered.
     pub fn known_users(&self) -> usize {
         self.known.len()
