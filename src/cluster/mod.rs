@@ -12,6 +12,7 @@ pub mod link;
 pub mod remote;
 pub mod resp;
 pub mod reuseport;
+pub mod store;
 pub mod url;
 
 use std::collections::VecDeque;
