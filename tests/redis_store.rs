@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier};
 
 use support::redis::{Client, Redis};
 use wschat::cluster::resp::Frame;
-use wschat::cluster::store::{self, Held, Outgoing, Quotas, Sent, Store};
+use wschat::cluster::store::{self, Held, Migrated, Outgoing, Quotas, Sent, Store};
 use wschat::store::outbox::Full;
 
 const OPEN: Quotas = Quotas {
@@ -314,4 +314,74 @@ fn a_queued_message_survives_a_redis_kill_with_appendfsync_always() {
     let held = fetch(&mut c, &s, "bob", 0);
     assert_eq!(held.iter().map(|h| h.seq).collect::<Vec<_>>(), [seq]);
     assert!(queued(send(&mut c, &s, &msg("ann", "bob", 2, "next"), &OPEN, 0)) > seq);
+}
+
+#[test]
+fn a_local_log_is_uploaded_once_keeping_its_numbers_where_it_can() {
+    let Some(redis) = Redis::start("a_local_log_is_uploaded_once", &[]) else {
+        return;
+    };
+    let s = Store::new("wx");
+    let mut c = redis.client();
+    let first = queued(send(&mut c, &s, &msg("ann", "bob", 1, "cluster"), &OPEN, 0));
+    let local = |seq: u64, from: &str, body: &str| Held {
+        seq,
+        id: 100 + seq,
+        ts: 1_600_000_000_000 + seq,
+        from: from.into(),
+        body: body.into(),
+    };
+    // What a single node's log held: seq 5 and 6 for bob, 7 for cy.
+    let log = [
+        ("bob", local(5, "eve", "a")),
+        ("bob", local(6, "eve", "b")),
+        ("cy", local(7, "gus", "c")),
+    ];
+    let upload = |c: &mut Client| -> Vec<Migrated> {
+        log.iter()
+            .map(|(to, h)| {
+                store::migrated(&c.call(&s.migrate(to, h.seq, h, 0))).expect("MIGRATE reply")
+            })
+            .collect()
+    };
+    assert_eq!(
+        upload(&mut c),
+        [Migrated::Kept(5), Migrated::Kept(6), Migrated::Kept(7)]
+    );
+    assert_eq!(
+        upload(&mut c),
+        [
+            Migrated::Duplicate(5),
+            Migrated::Duplicate(6),
+            Migrated::Duplicate(7)
+        ]
+    );
+    let bob: Vec<_> = fetch(&mut c, &s, "bob", 0)
+        .iter()
+        .map(|h| (h.seq, h.body.clone()))
+        .collect();
+    assert_eq!(
+        bob,
+        [(first, "cluster".into()), (5, "a".into()), (6, "b".into())]
+    );
+    assert_eq!(fetch(&mut c, &s, "cy", 0), [local(7, "gus", "c")]);
+    // The counter went past the log's numbers.
+    let later = queued(send(&mut c, &s, &msg("ann", "dee", 2, "new"), &OPEN, 0));
+    assert!(later > 7);
+    // A log entry numbered below what its box handed out is numbered anew,
+    // after it, and not lost.
+    let old = local(3, "eve", "old");
+    let again = store::migrated(&c.call(&s.migrate("dee", 3, &old, 0))).expect("MIGRATE reply");
+    let Migrated::Renumbered(seq) = again else {
+        panic!("expected renumbered, got {again:?}")
+    };
+    assert!(seq > later);
+    let dee: Vec<_> = fetch(&mut c, &s, "dee", 0).iter().map(|h| h.seq).collect();
+    assert_eq!(dee, [later, seq]);
+    assert_eq!(
+        store::migrated(&c.call(&s.migrate("dee", 3, &old, 0))),
+        Ok(Migrated::Duplicate(seq))
+    );
+    // Acks free what was migrated like anything else.
+    assert_eq!(store::acked(&c.call(&s.ack("bob", 6))), Ok(3));
 }

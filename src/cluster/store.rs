@@ -123,6 +123,43 @@ end
 return out
 "#;
 
+/// KEYS: box, seq counter, held, due, migrated. ARGV: to, seq, id, ts,
+/// from, body, expires at (ms, 0 never).
+///
+/// Uploads one message of a local log (migration to the cluster). Once per
+/// message: `P:migrated` remembers what was uploaded (by recipient, id,
+/// sender and time), so a second upload of the same log adds nothing. The
+/// message keeps its `seq` when its box has handed out nothing above it;
+/// otherwise it is numbered anew (after what the cluster holds for that
+/// recipient). The counter is raised above the log's numbers. No quota
+/// refuses it: mail that was accepted is not dropped on the way. Answers
+/// `{'kept'|'renumbered'|'dup', SEQ}`.
+const MIGRATE_SCRIPT: &str = r#"
+local to, from = ARGV[1], ARGV[5]
+local mark = to .. ' ' .. ARGV[3] .. ' ' .. from .. ' ' .. ARGV[4]
+if redis.call('HSETNX', KEYS[5], mark, ARGV[2]) == 0 then
+  return {'dup', tonumber(redis.call('HGET', KEYS[5], mark))}
+end
+local seq = tonumber(ARGV[2])
+if tonumber(redis.call('GET', KEYS[2]) or '0') < seq then redis.call('SET', KEYS[2], seq) end
+local how = 'kept'
+local fields = {'id', ARGV[3], 'ts', ARGV[4], 'from', from, 'body', ARGV[6], 'exp', ARGV[7]}
+local r = redis.pcall('XADD', KEYS[1], seq .. '-0', unpack(fields))
+if type(r) == 'table' and r.err then
+  seq = redis.call('INCR', KEYS[2])
+  redis.call('XADD', KEYS[1], seq .. '-0', unpack(fields))
+  redis.call('HSET', KEYS[5], mark, seq)
+  how = 'renumbered'
+end
+local cost = #ARGV[6] + #from + 64
+redis.call('HINCRBY', KEYS[3], 'bytes', cost)
+redis.call('HINCRBY', KEYS[3], 'count', 1)
+redis.call('HINCRBY', KEYS[3], 's:' .. from, 1)
+redis.call('HINCRBY', KEYS[3], 'b:' .. from, cost)
+if ARGV[7] ~= '0' then redis.call('ZADD', KEYS[4], ARGV[7], seq .. ' ' .. to) end
+return {how, seq}
+"#;
+
 /// The quotas, cluster-wide (`--offline-max-*`, `--offline-ttl`).
 #[derive(Debug, Clone, Copy)]
 pub struct Quotas {
@@ -169,6 +206,17 @@ pub struct Held {
     pub ts: u64,
     pub from: String,
     pub body: String,
+}
+
+/// What `MIGRATE` did with one message of a local log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrated {
+    /// Uploaded under its own `seq`.
+    Kept(u64),
+    /// Uploaded under a new `seq` (its box had handed out higher ones).
+    Renumbered(u64),
+    /// Uploaded before (under this `seq`).
+    Duplicate(u64),
 }
 
 /// A held message `EXPIRE` removed.
@@ -289,6 +337,28 @@ impl Store {
         )
     }
 
+    /// `MIGRATE`: upload one held message of a local log, held for `to`
+    /// under `seq`, expiring at `expires_ms` (0 never).
+    pub fn migrate(&self, to: &str, seq: u64, held: &Held, expires_ms: u64) -> Args {
+        let keys = vec![
+            self.outbox(to),
+            self.key("seq"),
+            self.key("held"),
+            self.key("due"),
+            self.key("migrated"),
+        ];
+        let argv = vec![
+            to.as_bytes().to_vec(),
+            num(seq),
+            num(held.id),
+            num(held.ts),
+            held.from.as_bytes().to_vec(),
+            held.body.as_bytes().to_vec(),
+            num(expires_ms),
+        ];
+        eval(MIGRATE_SCRIPT.to_owned(), keys, argv)
+    }
+
     /// `EXPIRE`: remove what is due by `now_ms`, [`EXPIRE_BATCH`] at most.
     pub fn expire(&self, now_ms: u64) -> Args {
         eval(
@@ -381,6 +451,23 @@ fn held(entry: &Frame) -> Option<Held> {
     Some(msg)
 }
 
+/// Decodes `MIGRATE`'s reply.
+pub fn migrated(frame: &Frame) -> Result<Migrated, BadReply> {
+    let Frame::Array(Some(items)) = frame else {
+        return Err(bad(frame));
+    };
+    match items.as_slice() {
+        [how, seq] => match (text(how), number(seq)) {
+            (Some("kept"), Some(seq)) => Some(Migrated::Kept(seq)),
+            (Some("renumbered"), Some(seq)) => Some(Migrated::Renumbered(seq)),
+            (Some("dup"), Some(seq)) => Some(Migrated::Duplicate(seq)),
+            _ => None,
+        },
+        _ => None,
+    }
+    .ok_or_else(|| bad(frame))
+}
+
 /// Decodes `ACK`'s reply: how many entries it removed.
 pub fn acked(frame: &Frame) -> Result<u64, BadReply> {
     match frame {
@@ -466,6 +553,20 @@ mod tests {
         ] {
             assert!(sent(&frame).is_err(), "{frame:?}");
         }
+    }
+
+    #[test]
+    fn migrate_replies_decode_as_a_table() {
+        let reply = |how: &str, seq: i64| array(vec![bulk(how), Frame::Integer(seq)]);
+        assert_eq!(migrated(&reply("kept", 5)), Ok(Migrated::Kept(5)));
+        assert_eq!(
+            migrated(&reply("renumbered", 9)),
+            Ok(Migrated::Renumbered(9))
+        );
+        assert_eq!(migrated(&reply("dup", 5)), Ok(Migrated::Duplicate(5)));
+        assert!(migrated(&reply("lost", 5)).is_err());
+        assert!(migrated(&reply("kept", -1)).is_err());
+        assert!(migrated(&Frame::Error("ERR".into())).is_err());
     }
 
     #[test]
