@@ -8,6 +8,7 @@
 //! batches, reconnecting with jittered backoff. What the node knows of the
 //! others and what it tells them is [`remote::Remote`], owned by the router.
 
+pub mod catchup;
 pub mod link;
 pub mod remote;
 pub mod resp;
