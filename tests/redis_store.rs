@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier};
 use support::redis::{Client, Redis};
 use wschat::cluster::resp::Frame;
 use wschat::cluster::store::{self, Held, Migrated, Outgoing, Quotas, Sent, Store};
-use wschat::store::outbox::Full;
+use wschat::store::outbox::{Full, Remembered};
 
 const OPEN: Quotas = Quotas {
     max_per_user: 1000,
@@ -19,6 +19,7 @@ const OPEN: Quotas = Quotas {
     max_per_sender: 1000,
     max_bytes_per_sender: 1 << 20,
     ttl_ms: 0,
+    known_only: false,
 };
 
 fn msg<'a>(from: &'a str, to: &'a str, id: u64, body: &'a str) -> Outgoing<'a> {
@@ -145,7 +146,7 @@ fn a_private_racing_its_recipients_join_is_delivered_exactly_once() {
                         Sent::Queued(seq) | Sent::Live { seq, .. } => {
                             sent.push((name.clone(), seq))
                         }
-                        Sent::Full(why) => panic!("full: {why:?}"),
+                        refused => panic!("refused: {refused:?}"),
                     }
                 }
             }
@@ -384,4 +385,40 @@ fn a_local_log_is_uploaded_once_keeping_its_numbers_where_it_can() {
     );
     // Acks free what was migrated like anything else.
     assert_eq!(store::acked(&c.call(&s.ack("bob", 6))), Ok(3));
+}
+
+#[test]
+fn only_names_that_connected_on_some_node_may_be_sent_to() {
+    let Some(redis) = Redis::start("only_names_that_connected", &[]) else {
+        return;
+    };
+    let s = Store::new("wx");
+    let mut c = redis.client();
+    let known_only = Quotas {
+        known_only: true,
+        ..OPEN
+    };
+    let remember = |c: &mut Client, name: &str| store::remembered(&c.call(&s.remember(name, 2)));
+    assert_eq!(
+        send(&mut c, &s, &msg("ann", "bob", 1, "x"), &known_only, 0),
+        Sent::Unknown
+    );
+    assert_eq!(
+        c.call(&["EXISTS", "wx:box:bob"]),
+        Frame::Integer(0),
+        "nothing stored"
+    );
+    // With --offline-to-unknown anyone may be sent to.
+    queued(send(&mut c, &s, &msg("ann", "bob", 1, "x"), &OPEN, 0));
+    // bob connected on some node: remembered cluster-wide.
+    assert_eq!(remember(&mut c, "bob"), Ok(Remembered::New));
+    assert_eq!(remember(&mut c, "bob"), Ok(Remembered::AlreadyKnown));
+    queued(send(&mut c, &s, &msg("ann", "bob", 2, "y"), &known_only, 0));
+    // A name online right now (its lease held) is a user, remembered or not.
+    c.call(&["SET", "wx:name:cy", "node-b"]);
+    let live = send(&mut c, &s, &msg("ann", "cy", 3, "z"), &known_only, 0);
+    assert!(matches!(live, Sent::Live { .. }), "{live:?}");
+    // --max-known-users: 2 here.
+    assert_eq!(remember(&mut c, "cy"), Ok(Remembered::New));
+    assert_eq!(remember(&mut c, "dee"), Ok(Remembered::Full));
 }

@@ -11,7 +11,7 @@
 //! messages in its own store.
 
 use super::resp::Frame;
-use crate::store::outbox::Full;
+use crate::store::outbox::{Full, Remembered};
 
 /// Counted per held message beyond its strings, as by the local store.
 pub const ENTRY_OVERHEAD: usize = 64;
@@ -24,16 +24,22 @@ pub const EXPIRE_BATCH: usize = 100;
 /// last one it got.
 pub const FETCH_BATCH: usize = 1000;
 
-/// KEYS: box, seq counter, held, due, recipient's lease.
+/// KEYS: box, seq counter, held, due, recipient's lease, known names.
 /// ARGV: from, to, id, ts, body, expires at (ms, 0 never), max per user,
 /// max bytes, max per sender, max bytes per sender, seq floor, channel
-/// prefix, sender node, tag, payload (the `priv` JSON).
+/// prefix, sender node, tag, payload (the `priv` JSON), `1` if only names
+/// that ever connected may be sent to.
 ///
-/// Checks the quotas, numbers and appends the message, and if a node holds
+/// Refuses a name that never connected (`unknown_user`), checks the quotas, numbers and appends the message, and if a node holds
 /// the recipient's lease publishes it there in the same step. Answers
-/// `{'live', NODE, SEQ}`, `{'queued', '', SEQ}` or `{'full', WHY, 0}`.
+/// `{'live', NODE, SEQ}`, `{'queued', '', SEQ}`, `{'full', WHY, 0}` or
+/// `{'unknown', '', 0}`.
 const SEND_SCRIPT: &str = r#"
 local from, to = ARGV[1], ARGV[2]
+if ARGV[16] == '1' and redis.call('SISMEMBER', KEYS[6], to) == 0
+  and redis.call('EXISTS', KEYS[5]) == 0 then
+  return {'unknown', '', 0}
+end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[7]) then return {'full', 'user', 0} end
 local cost = #ARGV[5] + #from + 64
 local sc = tonumber(redis.call('HGET', KEYS[3], 's:' .. from) or '0')
@@ -160,6 +166,15 @@ if ARGV[7] ~= '0' then redis.call('ZADD', KEYS[4], ARGV[7], seq .. ' ' .. to) en
 return {how, seq}
 "#;
 
+/// KEYS: known names. ARGV: name, at most.
+/// Remembers a name that connected. Answers `new`, `known` or `full`.
+const REMEMBER_SCRIPT: &str = r#"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 'known' end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 'full' end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 'new'
+"#;
+
 /// The quotas, cluster-wide (`--offline-max-*`, `--offline-ttl`).
 #[derive(Debug, Clone, Copy)]
 pub struct Quotas {
@@ -169,6 +184,9 @@ pub struct Quotas {
     pub max_bytes_per_sender: usize,
     /// 0: held messages never expire.
     pub ttl_ms: u64,
+    /// Only names that ever connected may be sent to (without
+    /// `--offline-to-unknown`).
+    pub known_only: bool,
 }
 
 /// A private message to store.
@@ -196,6 +214,8 @@ pub enum Sent {
     /// Stored; nobody holds the recipient's lease.
     Queued(u64),
     Full(Full),
+    /// Nobody ever connected under the name (`unknown_user`).
+    Unknown,
 }
 
 /// A held message as `FETCH` returns it.
@@ -298,6 +318,7 @@ impl Store {
             self.key("held"),
             self.key("due"),
             self.key(&format!("name:{}", msg.to)),
+            self.key("known"),
         ];
         let argv = vec![
             msg.from.as_bytes().to_vec(),
@@ -315,8 +336,18 @@ impl Store {
             node.as_bytes().to_vec(),
             num(msg.tag),
             msg.payload.as_bytes().to_vec(),
+            num(u8::from(quotas.known_only)),
         ];
         eval(SEND_SCRIPT.to_owned(), keys, argv)
+    }
+
+    /// `REMEMBER`: `name` connected; at most `max_known` names are kept.
+    pub fn remember(&self, name: &str, max_known: usize) -> Args {
+        eval(
+            REMEMBER_SCRIPT.to_owned(),
+            vec![self.key("known")],
+            vec![name.as_bytes().to_vec(), num(max_known)],
+        )
     }
 
     /// `FETCH`: what `name` has held above `after`, [`FETCH_BATCH`] at most.
@@ -405,6 +436,7 @@ pub fn sent(frame: &Frame) -> Result<Sent, BadReply> {
             (Some("full"), Some("user"), _) => Some(Sent::Full(Full::User)),
             (Some("full"), Some("sender"), _) => Some(Sent::Full(Full::Sender)),
             (Some("full"), Some("store"), _) => Some(Sent::Full(Full::Store)),
+            (Some("unknown"), _, _) => Some(Sent::Unknown),
             _ => None,
         },
         _ => None,
@@ -449,6 +481,16 @@ fn held(entry: &Frame) -> Option<Held> {
         }
     }
     Some(msg)
+}
+
+/// Decodes `REMEMBER`'s reply.
+pub fn remembered(frame: &Frame) -> Result<Remembered, BadReply> {
+    match text(frame) {
+        Some("new") => Ok(Remembered::New),
+        Some("known") => Ok(Remembered::AlreadyKnown),
+        Some("full") => Ok(Remembered::Full),
+        _ => Err(bad(frame)),
+    }
 }
 
 /// Decodes `MIGRATE`'s reply.
@@ -540,6 +582,10 @@ mod tests {
                 array(vec![bulk("full"), bulk("store"), Frame::Integer(0)]),
                 Ok(Sent::Full(Full::Store)),
             ),
+            (
+                array(vec![bulk("unknown"), bulk(""), Frame::Integer(0)]),
+                Ok(Sent::Unknown),
+            ),
         ];
         for (frame, want) in cases {
             assert_eq!(sent(&frame), want, "{frame:?}");
@@ -617,6 +663,7 @@ mod tests {
             max_per_sender: 3,
             max_bytes_per_sender: 4,
             ttl_ms: 0,
+            known_only: true,
         };
         let msg = Outgoing {
             from: "ann",
@@ -628,10 +675,11 @@ mod tests {
             payload: "{}",
         };
         let send = store.send(&msg, &quotas, 0, "n1", 1000);
-        assert_eq!(send[2], b"5");
+        assert_eq!(send[2], b"6");
         assert_eq!(send[7], b"wx:name:bob");
         // Without a TTL nothing is put on the expiry set.
-        assert_eq!(send[8 + 5], b"0");
+        assert_eq!(send[9 + 5], b"0");
+        assert_eq!(send.last().map(Vec::as_slice), Some(&b"1"[..]));
         let send = store.send(
             &msg,
             &Quotas {
@@ -642,6 +690,6 @@ mod tests {
             "n1",
             1000,
         );
-        assert_eq!(send[8 + 5], b"1500");
+        assert_eq!(send[9 + 5], b"1500");
     }
 }
