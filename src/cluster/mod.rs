@@ -8,10 +8,12 @@
 //! batches, reconnecting with jittered backoff. What the node knows of the
 //! others and what it tells them is [`remote::Remote`], owned by the router.
 
+pub mod catchup;
 pub mod link;
 pub mod remote;
 pub mod resp;
 pub mod reuseport;
+pub mod store;
 pub mod url;
 
 use std::collections::VecDeque;
