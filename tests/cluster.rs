@@ -8,105 +8,13 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use chat_support::{ws_path, Chat, ChatServer, Event};
 use serde_json::{json, Value};
+use support::redis::Redis;
 use support::token;
-
-/// A `redis-server` of the test's own, killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Redis {
-    /// Starts one, or returns `None` (after saying so) when there is none
-    /// outside CI.
-    fn start() -> Option<Redis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "redis-server is required under CI"
-            );
-            // Straight to stderr, past the test harness's capture, so a
-            // plain `cargo test` shows it.
-            let _ = writeln!(std::io::stderr(), "skipped: no redis-server");
-            return None;
-        }
-        let port = free_port();
-        Some(Redis::start_on(port))
-    }
-
-    fn start_on(port: u16) -> Redis {
-        Redis::start_with(port, &[])
-    }
-
-    /// With `extra` arguments for `redis-server` (after the test's own).
-    fn start_with(port: u16, extra: &[&str]) -> Redis {
-        let dir =
-            std::env::temp_dir().join(format!("wschat-cluster-test-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let redis = Redis { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while redis.ping().is_none() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Whether it answers (`+PONG`, or `-NOAUTH` with a password).
-    fn ping(&self) -> Option<()> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.write_all(b"PING\r\n").ok()?;
-        let mut buf = [0u8; 1];
-        s.read_exact(&mut buf).ok()?;
-        matches!(buf[0], b'+' | b'-').then_some(())
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 /// The per-client limits these tests would hit, off: every client and every
 /// `/metrics` poll comes from 127.0.0.1, and senders send as fast as they can.
@@ -183,7 +91,10 @@ fn wait_listed(c: &mut Chat, name: &str) {
 
 #[test]
 fn private_messages_cross_nodes_both_ways_with_receipts() {
-    let Some(redis) = Redis::start() else { return };
+    let Some(redis) = Redis::start("private_messages_cross_nodes_both_ways_with_receipts", &[])
+    else {
+        return;
+    };
     let (a, b) = (node(&redis, &[]), node(&redis, &[]));
     wait_for_cluster(&[&a, &b]);
     let mut alice = Chat::joined(a.addr, "alice");
@@ -221,7 +132,12 @@ fn private_messages_cross_nodes_both_ways_with_receipts() {
 
 #[test]
 fn publics_reach_every_connection_of_every_node_once_in_order() {
-    let Some(redis) = Redis::start() else { return };
+    let Some(redis) = Redis::start(
+        "publics_reach_every_connection_of_every_node_once_in_order",
+        &[],
+    ) else {
+        return;
+    };
     let nodes = [node(&redis, &[]), node(&redis, &[]), node(&redis, &[])];
     wait_for_cluster(&[&nodes[0], &nodes[1], &nodes[2]]);
     let names = ["ann", "ben", "cy"];
@@ -273,7 +189,9 @@ fn publics_reach_every_connection_of_every_node_once_in_order() {
 
 #[test]
 fn a_name_online_on_one_node_is_refused_on_another() {
-    let Some(redis) = Redis::start() else { return };
+    let Some(redis) = Redis::start("a_name_online_on_one_node_is_refused_on_another", &[]) else {
+        return;
+    };
     let (a, b) = (node(&redis, &[]), node(&redis, &[]));
     wait_for_cluster(&[&a, &b]);
     let _alice = Chat::joined(a.addr, "alice");
@@ -288,7 +206,12 @@ fn a_name_online_on_one_node_is_refused_on_another() {
 
 #[test]
 fn a_killed_node_frees_its_names_and_its_users_leave_within_the_lease() {
-    let Some(redis) = Redis::start() else { return };
+    let Some(redis) = Redis::start(
+        "a_killed_node_frees_its_names_and_its_users_leave_within_the_lease",
+        &[],
+    ) else {
+        return;
+    };
     let a = node(&redis, &[]);
     let mut b = node(&redis, &[]);
     wait_for_cluster(&[&a, &b]);
@@ -337,7 +260,9 @@ fn a_killed_node_frees_its_names_and_its_users_leave_within_the_lease() {
 
 #[test]
 fn two_nodes_share_one_port_with_reuseport() {
-    let Some(redis) = Redis::start() else { return };
+    let Some(redis) = Redis::start("two_nodes_share_one_port_with_reuseport", &[]) else {
+        return;
+    };
     let a = node(&redis, &["--reuseport"]);
     let listen = a.addr.to_string();
     let b = node(&redis, &["--reuseport", "--listen", &listen]);
@@ -379,7 +304,7 @@ fn metrics_direct(n: &ChatServer) -> String {
 
 #[test]
 fn nodes_ride_out_a_redis_restart() {
-    let Some(mut redis) = Redis::start() else {
+    let Some(mut redis) = Redis::start("nodes_ride_out_a_redis_restart", &[]) else {
         return;
     };
     let (a, b) = (node(&redis, &[]), node(&redis, &[]));
@@ -426,7 +351,7 @@ fn nodes_ride_out_a_redis_restart() {
     let mut late = Chat::open(b.addr, &ws_path("late"));
     late.expect_close(1013, None, "join while Redis is down");
 
-    let _redis = Redis::start_on(redis.port);
+    redis.start_again();
     wait_for_cluster(&[&a, &b]);
     wait_listed(&mut alice, "bob");
     alice.send(json!({"type": "private", "to": "bob", "body": "again", "ref": "y"}));
@@ -450,7 +375,12 @@ fn nodes_ride_out_a_redis_restart() {
 
 #[test]
 fn with_tokens_a_new_session_on_another_node_replaces_the_old() {
-    let Some(redis) = Redis::start() else { return };
+    let Some(redis) = Redis::start(
+        "with_tokens_a_new_session_on_another_node_replaces_the_old",
+        &[],
+    ) else {
+        return;
+    };
     let secret = b"a cluster test secret of 32 bytes";
     let path = std::env::temp_dir().join(format!("wschat-cluster-secret-{}", std::process::id()));
     std::fs::write(&path, secret).expect("secret");
@@ -492,7 +422,10 @@ fn with_tokens_a_new_session_on_another_node_replaces_the_old() {
 
 #[test]
 fn nothing_acknowledged_is_lost_across_a_redis_restart_under_traffic() {
-    let Some(mut redis) = Redis::start() else {
+    let Some(mut redis) = Redis::start(
+        "nothing_acknowledged_is_lost_across_a_redis_restart_under_traffic",
+        &[],
+    ) else {
         return;
     };
     let (a, b) = (node(&redis, &[]), node(&redis, &[]));
@@ -554,7 +487,7 @@ fn nothing_acknowledged_is_lost_across_a_redis_restart_under_traffic() {
         outcomes.push((format!("m{i}"), send(&mut alice, &format!("m{i}"))));
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _redis = Redis::start_on(redis.port);
+    redis.start_again();
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut i = 40;
     let mut delivered_after = 0;
@@ -601,10 +534,12 @@ fn nothing_acknowledged_is_lost_across_a_redis_restart_under_traffic() {
 
 #[test]
 fn a_password_and_a_database_are_used_and_a_wrong_password_refuses_joins() {
-    if Redis::start().is_none() {
+    let Some(redis) = Redis::start(
+        "a_password_and_a_database_are_used_and_a_wrong_password_refuses_joins",
+        &["--requirepass", "s3cret"],
+    ) else {
         return;
-    }
-    let redis = Redis::start_with(free_port(), &["--requirepass", "s3cret"]);
+    };
     let good = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
     let flags = [
         &["--cluster", &good, "--cluster-prefix", "pw"][..],
@@ -646,7 +581,12 @@ fn a_password_and_a_database_are_used_and_a_wrong_password_refuses_joins() {
 
 #[test]
 fn a_node_stopped_with_sigterm_hands_its_names_back_at_once() {
-    let Some(redis) = Redis::start() else { return };
+    let Some(redis) = Redis::start(
+        "a_node_stopped_with_sigterm_hands_its_names_back_at_once",
+        &[],
+    ) else {
+        return;
+    };
     let mut a = node(&redis, &["--cluster-lease", "30s"]);
     let b = node(&redis, &["--cluster-lease", "30s"]);
     wait_for_cluster(&[&a, &b]);

@@ -49,8 +49,18 @@ impl Redis {
     /// `kill -9`, then the same server again on the same port and directory
     /// (what its persistence settings kept, it finds again).
     pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// `kill -9` (the port stays free until [`start_again`](Self::start_again)).
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The same server again, on the same port and directory.
+    pub fn start_again(&mut self) {
         self.child = spawn(self.port, &self.dir, &self.extra);
     }
 
@@ -83,11 +93,23 @@ fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
         .spawn()
         .expect("spawn redis-server");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Client::connect(port).is_none() {
+    while !answers(port) {
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     child
+}
+
+/// Whether a server answers a PING on `port`: `+PONG`, or `-NOAUTH` when it
+/// wants a password.
+fn answers(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let mut first = [0u8; 1];
+    s.write_all(b"PING\r\n").is_ok()
+        && s.read_exact(&mut first).is_ok()
+        && matches!(first[0], b'+' | b'-')
 }
 
 pub struct Client {
