@@ -5,7 +5,7 @@
 //!   of a real wschat, and two clients chatting through it over `wss://`
 //!   (needs `nginx` and the `openssl` command, for a self-signed
 //!   certificate);
-//! - `docs/deploy/wschat.service` through `systemd-analyze verify`.
+//! - `docs/deploy/wschat.service` and `wschat@.service` through `systemd-analyze verify`.
 //!
 //! A missing program gives one `skipped:` line and a pass, except under
 //! `CI=true` (see `tests/support/skip.rs`).
@@ -34,6 +34,7 @@ use support::spawn::{self, Spawned};
 
 const NGINX_RECIPE: &str = include_str!("../docs/deploy/nginx-wschat.conf");
 const SYSTEMD_UNIT: &str = include_str!("../docs/deploy/wschat.service");
+const SYSTEMD_TEMPLATE: &str = include_str!("../docs/deploy/wschat@.service");
 
 /// Read timeout of every test socket: a test waiting for an answer that
 /// never comes fails after this long instead of hanging.
@@ -571,38 +572,41 @@ fn chat_over_wss_through_the_nginx_recipe() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
-    const TEST: &str = "systemd_unit_passes_systemd_analyze_verify";
+fn systemd_units_pass_systemd_analyze_verify() {
+    const TEST: &str = "systemd_units_pass_systemd_analyze_verify";
     let Some(analyze) = find_program("systemd-analyze") else {
         return skip(TEST, "no systemd-analyze");
     };
-    // verify checks that ExecStart's program exists: the unit runs the
-    // binary under test here instead of /usr/local/bin/wschat.
-    let unit = substitute(
-        SYSTEMD_UNIT,
-        "/usr/local/bin/wschat ",
-        &format!("{} ", spawn::bin()),
-    );
     let dir = TempDir::new("systemd");
-    let path = dir.path("wschat.service");
-    std::fs::write(&path, unit).expect("write the unit");
-    let out = Command::new(analyze)
-        .args(["verify", "--man=no"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run systemd-analyze");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    // verify exits 0 after an unknown key or a bad value, with a warning
-    // naming the unit: any line about it fails the test. (On a machine
-    // without systemd running it may also print lines about other units.)
-    let about_the_unit: Vec<&str> = stderr
-        .lines()
-        .filter(|line| line.contains("wschat.service"))
-        .collect();
-    assert!(
-        out.status.success() && about_the_unit.is_empty(),
-        "systemd-analyze verify: {}\n{stderr}",
-        out.status
-    );
+    // The template is checked as its instance 1 (`%i` = 1).
+    for (text, name) in [
+        (SYSTEMD_UNIT, "wschat.service"),
+        (SYSTEMD_TEMPLATE, "wschat@1.service"),
+    ] {
+        // verify checks that ExecStart's program exists: the unit runs the
+        // binary under test here instead of /usr/local/bin/wschat.
+        let unit = substitute(
+            text,
+            "/usr/local/bin/wschat ",
+            &format!("{} ", spawn::bin()),
+        );
+        let path = dir.path(name);
+        std::fs::write(&path, unit).expect("write the unit");
+        let out = Command::new(&analyze)
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run systemd-analyze");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // verify exits 0 after an unknown key or a bad value, with a warning
+        // naming the unit: any line about it fails the test. (On a machine
+        // without systemd running it may also print lines about other units.)
+        let about_the_unit: Vec<&str> = stderr.lines().filter(|line| line.contains(name)).collect();
+        assert!(
+            out.status.success() && about_the_unit.is_empty(),
+            "systemd-analyze verify {name}: {}\n{stderr}",
+            out.status
+        );
+    }
 }
