@@ -166,6 +166,44 @@ fn a_flood_past_the_burst_is_refused_and_nothing_more_reaches_a_bystander() {
 }
 
 #[test]
+fn a_sender_that_waits_as_told_is_never_closed() {
+    // 100/s, no burst: a sender that sends as fast as it can and waits
+    // retry_after_ms after each refusal is refused about every other
+    // message, far more than 50 times, and must not be closed for it.
+    let server = ChatServer::start(&["--rate-limit", "100", "--rate-burst", "1"]);
+    let mut sender = Chat::joined(server.addr, "patient");
+    let (mut admitted, mut refused) = (0, 0);
+    let mut n = 0;
+    while refused < 80 {
+        n += 1;
+        sender.send(json!({"type": "public", "body": format!("p{n}"), "ref": n}));
+        let answer = loop {
+            let v = sender.recv("the answer");
+            if v["ref"] == json!(n) || (v["type"] == "public" && v["body"] == format!("p{n}")) {
+                break v;
+            }
+        };
+        if answer["type"] == "error" {
+            assert_eq!(answer["code"], "rate_limited", "{answer}");
+            refused += 1;
+            let wait = answer["retry_after_ms"].as_u64().expect("retry_after_ms");
+            std::thread::sleep(Duration::from_millis(wait));
+        } else {
+            admitted += 1;
+        }
+    }
+    assert!(admitted >= 40, "{admitted} admitted, {refused} refused");
+    assert_eq!(metric(server.addr, "wschat_rate_limit_closes_total "), 0);
+    // Still open: one more, after a pause, goes through.
+    std::thread::sleep(Duration::from_millis(20));
+    sender.public("still here");
+    assert_eq!(
+        sender.recv_type("public", "after the refusals")["body"],
+        "still here"
+    );
+}
+
+#[test]
 fn a_sustained_flood_is_closed_with_1008() {
     let server = ChatServer::start(&["--rate-limit", "1", "--rate-burst", "1"]);
     let mut bystander = Chat::joined(server.addr, "bystander");

@@ -82,11 +82,17 @@ pub struct MessagePolicy {
     pub abuse_window_us: u64,
 }
 
-/// Refusals that close a connection (with [`ABUSE_WINDOW_US`]): a client
-/// that waits `retry_after_ms` after a refusal is refused about once per
-/// wait, so this many in ten seconds means it ignores them.
+/// Refusals that close a connection (with [`ABUSE_WINDOW_US`]). Only a
+/// refusal of a message sent before the time the previous refusal gave
+/// (`retry_after_ms`) counts, and the very first: a client that waits as it
+/// is told is never closed, however often it is refused.
 pub const ABUSE_REFUSALS: u32 = 50;
 pub const ABUSE_WINDOW_US: u64 = 10_000_000;
+
+/// How early a message may come after a `retry_after_ms` and still count as
+/// having waited: the server's clock is read once per loop turn, in
+/// milliseconds.
+const RETRY_SLACK_US: u64 = 1_000;
 
 impl MessagePolicy {
     pub fn new(rate: Rate) -> MessagePolicy {
@@ -120,12 +126,15 @@ pub struct Allowance {
     window_start_us: u64,
     /// Refusals since `window_start_us` (0: no window open).
     refusals: u32,
+    /// When the last refusal said the sender could send again (none yet).
+    retry_at_us: Option<u64>,
 }
 
 impl Allowance {
-    /// Charges one message at `now_us`. A refusal opens a window of
-    /// `abuse_window_us` unless one is open; the `abuse_refusals`th refusal
-    /// inside a window is [`Charge::RefusedAndClose`].
+    /// Charges one message at `now_us`. A refusal that counts (see
+    /// [`ABUSE_REFUSALS`]) opens a window of `abuse_window_us` unless one is
+    /// open; the `abuse_refusals`th that counts inside a window is
+    /// [`Charge::RefusedAndClose`].
     #[inline]
     pub fn charge(&mut self, policy: &MessagePolicy, now_us: u64) -> Charge {
         match self.bucket.take(policy.rate, now_us) {
@@ -138,6 +147,13 @@ impl Allowance {
     #[cold]
     fn refuse(&mut self, policy: &MessagePolicy, now_us: u64, wait_us: u64) -> Charge {
         let retry_after_ms = wait_us.div_ceil(1000);
+        let ignored_the_last = self
+            .retry_at_us
+            .is_none_or(|at| now_us.saturating_add(RETRY_SLACK_US) < at);
+        self.retry_at_us = Some(now_us + retry_after_ms * 1000);
+        if !ignored_the_last {
+            return Charge::Refused { retry_after_ms };
+        }
         let in_window = self.refusals > 0
             && now_us.saturating_sub(self.window_start_us) < policy.abuse_window_us;
         if in_window {
@@ -287,16 +303,23 @@ mod tests {
         let table: &[&[(u64, Charge)]] = &[
             // The third refusal within the window closes.
             &[(0, Charge::Admitted), (0, refused(1000)), (500 * MS, refused(500)),
-              (999 * MS, close(1))],
+              (998 * MS, close(2))],
             // Refusals spread wider than the window never add up.
             &[(0, Charge::Admitted), (0, refused(1000)), (0, refused(1000)),
               (10 * S, Charge::Admitted), (10 * S, refused(1000)), (10 * S, refused(1000)),
               (20 * S, Charge::Admitted), (20 * S, refused(1000))],
-            // Admissions in between do not reset the window: sending at
-            // twice the rate is refused half the time, and closed.
+            // A sender that waits as told after each refusal is never
+            // closed, however often it is refused (here half the time)...
             &[(0, Charge::Admitted), (0, refused(1000)),
               (S, Charge::Admitted), (S, refused(1000)),
-              (2 * S, Charge::Admitted), (2 * S, close(1000))],
+              (2 * S, Charge::Admitted), (2 * S, refused(1000)),
+              // (a millisecond early is the server's clock, not the client)
+              (3 * S - MS, refused(1)), (3 * S, Charge::Admitted)],
+            // ...but one that comes back early is counted, admissions in
+            // between or not.
+            &[(0, Charge::Admitted), (0, refused(1000)),
+              (S - 2 * MS, refused(2)),
+              (S, Charge::Admitted), (S, refused(1000)), (S + 500 * MS, close(500))],
             // A retry_after_ms is rounded up, never down to 0.
             &[(0, Charge::Admitted), (999_999, refused(1))],
         ];
