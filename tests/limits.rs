@@ -391,7 +391,14 @@ fn handshakes_past_the_per_address_rate_get_429() {
 
 #[test]
 fn health_checks_answer_while_the_chat_is_full() {
-    let server = ChatServer::start(&["--max-connections", "3", "--max-connections-per-ip", "0"]);
+    let server = ChatServer::start(&[
+        "--max-connections",
+        "3",
+        "--max-connections-per-ip",
+        "0",
+        "--max-handshakes-per-ip",
+        "0",
+    ]);
     let _full: Vec<Chat> = (0..3)
         .map(|i| Chat::joined(server.addr, &format!("u{i}")))
         .collect();
@@ -403,6 +410,26 @@ fn health_checks_answer_while_the_chat_is_full() {
     let (status, head) = upgrade(&mut late, "/ws?username=late", &[]);
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("Retry-After: 1"), "{head}");
+    // Refused clients that keep their sockets open (more of them than the
+    // sockets kept for health checks) hold them only a moment: health
+    // checks answer again long before the 5 s close timeout.
+    let refused: Vec<TcpStream> = (0..20)
+        .map(|i| {
+            let mut s = TcpStream::connect(server.addr).expect("connect");
+            s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            let _ = upgrade(&mut s, &format!("/ws?username=r{i}"), &[]);
+            s
+        })
+        .collect();
+    let since = Instant::now();
+    while get(server.addr, "/healthz").0 != 200 {
+        assert!(
+            since.elapsed() < Duration::from_secs(2),
+            "/healthz still refused"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(refused);
 }
 
 #[test]

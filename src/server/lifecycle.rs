@@ -3,7 +3,7 @@
 //! being open, and killed.
 
 use std::io::{Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Token};
@@ -18,6 +18,10 @@ use crate::http;
 use crate::log;
 use crate::timer::Tick;
 use crate::ws::CloseCode;
+
+/// How long a refused request's socket stays after its answer was queued,
+/// for the answer to leave and the client's FIN to come back.
+const REFUSED_LINGER: Duration = Duration::from_millis(250);
 
 impl Core {
     pub(super) fn admit(
@@ -168,7 +172,17 @@ impl Core {
             }
             for slot in std::mem::take(&mut self.post.began_closing) {
                 if let Some(conn) = conns.get_mut(slot) {
-                    let at = self.clock.tick(now) + self.config.close_timeout;
+                    // A refused request (503 at the limit, 429, 4xx) holds
+                    // a socket, perhaps one kept for health checks: its
+                    // answer gets a moment to leave, not the close timeout,
+                    // or a client that never closes would keep it.
+                    let linger = match conn.close_reason {
+                        CloseReason::HandshakeRejected(_) => {
+                            REFUSED_LINGER.min(self.config.close_timeout)
+                        }
+                        _ => self.config.close_timeout,
+                    };
+                    let at = self.clock.tick(now) + linger;
                     self.set_deadline(conn, slot, at);
                 }
             }
