@@ -62,7 +62,8 @@ pub struct Config {
     /// Messages one sender may have held at once, over all recipients.
     pub offline_max_per_sender: usize,
     /// Bytes one sender may have held at once, over all recipients.
-    pub offline_max_bytes_per_sender: usize,
+    /// `None`: a sixteenth of `offline_max_bytes`.
+    pub offline_max_bytes_per_sender: Option<usize>,
     /// How long a held message waits before it expires.
     pub offline_ttl: Duration,
     /// The log is compacted once it is at least this big (and mostly dead).
@@ -130,7 +131,7 @@ impl Default for Config {
             offline_max_per_user: 1000,
             offline_max_bytes: 64 * 1024 * 1024,
             offline_max_per_sender: 1000,
-            offline_max_bytes_per_sender: 4 * 1024 * 1024,
+            offline_max_bytes_per_sender: None,
             offline_ttl: Duration::from_secs(7 * 24 * 3600),
             compact_min_bytes: 4 * 1024 * 1024,
             auth: AuthMode::None,
@@ -157,7 +158,9 @@ impl Config {
             max_per_user: self.offline_max_per_user,
             max_bytes: self.offline_max_bytes,
             max_per_sender: self.offline_max_per_sender,
-            max_bytes_per_sender: self.offline_max_bytes_per_sender,
+            max_bytes_per_sender: self
+                .offline_max_bytes_per_sender
+                .unwrap_or(self.offline_max_bytes / 16),
             ttl_ms: self.offline_ttl.as_millis().try_into().unwrap_or(u64::MAX),
             max_known_users: self.max_known_users,
         }
@@ -480,10 +483,10 @@ pub const OPTIONS: &[Opt] = &[
         flag: "--offline-max-bytes-per-sender",
         value_name: "BYTES",
         about: "bytes one sender may have held, over all recipients",
-        default: Some("4194304"),
+        default: Some("a sixteenth of --offline-max-bytes"),
         kind: Kind::Value,
         set: |c, name, v| {
-            c.offline_max_bytes_per_sender = parse_count(name, v, 1024)?;
+            c.offline_max_bytes_per_sender = Some(parse_count(name, v, 1024)?);
             Ok(())
         },
     },
@@ -1285,7 +1288,11 @@ mod tests {
     #[test]
     fn defaults_in_help_are_the_real_ones() {
         // Shown as prose or as a path spelled differently from the value.
-        let described = ["--max-connections", "--data-dir"];
+        let described = [
+            "--max-connections",
+            "--data-dir",
+            "--offline-max-bytes-per-sender",
+        ];
         let default = Config::default();
         for opt in OPTIONS.iter().filter(|o| !described.contains(&o.flag)) {
             let Some(shown) = opt.default else { continue };

@@ -1016,7 +1016,15 @@ fn a_full_outbox_refuses_with_offline_queue_full() {
     assert_eq!(bodies, ["m1", "m2"], "the refused message is not stored");
     drop(server);
 
-    let server = start_on(&tmp.sub("bytes"), &["--offline-max-bytes", "1024"]);
+    let server = start_on(
+        &tmp.sub("bytes"),
+        &[
+            "--offline-max-bytes",
+            "1024",
+            "--offline-max-bytes-per-sender",
+            "1024",
+        ],
+    );
     let mut alice = Chat::joined(server.addr, "alice");
     let big = "y".repeat(600);
     send_queued(&mut alice, "bob", &big, "big1");

@@ -37,6 +37,9 @@ fn names_with_nothing_held_cost_the_store_nothing() {
         &[
             "--offline-max-bytes",
             "65536",
+            // One sender here, and the test is about names, not shares.
+            "--offline-max-bytes-per-sender",
+            "65536",
             "--offline-ttl",
             "1s",
             "--fsync",

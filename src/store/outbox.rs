@@ -148,9 +148,10 @@ impl Outboxes {
         }
     }
 
-    /// Messages held, and their bytes.
+    /// Messages held, and the bytes they count against `--offline-max-bytes`
+    /// (with the overhead of each name that has something held).
     pub fn held(&self) -> (usize, usize) {
-        (self.held, self.held_bytes)
+        (self.held, self.held_bytes + self.names_bytes)
     }
 
     /// Names with something held.
@@ -239,19 +240,20 @@ impl Outboxes {
             return Err(Full::User);
         }
         let cost = cost(from.len(), body_len);
-        let share = self.senders.get(from).copied().unwrap_or_default();
-        if share.messages >= self.limits.max_per_sender
-            || share.bytes + cost > self.limits.max_bytes_per_sender
-        {
-            return Err(Full::Sender);
-        }
         let new_name = if box_len == 0 {
             USER_OVERHEAD + user.len()
         } else {
             0
         };
+        // A full store is full for everyone: that answer before the share.
         if self.held_bytes + self.names_bytes + new_name + cost > self.limits.max_bytes {
             return Err(Full::Store);
+        }
+        let share = self.senders.get(from).copied().unwrap_or_default();
+        if share.messages >= self.limits.max_per_sender
+            || share.bytes + cost > self.limits.max_bytes_per_sender
+        {
+            return Err(Full::Sender);
         }
         Ok(())
     }
