@@ -297,15 +297,16 @@ impl Outboxes {
     /// Counts out a message that left `user`'s box; forgets the box once
     /// it is empty, and the sender's share once it is zero.
     fn forget(&mut self, user: &str, entry: &Entry) {
-        self.held -= 1;
-        self.held_bytes -= entry.cost();
-        if let Some(share) = self.senders.get_mut(&entry.from) {
-            share.messages -= 1;
-            share.bytes -= entry.cost();
-            if share.messages == 0 {
-                self.senders.remove(&entry.from);
-            }
-        }
+        count_out(
+            &mut self.held,
+            &mut self.held_bytes,
+            &mut self.senders,
+            entry,
+        );
+        self.forget_box_if_empty(user);
+    }
+
+    fn forget_box_if_empty(&mut self, user: &str) {
         if self.boxes.get(user).is_some_and(VecDeque::is_empty) {
             self.boxes.remove(user);
             self.names_bytes -= USER_OVERHEAD + user.len();
@@ -352,14 +353,19 @@ impl Outboxes {
 
     /// Removes `user`'s messages numbered up to `seq`.
     fn drop_through(&mut self, user: &str, seq: u64) -> usize {
+        // One lookup of the box for the whole acknowledgement, however many
+        // messages it covers (a reliable client acknowledges in batches).
+        let Some(entries) = self.boxes.get_mut(user) else {
+            return 0;
+        };
         let mut dropped = 0;
-        while let Some(entries) = self.boxes.get_mut(user) {
-            if entries.front().is_none_or(|e| e.seq > seq) {
-                break;
-            }
+        while entries.front().is_some_and(|e| e.seq <= seq) {
             let Some(e) = entries.pop_front() else { break };
-            self.forget(user, &e);
+            count_out(&mut self.held, &mut self.held_bytes, &mut self.senders, &e);
             dropped += 1;
+        }
+        if dropped > 0 {
+            self.forget_box_if_empty(user);
         }
         dropped
     }
@@ -546,6 +552,25 @@ impl Outboxes {
     /// About the size of [`snapshot`](Self::snapshot), for the compaction threshold.
     pub fn live_log_bytes(&self) -> usize {
         self.held_bytes + self.names_bytes + FRAME_OVERHEAD + 9 + self.known_bytes
+    }
+}
+
+/// Counts out one message that left its box: the store's totals and its
+/// sender's share (forgotten at zero).
+fn count_out(
+    held: &mut usize,
+    held_bytes: &mut usize,
+    senders: &mut HashMap<Rc<str>, Share>,
+    entry: &Entry,
+) {
+    *held -= 1;
+    *held_bytes -= entry.cost();
+    if let Some(share) = senders.get_mut(&entry.from) {
+        share.messages -= 1;
+        share.bytes -= entry.cost();
+        if share.messages == 0 {
+            senders.remove(&entry.from);
+        }
     }
 }
 
