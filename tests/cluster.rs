@@ -198,6 +198,14 @@ fn a_name_online_on_one_node_is_refused_on_another() {
     let mut second = Chat::open(b.addr, &ws_path("alice"));
     second.recv_error("username_taken", "same name on another node");
     second.expect_close(4009, None, "same name on another node");
+    // Another spelling of one name (NFD here, NFC there) is that name.
+    let mut zoe = Chat::open(a.addr, &ws_path("Zoe\u{308}"));
+    assert_eq!(
+        zoe.recv_type("welcome", "NFD zoe")["username"],
+        json!("Zo\u{eb}")
+    );
+    let mut nfc = Chat::open(b.addr, &ws_path("Zo\u{eb}"));
+    nfc.recv_error("username_taken", "the NFC spelling on another node");
     // Past the 2 s lease: renewed (in batches, every third of it), still hers.
     std::thread::sleep(Duration::from_millis(2500));
     let mut third = Chat::open(b.addr, &ws_path("alice"));
@@ -294,11 +302,16 @@ fn metrics_direct(n: &ChatServer) -> String {
                 .map(|r| r[..16].to_string())
         })
         .expect("node id in the log");
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = metrics(n.addr);
         if m.contains(&id) {
             return m;
         }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} never answered /metrics"
+        );
     }
 }
 

@@ -180,7 +180,7 @@ pub struct Remote {
     nodes: HashMap<Rc<str>, NodeSeen>,
     /// The remote names encoded as a list (see `encode::name_list_push`),
     /// rebuilt when the directory changed.
-    listed: Option<Vec<u8>>,
+    listed: Option<(usize, Vec<u8>)>,
     outgoing: Vec<Outgoing>,
     outgoing_bytes: usize,
     pending: HashMap<u64, Pending>,
@@ -203,7 +203,7 @@ impl Remote {
             node: Rc::from(node),
             directory: HashMap::new(),
             nodes: HashMap::new(),
-            listed: Some(Vec::new()),
+            listed: None,
             outgoing: Vec::new(),
             outgoing_bytes: 0,
             pending: HashMap::new(),
@@ -266,16 +266,22 @@ impl Remote {
         self.nodes.len()
     }
 
-    /// The remote names, encoded for a `welcome` or `users` list.
+    /// The remote names, at most `limit` of them, encoded for a `welcome`
+    /// or `users` list. Kept until the directory or the limit changes (the
+    /// limit is what the local names leave of the list's room).
     pub fn listed(&mut self, limit: usize) -> &[u8] {
-        let directory = &self.directory;
-        self.listed.get_or_insert_with(|| {
+        if self
+            .listed
+            .as_ref()
+            .is_none_or(|(built_for, _)| *built_for != limit)
+        {
             let mut list = Vec::new();
-            for name in directory.keys().take(limit) {
+            for name in self.directory.keys().take(limit) {
                 encode::name_list_push(&mut list, name);
             }
-            list
-        })
+            self.listed = Some((limit, list));
+        }
+        self.listed.as_ref().map_or(&[], |(_, list)| list)
     }
 
     pub fn has_outgoing(&self) -> bool {
@@ -685,6 +691,21 @@ mod tests {
         assert_eq!(gone, vec![Rc::from("bob")]);
         assert_eq!(r.online(), 1);
         assert_eq!(r.listed(10), br#""cat""#);
+    }
+
+    #[test]
+    fn the_listed_names_follow_the_limit_they_are_asked_for() {
+        let mut r = Remote::new("me");
+        r.heard("n1", 1);
+        for name in ["a", "b", "c"] {
+            r.joined("n1", Rc::from(name));
+        }
+        let count = |list: &[u8]| list.split(|&b| b == b',').filter(|s| !s.is_empty()).count();
+        assert_eq!(count(r.listed(10)), 3);
+        // Fewer rooms left in the list (more local users): fewer names.
+        assert_eq!(count(r.listed(1)), 1);
+        assert_eq!(count(r.listed(0)), 0);
+        assert_eq!(count(r.listed(2)), 2);
     }
 
     #[test]

@@ -61,7 +61,12 @@ impl Core {
             Some(name) => Some(std::borrow::Cow::Borrowed(name)),
             None => crate::chat::username::query_param(query, "username"),
         };
-        let Some(name) = requested.filter(|n| crate::chat::username::is_valid(n)) else {
+        // The name the router will join it under (NFC): the lease must be
+        // for that spelling, or another node could admit the same name.
+        let Some(name) = requested
+            .as_deref()
+            .and_then(|n| crate::chat::username::canonical(n).ok())
+        else {
             return false; // the router refuses it
         };
         // Held here already: the router refuses it (or, with a token, the
