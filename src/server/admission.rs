@@ -4,14 +4,13 @@
 //! slots kept beyond it for health checks. The policies themselves are in
 //! [`crate::limits`]; this is where the loop's sockets and clock meet them.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use slab::Slab;
 
-use super::Core;
+use super::{lifecycle, Core};
 use crate::conn::{CloseReason, Connection, Peer};
 use crate::http;
 use crate::limits::forwarded::TrustedProxies;
@@ -100,12 +99,7 @@ impl Core {
         admission.hint(peer.ip());
         log::debug!("{peer} refused: 429 ({refusal:?})");
         self.metrics.count_refused_per_ip(refusal, true);
-        // Best effort, as for the 503: the socket is fresh, so its buffer has
-        // room. What already arrived is read, so that closing sends a FIN
-        // after the answer rather than a reset that could destroy it.
-        let _ = (&*socket).write(limits::too_many_requests(refusal));
-        let _ = socket.shutdown(Shutdown::Write);
-        let _ = (&*socket).read(&mut [0; 4096]);
+        lifecycle::answer_fresh_and_close(socket, limits::too_many_requests(refusal));
         true
     }
 

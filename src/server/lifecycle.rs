@@ -19,6 +19,16 @@ use crate::log;
 use crate::timer::Tick;
 use crate::ws::CloseCode;
 
+/// Answers a socket just accepted, before anything is read from it, and
+/// lets the caller drop it. Best effort: a fresh socket's buffer has room.
+/// What already arrived is read, so that closing sends a FIN after the
+/// answer rather than a reset that could destroy it.
+pub(super) fn answer_fresh_and_close(socket: &TcpStream, answer: &[u8]) {
+    let _ = (&*socket).write(answer);
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let _ = (&*socket).read(&mut [0; 4096]);
+}
+
 /// How long a refused request's socket stays after its answer was queued,
 /// for the answer to leave and the client's FIN to come back.
 const REFUSED_LINGER: Duration = Duration::from_millis(250);
@@ -78,11 +88,7 @@ impl Core {
             );
             self.memory.refusing = true;
         }
-        // As for the 429: what already arrived is read, so that closing
-        // sends a FIN after the answer rather than a reset that could destroy it.
-        let _ = (&*socket).write(http::BUSY);
-        let _ = socket.shutdown(std::net::Shutdown::Write);
-        let _ = (&*socket).read(&mut [0; 4096]);
+        answer_fresh_and_close(socket, http::BUSY);
         self.metrics.memory.connections_refused += 1;
         self.metrics.count_refused_at_capacity();
         true
