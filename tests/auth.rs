@@ -9,7 +9,7 @@ mod common;
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use chat_support::{percent_encode, tcp, Chat, ChatServer, Event};
 use serde_json::{json, Value};
 use support::eintr::Restarting;
+use support::http;
 use support::token::{self, b64url};
 use tungstenite::client::IntoClientRequest;
 
@@ -264,19 +265,11 @@ fn every_bad_token_gets_401_and_is_never_logged() {
         !logs.contains(&good[good.len() - 20..]),
         "a good token logged"
     );
-    let metrics = http_get(server.addr, "/metrics");
+    let metrics = http::get(server.addr, "/metrics");
     assert!(
         metrics.contains("wschat_handshake_failures_total{reason=\"http_401\"}"),
         "{metrics}"
     );
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
-    text
 }
 
 #[test]
@@ -451,7 +444,7 @@ fn offline_mail_only_for_users_a_token_named_and_they_survive_kill_9() {
     bob.recv_type("welcome", "bob again");
     assert_eq!(send(&mut bob, "alice")["status"], "queued");
     assert_eq!(send(&mut bob, "zed")["code"], "unknown_user");
-    let metrics = http_get(second.addr, "/metrics");
+    let metrics = http::get(second.addr, "/metrics");
     assert!(metrics.contains("\nwschat_known_users 2\n"), "{metrics}");
     // alice gets both, in order.
     let mut alice = open_with_query(second.addr, &token_for("alice", 600));
@@ -474,13 +467,13 @@ fn metrics_listen_serves_metrics_apart_from_the_chat() {
         .lines()
         .find_map(|l| support::spawn::address_after(l, "metrics on "))
         .unwrap_or_else(|| panic!("no `metrics on` line:\n{logs}"));
-    assert!(http_get(admin, "/metrics").starts_with("HTTP/1.1 200"));
-    assert!(http_get(admin, "/healthz").starts_with("HTTP/1.1 200"));
-    assert!(http_get(admin, "/").starts_with("HTTP/1.1 404"));
+    assert!(http::get(admin, "/metrics").starts_with("HTTP/1.1 200"));
+    assert!(http::get(admin, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http::get(admin, "/").starts_with("HTTP/1.1 404"));
     assert!(upgrade(admin, "/ws?username=alice", "").starts_with("HTTP/1.1 404"));
     // The chat's address no longer shows metrics, and still does the rest.
-    assert!(http_get(server.addr, "/metrics").starts_with("HTTP/1.1 404"));
-    assert!(http_get(server.addr, "/healthz").starts_with("HTTP/1.1 200"));
-    assert!(http_get(server.addr, "/").starts_with("HTTP/1.1 200"));
+    assert!(http::get(server.addr, "/metrics").starts_with("HTTP/1.1 404"));
+    assert!(http::get(server.addr, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http::get(server.addr, "/").starts_with("HTTP/1.1 200"));
     assert!(upgrade(server.addr, "/ws?username=alice", "").starts_with("HTTP/1.1 101"));
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chat_support::{ws_path, Chat, ChatServer, Event};
 use serde_json::{json, Value};
+use support::http;
 use support::redis::Redis;
 use support::token;
 
@@ -31,18 +32,11 @@ fn node(redis: &Redis, extra: &[&str]) -> ChatServer {
 
 /// The node's `/metrics` text.
 fn metrics(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect for /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text
+    http::get(addr, "/metrics")
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    http::metric_value(text, name)
 }
 
 /// Waits until every node is up on Redis and has heard from all the others.

@@ -8,7 +8,7 @@ mod chat_support;
 mod support;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use chat_support::{
     client_frame, Chat, ChatServer, Raw, RawRead, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,
 };
 use serde_json::{json, Value};
+use support::http;
 
 /// One masked text frame, as a client sends it.
 fn text_frame(text: &str) -> Vec<u8> {
@@ -338,10 +339,11 @@ fn a_private_flood_cannot_knock_a_steady_reader_off_and_the_flooder_pays() {
     assert_eq!(got, delivered, "delivered means received, in order");
     // The flood's cost fell on the flooder: it was held (not read) while the
     // victim drained.
-    let metrics = http_get(server.addr, "/metrics");
-    let held = metric(&metrics, "wschat_senders_held_total");
+    let metrics = http::get(server.addr, "/metrics");
+    let held = http::metric_value(&metrics, "wschat_senders_held_total")
+        .unwrap_or_else(|| panic!("no wschat_senders_held_total in {metrics}"));
     assert!(
-        held > 0,
+        held > 0.0,
         "the flooder was never held ({} delivered, {busy} refused): {metrics}",
         delivered.len()
     );
@@ -360,20 +362,6 @@ fn set_receive_buffer(stream: &TcpStream, bytes: libc::c_int) {
         )
     };
     assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut text).expect("response");
-    text
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 #[test]

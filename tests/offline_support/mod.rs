@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::{Read, Write};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::chat_support::{percent_encode, tcp, Chat, ChatServer};
+use crate::chat_support::{percent_encode, Chat, ChatServer};
 
 /// How long a stopped or killed server may take to exit.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,14 +144,7 @@ pub fn run_to_exit(args: &[&str]) -> Output {
 
 /// The whole answer to `GET path` (the server closes after it).
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tcp(addr);
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")
-        .unwrap_or_else(|e| panic!("request {path}: {e}"));
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .unwrap_or_else(|e| panic!("read {path}: {e}"));
-    text
+    crate::support::http::get(addr, path)
 }
 
 /// One figure from `GET /metrics`.

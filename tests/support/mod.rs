@@ -5,6 +5,7 @@
 //! A test crate that uses a suite helper declares `mod support;` next to it.
 
 pub mod eintr;
+pub mod http;
 pub mod redis;
 pub mod skip;
 pub mod source;
