@@ -18,6 +18,11 @@ use super::store::{Held, FETCH_BATCH};
 /// and comes with the next `resume`).
 pub const MAX_KEPT: usize = 1000;
 
+/// Live messages kept over all names at most (a node could otherwise be
+/// made to hold `MAX_KEPT` for each of thousands of joining names); beyond,
+/// a message is not kept: it stays in the outbox for the next `resume`.
+pub const MAX_KEPT_TOTAL: usize = 10_000;
+
 /// What to deliver to a user, in this order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Deliver<P> {
@@ -44,6 +49,8 @@ pub enum Heard<P> {
     Given(P),
     /// The user is not here.
     NotHere(P),
+    /// Not kept: too many are kept over all names.
+    Full(P),
 }
 
 #[derive(Debug)]
@@ -60,6 +67,8 @@ pub struct Catchup<P> {
     names: HashMap<Rc<str>, Name<P>>,
     /// Live messages dropped because too many were kept.
     pub dropped: u64,
+    /// Live messages kept over all names.
+    kept_total: usize,
 }
 
 impl<P> Default for Catchup<P> {
@@ -67,6 +76,7 @@ impl<P> Default for Catchup<P> {
         Catchup {
             names: HashMap::new(),
             dropped: 0,
+            kept_total: 0,
         }
     }
 }
@@ -74,7 +84,12 @@ impl<P> Default for Catchup<P> {
 impl<P> Catchup<P> {
     /// `name` joined (its lease is granted) and its outbox is being fetched
     /// after `after` (its `resume` point, 0 for everything).
+    /// (A name being fetched already is left as it is: that fetch answers
+    /// for both, and what was kept for it stays.)
     pub fn begin(&mut self, name: Rc<str>, after: u64) {
+        if self.names.get(&name).is_some_and(|s| s.kept.is_some()) {
+            return;
+        }
         self.names.insert(
             name,
             Name {
@@ -86,11 +101,13 @@ impl<P> Catchup<P> {
 
     /// `name` left this node: the live messages kept for it are returned.
     pub fn end(&mut self, name: &str) -> Vec<P> {
-        self.names
+        let kept = self
+            .names
             .remove(name)
             .and_then(|state| state.kept)
-            .map(|kept| kept.into_iter().map(|(_, message)| message).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.kept_total -= kept.len();
+        kept.into_iter().map(|(_, message)| message).collect()
     }
 
     /// `name`, here and delivered to live, is to be fetched again (its lease
@@ -132,13 +149,20 @@ impl<P> Catchup<P> {
         match &mut state.kept {
             Some(kept) => {
                 let dropped = (kept.len() >= MAX_KEPT).then(|| kept.remove(0));
+                if dropped.is_none() && self.kept_total >= MAX_KEPT_TOTAL {
+                    self.dropped += 1;
+                    return Heard::Full(message);
+                }
                 kept.push((seq, message));
                 match dropped {
                     Some((_, old)) => {
                         self.dropped += 1;
                         Heard::KeptDropping(old)
                     }
-                    None => Heard::Kept,
+                    None => {
+                        self.kept_total += 1;
+                        Heard::Kept
+                    }
                 }
             }
             None => {
@@ -178,7 +202,9 @@ impl<P> Catchup<P> {
         if full {
             return (out, Some(state.given));
         }
-        for (seq, message) in state.kept.take().unwrap_or_default() {
+        let kept = state.kept.take().unwrap_or_default();
+        self.kept_total -= kept.len();
+        for (seq, message) in kept {
             if seq > state.given {
                 state.given = seq;
                 out.push(Deliver::Live(seq, message));
@@ -289,6 +315,32 @@ mod tests {
         // 5 was stored while nobody held bob's lease.
         let (out, _) = c.fetched("bob", 4, vec![held(5)]);
         assert_eq!(seqs(&out), [('o', 5), ('l', 7)]);
+    }
+
+    #[test]
+    fn kept_messages_are_bounded_over_all_names() {
+        let mut c = Catchup::default();
+        let names: Vec<Rc<str>> = (0..=MAX_KEPT_TOTAL / MAX_KEPT)
+            .map(|i| Rc::from(format!("u{i}")))
+            .collect();
+        for name in &names {
+            c.begin(name.clone(), 0);
+        }
+        for (i, name) in names.iter().enumerate().take(MAX_KEPT_TOTAL / MAX_KEPT) {
+            for seq in 1..=MAX_KEPT as u64 {
+                assert_eq!(c.live(name, seq, i), Heard::Kept);
+            }
+        }
+        let last = names.last().unwrap();
+        assert_eq!(c.live(last, 1, 99), Heard::Full(99), "none left to keep");
+        // A name that keeps its most allowed still drops its own oldest.
+        assert_eq!(c.live(&names[0], 5000, 0), Heard::KeptDropping(0));
+        // Kept ones handed back make room again.
+        assert_eq!(c.end(&names[1]).len(), MAX_KEPT);
+        assert_eq!(c.live(last, 1, 99), Heard::Kept);
+        let (out, _) = c.fetched(&names[2], 0, vec![]);
+        assert_eq!(out.len(), MAX_KEPT);
+        assert_eq!(c.kept_total, MAX_KEPT_TOTAL - 2 * MAX_KEPT + 1);
     }
 
     #[test]

@@ -1074,9 +1074,23 @@ impl Cluster {
             counter(
                 out,
                 "wschat_cluster_receipts_lost_total",
-                "Cross-node privates whose receipt never came.",
+                "Privates whose store answer or receipt never came.",
                 s.receipts_lost,
             );
+            counter(
+                out,
+                "wschat_cluster_catchup_dropped_total",
+                "Live privates not kept for a joining user (too many kept); they wait in its outbox.",
+                remote.catchup.dropped,
+            );
+            if let Some(m) = &self.migration {
+                gauge(
+                    out,
+                    "wschat_cluster_migration_pending",
+                    "Local-log messages not yet uploaded to the store.",
+                    (m.entries.len() - m.answered) as u64,
+                );
+            }
             gauge(
                 out,
                 "wschat_cluster_peers",

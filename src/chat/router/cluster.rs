@@ -188,7 +188,9 @@ impl Router {
                     Heard::Given((node, carried)) => {
                         self.answer_stored(node, carried.tag, Outcome::Delivered, out)
                     }
-                    Heard::KeptDropping((node, carried)) | Heard::NotHere((node, carried)) => {
+                    Heard::KeptDropping((node, carried))
+                    | Heard::NotHere((node, carried))
+                    | Heard::Full((node, carried)) => {
                         self.answer_stored(node, carried.tag, Outcome::Absent, out)
                     }
                 }
