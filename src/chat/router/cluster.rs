@@ -449,7 +449,9 @@ impl Router {
             .index
             .get(&**name)
             .map(|&p| (self.members[p].conn, self.members[p].reliable));
-        let mut last_offline = 0;
+        // The last offline message written with none refused before it:
+        // what a simple client's copies may be removed up to.
+        let (mut written_through, mut refused) = (0, false);
         let mut json = Vec::with_capacity(256);
         for delivery in deliveries {
             match delivery {
@@ -469,9 +471,15 @@ impl Router {
                             offline: true,
                         },
                     );
-                    out.send(conn, &json, Class::Reply);
+                    // Only what the connection took leaves the store.
+                    if out.send(conn, &json, Class::Reply) != Delivery::Queued {
+                        refused = true;
+                        continue;
+                    }
                     self.stats.deliveries += 1;
-                    last_offline = held.seq;
+                    if !refused {
+                        written_through = held.seq;
+                    }
                     self.tell_sender(&held.from, held.id, Status::Delivered, out);
                 }
                 Deliver::Live(seq, (node, carried)) => {
@@ -484,11 +492,11 @@ impl Router {
             }
         }
         if let (Some((_, false)), Some(remote)) = (member, &mut self.remote) {
-            if last_offline > 0 {
+            if written_through > 0 {
                 remote.store(StoreOp::Ack {
                     name: name.clone(),
                     from: 0,
-                    to: last_offline,
+                    to: written_through,
                 });
             }
         }
