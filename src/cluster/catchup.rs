@@ -124,6 +124,14 @@ impl<P> Catchup<P> {
         Some(state.given)
     }
 
+    /// Where `name`'s fetch starts, if it is being fetched (or held back for one).
+    pub fn fetch_point(&self, name: &str) -> Option<u64> {
+        self.names
+            .get(name)
+            .filter(|state| state.kept.is_some())
+            .map(|state| state.given)
+    }
+
     /// Whether `name` is here (joined, or joining).
     pub fn has(&self, name: &str) -> bool {
         self.names.contains_key(name)

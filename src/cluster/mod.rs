@@ -47,6 +47,13 @@ const RENEW_BATCH: usize = 1000;
 /// `PEXPIRE` on every key given, answering 1 or 0 for each.
 const RENEW_SCRIPT: &[u8] = b"local r = {} for i, k in ipairs(KEYS) do \
     r[i] = redis.call('PEXPIRE', k, ARGV[1]) end return r";
+/// Takes a name's lease for this node if it is free (answers nil), or
+/// answers its holder; a lease this node holds already (left from an
+/// earlier session, whose release was skipped while Redis was away) gets
+/// a fresh expiry, or it would lapse under the new session between renewals.
+const LEASE_SCRIPT: &[u8] = b"local v = redis.call('GET', KEYS[1]) \
+    if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return false end \
+    if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return v";
 /// How long a join waits for Redis before it is told 1013 (at most the lease).
 pub const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// How long the link may take to come up, or a command to be answered,
@@ -54,6 +61,9 @@ pub const JOIN_WAIT: Duration = Duration::from_secs(5);
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the store's held messages are swept for expiry.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// Removals from the store (`ACK`s) kept to be sent again after a lost
+/// link, at most; beyond, the message comes again in its user's next session.
+const MAX_UNSENT_ACKS: usize = 100_000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -149,8 +159,11 @@ pub enum Event {
     LeaseLost(Rc<str>),
     /// The link came up: re-register the local names.
     Up,
-    /// A local user's lease had lapsed in Redis and is taken again: its
-    /// outbox holds what was sent to it meanwhile.
+    /// A local user's lease was found missing in Redis and is being taken
+    /// again: hold back what is published to it until its outbox is fetched.
+    LeaseMissing(Rc<str>),
+    /// A local user's lease is this node's again (after `Up` or
+    /// `LeaseMissing`): its outbox holds what was sent meanwhile.
     Reclaimed(Rc<str>),
     /// An authenticated user's lease was taken from this node: its session there ends.
     TookOver(Rc<str>, Rc<str>),
@@ -158,6 +171,11 @@ pub enum Event {
     Ids(u64),
     /// The store's answer to a private message (by its tag).
     Sent(u64, Result<Sent, BadReply>),
+    /// A private message (by its tag) was never sent to the store.
+    NotSent(u64),
+    /// A private message (by its tag) was sent to the store and its answer
+    /// lost with the link: it may be stored (and delivered) or not.
+    Unconfirmed(u64),
     /// More of a joined user's outbox.
     Fetched(Rc<str>, Result<Fetched, BadReply>),
     /// The outbox of a user whose lease was granted: it joins now.
@@ -191,6 +209,8 @@ enum Expect {
     JoinFetch(Box<WaitingJoin>),
     /// The store's `EXPIRE` sweep.
     Expire,
+    /// A removal from an outbox: sent again if the link is lost first.
+    Ack(StoreOp),
     /// One message of the local log uploaded (its index in the migration).
     Migrate(usize),
     /// `ACK`, `REMEMBER`, `SCRIPT LOAD`: an error is logged (a lost script
@@ -241,6 +261,15 @@ pub struct Cluster {
     pub now_ms: u64,
     /// Joins whose outbox fetch was lost with the link: told 1013 next tick.
     lost_joins: Vec<WaitingJoin>,
+    /// Removals not sent, or not answered, when the link was lost: sent
+    /// first when it is back (an `ACK` is idempotent), so that a message
+    /// written to a simple client is not given to it again.
+    unsent_acks: Vec<StoreOp>,
+    /// Privates (by tag) never sent to the store: refused, next tick.
+    not_sent: Vec<u64>,
+    /// Privates (by tag) sent to the store whose answer was lost with the
+    /// link: they may or may not be stored.
+    unconfirmed: Vec<u64>,
     migration: Option<Migration>,
     /// Set when Redis lost the scripts: the link is dropped and made again.
     broken: Option<String>,
@@ -276,6 +305,9 @@ impl Cluster {
             store,
             now_ms: 0,
             lost_joins: Vec::new(),
+            unsent_acks: Vec::new(),
+            not_sent: Vec::new(),
+            unconfirmed: Vec::new(),
             migration: None,
             broken: None,
             expire_at: now,
@@ -373,6 +405,12 @@ impl Cluster {
         Ok(())
     }
 
+    fn keep_ack(&mut self, op: StoreOp) {
+        if self.unsent_acks.len() < MAX_UNSENT_ACKS {
+            self.unsent_acks.push(op);
+        }
+    }
+
     fn command_owned(&mut self, args: &[Vec<u8>], expect: Expect, now: Instant) {
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
         self.command(&args, expect, now);
@@ -407,7 +445,10 @@ impl Cluster {
             StoreOp::Fetch { name, after, ack } => {
                 (self.store.fetch(&name, after, ack), Expect::Fetch(name))
             }
-            StoreOp::Ack { name, from, to } => (self.store.ack(&name, from, to), Expect::Store),
+            StoreOp::Ack { name, from, to } => {
+                let args = self.store.ack(&name, from, to);
+                (args, Expect::Ack(StoreOp::Ack { name, from, to }))
+            }
             StoreOp::Remember(name) => (
                 self.store.remember(&name, self.settings.max_known),
                 Expect::Store,
@@ -492,7 +533,7 @@ impl Cluster {
         let lease = self.lease_ms();
         let node = self.node.clone();
         self.command(
-            &[b"SET", &key, node.as_bytes(), b"NX", b"PX", &lease, b"GET"],
+            &[b"EVAL", LEASE_SCRIPT, b"1", &key, node.as_bytes(), &lease],
             Expect::Join(join.conn_id, join.name.clone()),
             now,
         );
@@ -560,11 +601,16 @@ impl Cluster {
                 }
                 Outgoing::Release(name) => self.release(&name, now),
                 Outgoing::Store(op) => {
-                    // Not sent: a private's sender is told when its answer
-                    // is overdue (at once while the link is down); a fetch
-                    // is asked again when the link is back.
                     if !self.is_up() || self.expecting.len() >= MAX_IN_FLIGHT {
+                        // Not sent: a private's sender is told; a removal
+                        // waits for the link; a fetch is asked again when
+                        // the link is back.
                         self.stats.shed += 1;
+                        match op {
+                            StoreOp::Send { carried, .. } => self.not_sent.push(carried.tag),
+                            StoreOp::Ack { .. } => self.keep_ack(op),
+                            _ => {}
+                        }
                         continue;
                     }
                     self.store_command(op, now);
@@ -609,7 +655,7 @@ impl Cluster {
         let lease = self.lease_ms();
         let node = self.node.clone();
         self.command(
-            &[b"SET", &key, node.as_bytes(), b"NX", b"PX", &lease, b"GET"],
+            &[b"EVAL", LEASE_SCRIPT, b"1", &key, node.as_bytes(), &lease],
             Expect::Reclaim(name),
             now,
         );
@@ -652,6 +698,12 @@ impl Cluster {
             if self.expecting.len() < MAX_IN_FLIGHT {
                 self.store_command(StoreOp::Expire, now);
             }
+        }
+        for tag in self.not_sent.drain(..) {
+            events.push(Event::NotSent(tag));
+        }
+        for tag in self.unconfirmed.drain(..) {
+            events.push(Event::Unconfirmed(tag));
         }
         for join in self.lost_joins.drain(..) {
             self.stats.joins_timed_out += 1;
@@ -721,9 +773,12 @@ impl Cluster {
         }
         self.command.close(registry);
         self.subscriber.close(registry);
-        for (expect, _) in self.expecting.drain(..) {
-            if let Expect::JoinFetch(join) = expect {
-                self.lost_joins.push(*join);
+        for (expect, _) in std::mem::take(&mut self.expecting) {
+            match expect {
+                Expect::JoinFetch(join) => self.lost_joins.push(*join),
+                Expect::Ack(op) => self.keep_ack(op),
+                Expect::Send(tag) => self.unconfirmed.push(tag),
+                _ => {}
             }
         }
         if let Some(m) = &mut self.migration {
@@ -831,6 +886,11 @@ impl Cluster {
                     self.send_join(join, now);
                 }
                 self.waiting = waiting;
+                // Removals first: a fetch after them must not find those
+                // messages again.
+                for op in std::mem::take(&mut self.unsent_acks) {
+                    self.store_command(op, now);
+                }
                 self.pump_migration(now);
                 events.push(Event::Up);
             }
@@ -894,6 +954,10 @@ impl Cluster {
                 };
                 for (name, result) in names.into_iter().zip(results) {
                     if result == Frame::Integer(0) {
+                        // Told before the lease is taken again (both go out
+                        // at the end of this turn), so the router holds back
+                        // what is published to it from then on.
+                        events.push(Event::LeaseMissing(name.clone()));
                         self.reclaim_one(name, now);
                     }
                 }
@@ -922,13 +986,16 @@ impl Cluster {
                 }
             }
             Expect::Migrate(i) => self.migrated(i, &frame, events, now),
-            Expect::Store => {
+            Expect::Store | Expect::Ack(_) => {
                 let _ = self.store_reply(&frame, |_| Ok(()));
             }
             Expect::Reclaim(name) => match frame {
-                // It was gone: what was sent meanwhile was held, not published.
+                // Ours again: what was sent while it was gone (or while this
+                // node was not subscribed) was held, not published.
                 Frame::Bulk(None) => events.push(Event::Reclaimed(name)),
-                Frame::Bulk(Some(holder)) if holder == self.node.as_bytes() => {}
+                Frame::Bulk(Some(holder)) if holder == self.node.as_bytes() => {
+                    events.push(Event::Reclaimed(name))
+                }
                 _ => events.push(Event::LeaseLost(name)),
             },
         }
@@ -1261,8 +1328,85 @@ mod tests {
             &mut events,
         );
         assert!(matches!(c.expecting.back(), Some((Expect::Reclaim(n), _)) if &**n == "ann"));
+        // The router hears it is missing before the reclaim is even sent.
+        assert!(matches!(events.as_slice(), [Event::LeaseMissing(n)] if &**n == "ann"));
+        events.clear();
         c.on_reply(bulk("another"), now, &mut events);
         assert!(matches!(events.as_slice(), [Event::LeaseLost(n)] if &**n == "ann"));
+        // Taken again (free, or ours): the outbox is fetched again.
+        for reply in [Frame::Bulk(None), bulk(&c.node.clone())] {
+            events.clear();
+            c.reclaim_one(Rc::from("ann"), now);
+            c.on_reply(reply, now, &mut events);
+            assert!(matches!(events.as_slice(), [Event::Reclaimed(n)] if &**n == "ann"));
+        }
+    }
+
+    #[test]
+    fn removals_and_privates_lost_with_the_link_are_redone_or_reported() {
+        let mut c = cluster(15);
+        let now = Instant::now();
+        let registry = mio::Poll::new().unwrap();
+        let registry = registry.registry();
+        let ack = StoreOp::Ack {
+            name: Rc::from("bob"),
+            from: 5,
+            to: 5,
+        };
+        c.store_command(ack.clone(), now);
+        let carried = remote::Carried {
+            tag: 7,
+            id: 1,
+            ts: 1,
+            from: "ann".into(),
+            to: "bob".into(),
+            body: "x".into(),
+        };
+        c.store_command(
+            StoreOp::Send {
+                carried: carried.clone(),
+                online: true,
+            },
+            now,
+        );
+        c.fail(registry, now, 0, "test");
+        // While down: a removal waits, a private is refused.
+        let mut remote = Remote::new("me");
+        remote.store(ack.clone());
+        remote.up = true;
+        assert!(remote.store_private(remote::Carried { tag: 0, ..carried }, true, None, 0));
+        c.send_outgoing(&mut remote, now);
+        assert_eq!(c.unsent_acks, vec![ack.clone(), ack.clone()]);
+        let mut events = Vec::new();
+        c.tick(registry, now, &mut events);
+        let told: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::NotSent(tag) => Some(format!("not sent {tag}")),
+                Event::Unconfirmed(tag) => Some(format!("unconfirmed {tag}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told, ["not sent 1", "unconfirmed 7"]);
+        // Back up: the removals go first.
+        c.state = State::Connecting {
+            since: now,
+            attempt: 1,
+        };
+        c.subscriber.setup_replies = 0;
+        let subscribed = Frame::Array(Some(vec![
+            bulk("subscribe"),
+            bulk("t:node:x"),
+            Frame::Integer(2),
+        ]));
+        c.on_push(subscribed, now, &mut events).unwrap();
+        assert!(c.unsent_acks.is_empty());
+        let acks = c
+            .expecting
+            .iter()
+            .filter(|(e, _)| matches!(e, Expect::Ack(op) if *op == ack))
+            .count();
+        assert_eq!(acks, 2);
     }
 
     #[test]

@@ -173,7 +173,7 @@ impl Core {
                 }
                 Event::Up => {
                     let now_ms = self.now_ms;
-                    router.cluster_refetch();
+                    router.cluster_hold_all();
                     cluster.reclaim(router.local_names(), now);
                     let names: Vec<_> = router.local_names().cloned().collect();
                     if let Some(remote) = router.remote_mut() {
@@ -202,9 +202,12 @@ impl Core {
                 Event::JoinGranted(join) => self.fetch_then_join(conns, join, now),
                 Event::JoinFetched(join, fetched) => self.joined(conns, join, fetched, now),
                 Event::Sent(tag, sent) => router.on_sent(tag, sent, &mut mailer),
+                Event::NotSent(tag) => router.on_unsent(tag, true, &mut mailer),
+                Event::Unconfirmed(tag) => router.on_unsent(tag, false, &mut mailer),
                 Event::Fetched(name, fetched) => router.on_fetched(&name, fetched, &mut mailer),
                 Event::Expired(expired) => router.on_store_expired(expired, &mut mailer),
                 Event::Migrated(done) => router.migrated(done),
+                Event::LeaseMissing(name) => router.cluster_hold(&name),
                 Event::Reclaimed(name) => router.cluster_fetch_again(&name),
                 Event::JoinRefused(join) => {
                     if let Some(slot) = waiting_slot(mailer.conns, &join) {

@@ -369,6 +369,31 @@ impl Router {
         }
     }
 
+    /// A private message the store never got (`surely_not_stored`) or whose
+    /// answer was lost with the link: its sender is told which.
+    pub fn on_unsent(&mut self, tag: u64, surely_not_stored: bool, out: &mut impl Outbox) {
+        let Some(pending) = self.remote.as_mut().and_then(|r| r.answered(tag)) else {
+            return;
+        };
+        let Some(&p) = self.index.get(pending.carried.from.as_str()) else {
+            return;
+        };
+        let sender = self.members[p].conn;
+        let reference = pending.reference.as_deref();
+        if surely_not_stored {
+            let message = "the other chat servers cannot be reached; try again later";
+            self.send_error(sender, "cluster_unavailable", message, reference, out);
+        } else {
+            self.unconfirmed(sender, reference, out);
+        }
+    }
+
+    fn unconfirmed(&mut self, sender: ConnId, reference: Option<&str>, out: &mut impl Outbox) {
+        let message =
+            "the offline store did not confirm the message; it may have been stored and delivered";
+        self.send_error(sender, "unconfirmed", message, reference, out);
+    }
+
     /// Whether `name`'s outbox is being fetched already (its join waits for it).
     pub(super) fn cluster_replay(&mut self, name: &Rc<str>, resume: Option<u64>) -> bool {
         let Some(remote) = &mut self.remote else {
@@ -521,11 +546,15 @@ impl Router {
         }
     }
 
-    /// The link to Redis is back: every local user's outbox is fetched
-    /// again after what it was given (a restarted Redis lost the leases, and
-    /// held what was sent meanwhile instead of publishing it), and the local
-    /// names are remembered again. The caller has queued the leases first.
-    pub fn cluster_refetch(&mut self) {
+    /// The link to Redis is back: every local user's live messages are held
+    /// back until its outbox is fetched again after what it was given, once
+    /// its lease is ours again ([`cluster_fetch_again`](Self::cluster_fetch_again)):
+    /// a restarted Redis lost the leases and held what was sent meanwhile, and
+    /// what was published while this node was not subscribed never came.
+    /// The local names are remembered again too. Called before the leases
+    /// are asked for, so that nothing published after them is delivered
+    /// ahead of what the fetch finds.
+    pub fn cluster_hold_all(&mut self) {
         let Some(remote) = &mut self.remote else {
             return;
         };
@@ -533,27 +562,30 @@ impl Router {
             remote.store(StoreOp::Remember(member.name.clone()));
             remote.catchup.again(&member.name);
         }
-        let again: Vec<(Rc<str>, u64)> = remote
-            .catchup
-            .fetching()
-            .map(|(n, after)| (n.clone(), after))
-            .collect();
-        for (name, after) in again {
-            remote.store(StoreOp::Fetch {
-                name,
-                after,
-                ack: false,
-            });
+    }
+
+    /// `name`'s lease was found missing (and is being taken again): what is
+    /// published to it is held back until the fetch after the lease.
+    pub fn cluster_hold(&mut self, name: &str) {
+        if let Some(remote) = &mut self.remote {
+            remote.catchup.again(name);
         }
     }
 
-    /// `name`'s lease had lapsed and is taken again: its outbox is fetched
-    /// again after what it was given.
+    /// `name`'s lease is ours again: its outbox is fetched after what it
+    /// was given, and what was held back goes after that.
     pub fn cluster_fetch_again(&mut self, name: &Rc<str>) {
         let Some(remote) = &mut self.remote else {
             return;
         };
-        if let Some(after) = remote.catchup.again(name) {
+        if !self.index.contains_key(&**name) {
+            return;
+        }
+        let after = remote
+            .catchup
+            .fetch_point(name)
+            .or_else(|| remote.catchup.again(name));
+        if let Some(after) = after {
             remote.store(StoreOp::Fetch {
                 name: name.clone(),
                 after,
@@ -594,9 +626,7 @@ impl Router {
                 encode::receipt(&mut json, pending.carried.id, reference, "queued");
                 out.send(sender, &json, Class::Reply);
             } else {
-                let message =
-                    "the offline store did not answer; the message may not have been stored";
-                self.send_error(sender, "cluster_unavailable", message, reference, out);
+                self.unconfirmed(sender, reference, out);
             }
         }
     }

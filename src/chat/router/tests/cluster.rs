@@ -169,7 +169,13 @@ fn a_private_goes_through_the_store_and_its_sender_hears_every_answer() {
     r.cluster_overdue(5 + r.remote().unwrap().receipt_timeout_ms, &mut out);
     let sent: Vec<Value> = out.take().into_iter().map(|(_, v)| v).collect();
     assert_eq!(sent[0]["status"], "queued");
-    assert_eq!(sent[1]["code"], "cluster_unavailable");
+    assert_eq!(sent[1]["code"], "unconfirmed");
+    // Never sent to the store, or its answer lost with the link.
+    for (surely_not_stored, code) in [(true, "cluster_unavailable"), (false, "unconfirmed")] {
+        let carried = send_from_ann(&mut r, &mut out, private);
+        r.on_unsent(carried.tag, surely_not_stored, &mut out);
+        assert_eq!(out.take()[0].1["code"], code);
+    }
     // Redis away: refused at once.
     r.remote_mut().unwrap().up = false;
     r.handle(ConnId(1), private, 7, &mut out);
