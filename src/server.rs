@@ -267,10 +267,20 @@ impl Server {
             },
         };
         if let (Some(url), App::Chat(_)) = (&server.core.config.cluster, &server.core.app) {
+            let limits = server.core.config.store_limits();
             let settings = crate::cluster::Settings {
                 url: url.clone(),
                 prefix: server.core.config.cluster_prefix.clone(),
                 lease: server.core.config.cluster_lease,
+                quotas: crate::cluster::store::Quotas {
+                    max_per_user: limits.max_per_user,
+                    max_bytes: limits.max_bytes,
+                    max_per_sender: limits.max_per_sender,
+                    max_bytes_per_sender: limits.max_bytes_per_sender,
+                    ttl_ms: limits.ttl_ms,
+                    known_only: !server.core.config.offline_to_unknown,
+                },
+                max_known: limits.max_known_users,
             };
             let addr = url.resolve()?;
             let cluster = crate::cluster::Cluster::new(settings, addr, Instant::now());

@@ -329,14 +329,13 @@ fn nodes_ride_out_a_redis_restart() {
         assert!(Instant::now() < deadline, "nodes did not notice Redis left");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // A private goes through the store in Redis, even between two users of
+    // one node: refused, and said so.
     alice.send(json!({"type": "private", "to": "ann", "body": "local", "ref": "l"}));
+    let e = recv_kind(&mut alice, "error", "a private while Redis is down");
     assert_eq!(
-        recv_kind(&mut ann, "private", "local private")["body"],
-        json!("local")
-    );
-    assert_eq!(
-        recv_kind(&mut alice, "receipt", "local")["status"],
-        json!("delivered")
+        (e["code"].clone(), e["ref"].clone()),
+        (json!("cluster_unavailable"), json!("l"))
     );
     alice.send(json!({"type": "public", "body": "here only", "ref": "p"}));
     assert_eq!(
@@ -519,13 +518,15 @@ fn nothing_acknowledged_is_lost_across_a_redis_restart_under_traffic() {
     let got = bob_reader.join().expect("bob's reader");
     for (body, outcome) in &outcomes {
         assert!(
-            outcome == "delivered" || outcome == "cluster_unavailable",
+            ["delivered", "queued", "cluster_unavailable"].contains(&outcome.as_str()),
             "{body}: {outcome}"
         );
-        if outcome == "delivered" {
+        // `queued` while the restarted Redis did not know bob's node yet:
+        // held there, and fetched for him once his node was back.
+        if outcome != "cluster_unavailable" {
             assert!(
                 got.contains(body),
-                "{body} was receipted delivered but never arrived"
+                "{body} was receipted {outcome} but never arrived"
             );
         }
     }

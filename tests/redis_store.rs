@@ -39,7 +39,9 @@ fn send(c: &mut Client, s: &Store, m: &Outgoing<'_>, q: &Quotas, now_ms: u64) ->
 }
 
 fn fetch(c: &mut Client, s: &Store, name: &str, after: u64) -> Vec<Held> {
-    store::fetched(&c.call(&s.fetch(name, after))).expect("FETCH reply")
+    store::fetched(&c.call(&s.fetch(name, after, false)))
+        .expect("FETCH reply")
+        .held
 }
 
 fn queued(sent: Sent) -> u64 {
@@ -76,12 +78,12 @@ fn held_messages_are_numbered_fetched_in_order_after_a_cursor_and_acked() {
     let after: Vec<_> = fetch(&mut c, &s, "bob", a1).iter().map(|h| h.seq).collect();
     assert_eq!(after, [a2]);
     // ack a1 removes it; ack a2 empties the box and the key goes.
-    assert_eq!(store::acked(&c.call(&s.ack("bob", a1))), Ok(1));
+    assert_eq!(store::acked(&c.call(&s.ack("bob", 0, a1))), Ok(1));
     assert_eq!(fetch(&mut c, &s, "bob", 0).len(), 1);
-    assert_eq!(store::acked(&c.call(&s.ack("bob", a2))), Ok(1));
-    assert_eq!(store::acked(&c.call(&s.ack("bob", a2))), Ok(0));
+    assert_eq!(store::acked(&c.call(&s.ack("bob", 0, a2))), Ok(1));
+    assert_eq!(store::acked(&c.call(&s.ack("bob", 0, a2))), Ok(0));
     assert_eq!(c.call(&["EXISTS", "wx:box:bob"]), Frame::Integer(0));
-    store::acked(&c.call(&s.ack("cy", other))).expect("ack");
+    store::acked(&c.call(&s.ack("cy", 0, other))).expect("ack");
     // Every quota counter is back to zero.
     let Frame::Array(Some(fields)) = held_totals(&mut c) else {
         panic!("HGETALL")
@@ -221,7 +223,7 @@ fn quotas_are_counted_across_every_sender_and_freed_by_acks() {
         send(&mut c, &s, &msg("eve", "bob", 3, "c"), &per_user, 0),
         Sent::Full(Full::User)
     );
-    store::acked(&c.call(&s.ack("bob", first))).expect("ack");
+    store::acked(&c.call(&s.ack("bob", 0, first))).expect("ack");
     queued(send(&mut c, &s, &msg("eve", "bob", 3, "c"), &per_user, 0));
 
     let per_sender = Quotas {
@@ -289,7 +291,7 @@ fn held_messages_expire_cluster_wide_and_the_senders_are_named() {
     let left: Vec<_> = fetch(&mut c, &s, "bob", 0).iter().map(|h| h.seq).collect();
     assert_eq!(left, [new, never]);
     // An acked message is not expired later.
-    store::acked(&c.call(&s.ack("bob", new))).expect("ack");
+    store::acked(&c.call(&s.ack("bob", 0, new))).expect("ack");
     assert_eq!(store::expired(&c.call(&s.expire(u64::MAX / 2))), Ok(vec![]));
     assert_eq!(c.call(&["ZCARD", "wx:due"]), Frame::Integer(0));
 }
@@ -384,7 +386,7 @@ fn a_local_log_is_uploaded_once_keeping_its_numbers_where_it_can() {
         Ok(Migrated::Duplicate(seq))
     );
     // Acks free what was migrated like anything else.
-    assert_eq!(store::acked(&c.call(&s.ack("bob", 6))), Ok(3));
+    assert_eq!(store::acked(&c.call(&s.ack("bob", 0, 6))), Ok(3));
 }
 
 #[test]

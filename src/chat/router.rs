@@ -463,6 +463,11 @@ impl Router {
         resume: Option<u64>,
         out: &mut impl Outbox,
     ) {
+        // Under `--cluster` the outbox is in Redis: fetched, and delivered
+        // when the store answers.
+        if self.cluster_replay(name, resume) {
+            return;
+        }
         // A resume point beyond anything given out (the client kept a seq
         // from before the server lost its data) acknowledges nothing: all
         // that is held is replayed (the client de-duplicates by id), rather
@@ -524,6 +529,7 @@ impl Router {
         if let Some(remote) = &mut self.remote {
             remote.announce_leave(&member.name);
         }
+        self.end_catchup(&member.name, out);
         let online = self.online_everywhere();
         if online <= self.limits.presence_limit {
             let mut json = std::mem::take(&mut self.scratch);
@@ -615,12 +621,12 @@ impl Router {
             }
             Request::Auth { token } => self.renew(slot, from, &token, reference, now_ms, out),
             Request::Ack { seq } => {
-                if self
-                    .index
-                    .get(from)
-                    .is_some_and(|&p| self.members[p].reliable)
-                {
-                    self.outboxes.ack(from, seq);
+                let member = &self.members[position];
+                if member.reliable {
+                    let name = member.name.clone();
+                    if !self.cluster_ack(&name, seq) {
+                        self.outboxes.ack(from, seq);
+                    }
                 }
             }
         }
@@ -695,11 +701,12 @@ impl Router {
                 }
             },
         };
-        let target = position.map(|p| (self.members[p].conn, self.members[p].reliable));
-        if target.is_none() && self.private_to_cluster(slot, from, to, body, reference, now_ms, out)
+        if self.remote.is_some()
+            && self.private_via_store(slot, (from, to, body), reference, now_ms, out)
         {
             return;
         }
+        let target = position.map(|p| (self.members[p].conn, self.members[p].reliable));
         // Offline storage is for users: a name nobody ever connected under
         // (or, with tokens, that no valid token named) cannot fill the store,
         // and a name that looks like a user's is never held for: nobody can
@@ -798,21 +805,10 @@ impl Router {
             self.send_error(slot, "storage_unavailable", message, reference, out);
             return false;
         }
-        let (code, message) = match self.outboxes.check_room(to, from, body_len) {
-            Ok(()) => return true,
-            Err(Full::User) => (
-                "offline_queue_full",
-                format!("{to} has too many messages waiting"),
-            ),
-            Err(Full::Store) => (
-                "offline_queue_full",
-                "the offline store is full".to_string(),
-            ),
-            Err(Full::Sender) => (
-                "offline_sender_limit",
-                "too many of your messages are waiting for users who are offline".to_string(),
-            ),
+        let Err(full) = self.outboxes.check_room(to, from, body_len) else {
+            return true;
         };
+        let (code, message) = full_store_error(full, to);
         self.send_error(slot, code, &message, reference, out);
         false
     }
@@ -1024,6 +1020,24 @@ impl Router {
     ) {
         self.send_error(slot, code, message, None, out);
         out.close(slot, close_code, close_reason);
+    }
+}
+
+/// The error a sender gets when a store has no room for its message to `to`.
+fn full_store_error(full: Full, to: &str) -> (&'static str, String) {
+    match full {
+        Full::User => (
+            "offline_queue_full",
+            format!("{to} has too many messages waiting"),
+        ),
+        Full::Store => (
+            "offline_queue_full",
+            "the offline store is full".to_string(),
+        ),
+        Full::Sender => (
+            "offline_sender_limit",
+            "too many of your messages are waiting for users who are offline".to_string(),
+        ),
     }
 }
 

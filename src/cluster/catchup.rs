@@ -5,7 +5,8 @@
 //! Afterwards a live message numbered at or below what the user was given
 //! is dropped: the fetch reply (command connection) and a publish
 //! (subscriber connection) can arrive in either order, and a message that
-//! met the join can be in both. Sans-IO; the node does not use it yet.
+//! met the join can be in both. Sans-IO; the router owns one under
+//! `--cluster`.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -17,6 +18,11 @@ use super::store::{Held, FETCH_BATCH};
 /// and comes with the next `resume`).
 pub const MAX_KEPT: usize = 1000;
 
+/// Live messages kept over all names at most (a node could otherwise be
+/// made to hold `MAX_KEPT` for each of thousands of joining names); beyond,
+/// a message is not kept: it stays in the outbox for the next `resume`.
+pub const MAX_KEPT_TOTAL: usize = 10_000;
+
 /// What to deliver to a user, in this order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Deliver<P> {
@@ -24,6 +30,27 @@ pub enum Deliver<P> {
     Offline(Held),
     /// Published live (`P` is the message as it came).
     Live(u64, P),
+    /// Published live and kept, but the fetch gave it already: not
+    /// delivered again, only answered for.
+    Duplicate(P),
+}
+
+/// What to do with a message published live for a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard<P> {
+    /// Deliver it now.
+    Now(u64, P),
+    /// Kept until the fetch answers.
+    Kept,
+    /// Kept, and this older one dropped to make room (it stays in the
+    /// outbox for the next `resume`).
+    KeptDropping(P),
+    /// The user was given it already (it came with the fetch).
+    Given(P),
+    /// The user is not here.
+    NotHere(P),
+    /// Not kept: too many are kept over all names.
+    Full(P),
 }
 
 #[derive(Debug)]
@@ -40,6 +67,8 @@ pub struct Catchup<P> {
     names: HashMap<Rc<str>, Name<P>>,
     /// Live messages dropped because too many were kept.
     pub dropped: u64,
+    /// Live messages kept over all names.
+    kept_total: usize,
 }
 
 impl<P> Default for Catchup<P> {
@@ -47,6 +76,7 @@ impl<P> Default for Catchup<P> {
         Catchup {
             names: HashMap::new(),
             dropped: 0,
+            kept_total: 0,
         }
     }
 }
@@ -54,7 +84,12 @@ impl<P> Default for Catchup<P> {
 impl<P> Catchup<P> {
     /// `name` joined (its lease is granted) and its outbox is being fetched
     /// after `after` (its `resume` point, 0 for everything).
+    /// (A name being fetched already is left as it is: that fetch answers
+    /// for both, and what was kept for it stays.)
     pub fn begin(&mut self, name: Rc<str>, after: u64) {
+        if self.names.get(&name).is_some_and(|s| s.kept.is_some()) {
+            return;
+        }
         self.names.insert(
             name,
             Name {
@@ -64,30 +99,75 @@ impl<P> Catchup<P> {
         );
     }
 
-    /// `name` left this node.
-    pub fn end(&mut self, name: &str) {
-        self.names.remove(name);
+    /// `name` left this node: the live messages kept for it are returned.
+    pub fn end(&mut self, name: &str) -> Vec<P> {
+        let kept = self
+            .names
+            .remove(name)
+            .and_then(|state| state.kept)
+            .unwrap_or_default();
+        self.kept_total -= kept.len();
+        kept.into_iter().map(|(_, message)| message).collect()
     }
 
-    /// A message published live for `name`: deliver it now, or not (kept
-    /// for the fetch, already given, or the name is not here).
-    pub fn live(&mut self, name: &str, seq: u64, message: P) -> Option<Deliver<P>> {
+    /// `name`, here and delivered to live, is to be fetched again (its lease
+    /// may have been missing from Redis, which then held what was sent to
+    /// it): live messages are kept again until the fetch answers. Returns
+    /// where the fetch starts, or `None` when the name is not here or is
+    /// being fetched already.
+    pub fn again(&mut self, name: &str) -> Option<u64> {
         let state = self.names.get_mut(name)?;
-        if seq <= state.given {
+        if state.kept.is_some() {
             return None;
+        }
+        state.kept = Some(Vec::new());
+        Some(state.given)
+    }
+
+    /// Whether `name` is here (joined, or joining).
+    pub fn has(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    /// The names whose outbox is being fetched, with where the next fetch
+    /// starts (to ask again after the link to Redis was lost).
+    pub fn fetching(&self) -> impl Iterator<Item = (&Rc<str>, u64)> {
+        self.names
+            .iter()
+            .filter(|(_, state)| state.kept.is_some())
+            .map(|(name, state)| (name, state.given))
+    }
+
+    /// A message published live for `name`, numbered `seq`.
+    pub fn live(&mut self, name: &str, seq: u64, message: P) -> Heard<P> {
+        let Some(state) = self.names.get_mut(name) else {
+            return Heard::NotHere(message);
+        };
+        if seq <= state.given {
+            return Heard::Given(message);
         }
         match &mut state.kept {
             Some(kept) => {
-                if kept.len() >= MAX_KEPT {
-                    kept.remove(0);
+                let dropped = (kept.len() >= MAX_KEPT).then(|| kept.remove(0));
+                if dropped.is_none() && self.kept_total >= MAX_KEPT_TOTAL {
                     self.dropped += 1;
+                    return Heard::Full(message);
                 }
                 kept.push((seq, message));
-                None
+                match dropped {
+                    Some((_, old)) => {
+                        self.dropped += 1;
+                        Heard::KeptDropping(old)
+                    }
+                    None => {
+                        self.kept_total += 1;
+                        Heard::Kept
+                    }
+                }
             }
             None => {
                 state.given = seq;
-                Some(Deliver::Live(seq, message))
+                Heard::Now(seq, message)
             }
         }
     }
@@ -96,10 +176,21 @@ impl<P> Catchup<P> {
     /// to deliver, in order, and whether to fetch again after the last
     /// (the batch was full). The kept live messages come after the last
     /// batch.
-    pub fn fetched(&mut self, name: &str, batch: Vec<Held>) -> (Vec<Deliver<P>>, Option<u64>) {
+    /// `after` is the point the store used: lower than asked when the
+    /// resume point was above anything it handed out (then all is given
+    /// again).
+    pub fn fetched(
+        &mut self,
+        name: &str,
+        after: u64,
+        batch: Vec<Held>,
+    ) -> (Vec<Deliver<P>>, Option<u64>) {
         let Some(state) = self.names.get_mut(name) else {
             return (Vec::new(), None);
         };
+        if state.kept.is_some() && after < state.given {
+            state.given = after;
+        }
         let full = batch.len() >= FETCH_BATCH;
         let mut out = Vec::with_capacity(batch.len());
         for held in batch {
@@ -111,10 +202,14 @@ impl<P> Catchup<P> {
         if full {
             return (out, Some(state.given));
         }
-        for (seq, message) in state.kept.take().unwrap_or_default() {
+        let kept = state.kept.take().unwrap_or_default();
+        self.kept_total -= kept.len();
+        for (seq, message) in kept {
             if seq > state.given {
                 state.given = seq;
                 out.push(Deliver::Live(seq, message));
+            } else {
+                out.push(Deliver::Duplicate(message));
             }
         }
         (out, None)
@@ -140,6 +235,7 @@ mod tests {
             .map(|d| match d {
                 Deliver::Offline(h) => ('o', h.seq),
                 Deliver::Live(seq, _) => ('l', *seq),
+                Deliver::Duplicate(_) => ('d', 0),
             })
             .collect()
     }
@@ -150,52 +246,128 @@ mod tests {
         c.begin(Rc::from("bob"), 0);
         // 5 and 6 met the join: stored and published; 7 only published.
         for seq in [5, 6, 7] {
-            assert_eq!(c.live("bob", seq, "x"), None, "kept while fetching");
+            assert_eq!(c.live("bob", seq, "x"), Heard::Kept, "kept while fetching");
         }
-        let (out, again) = c.fetched("bob", vec![held(3), held(5), held(6)]);
+        let (out, again) = c.fetched("bob", 0, vec![held(3), held(5), held(6)]);
         assert_eq!(again, None);
-        assert_eq!(seqs(&out), [('o', 3), ('o', 5), ('o', 6), ('l', 7)]);
+        assert_eq!(
+            seqs(&out),
+            [('o', 3), ('o', 5), ('o', 6), ('d', 0), ('d', 0), ('l', 7)],
+            "5 and 6 came with the fetch: answered for, not delivered twice"
+        );
         // A publish that arrives after the fetch reply and was in it: dropped.
-        assert_eq!(c.live("bob", 6, "x"), None);
-        assert_eq!(c.live("bob", 8, "x"), Some(Deliver::Live(8, "x")));
-        assert_eq!(c.live("cy", 9, "x"), None, "not here");
+        assert_eq!(c.live("bob", 6, "x"), Heard::Given("x"));
+        assert_eq!(c.live("bob", 8, "x"), Heard::Now(8, "x"));
+        assert_eq!(c.live("cy", 9, "x"), Heard::NotHere("x"));
     }
 
     #[test]
     fn a_publish_after_the_fetch_reply_is_delivered_once() {
         let mut c = Catchup::default();
         c.begin(Rc::from("bob"), 0);
-        let (out, _) = c.fetched("bob", vec![held(4)]);
+        let (out, _) = c.fetched("bob", 0, vec![held(4)]);
         assert_eq!(seqs(&out), [('o', 4)]);
         // The same message's publish, late on the other connection.
-        assert_eq!(c.live("bob", 4, "x"), None);
-        assert_eq!(seqs(&[c.live("bob", 5, "y").expect("new")]), [('l', 5)]);
+        assert_eq!(c.live("bob", 4, "x"), Heard::Given("x"));
+        assert_eq!(c.live("bob", 5, "y"), Heard::Now(5, "y"));
     }
 
     #[test]
     fn a_full_batch_asks_for_more_and_kept_messages_come_last() {
         let mut c = Catchup::default();
         c.begin(Rc::from("bob"), 10);
-        assert_eq!(c.live("bob", 5000, "x"), None);
+        assert_eq!(c.live("bob", 5000, "x"), Heard::Kept);
         let first: Vec<Held> = (11..11 + FETCH_BATCH as u64).map(held).collect();
-        let (out, again) = c.fetched("bob", first);
+        let (out, again) = c.fetched("bob", 10, first);
         assert_eq!(out.len(), FETCH_BATCH);
         assert_eq!(again, Some(10 + FETCH_BATCH as u64));
-        let (out, again) = c.fetched("bob", vec![held(4000)]);
+        assert_eq!(c.fetching().count(), 1, "still fetching");
+        let (out, again) = c.fetched("bob", 10 + FETCH_BATCH as u64, vec![held(4000)]);
         assert_eq!(again, None);
         assert_eq!(seqs(&out), [('o', 4000), ('l', 5000)]);
+        assert_eq!(c.fetching().count(), 0);
+    }
+
+    #[test]
+    fn a_resume_point_the_store_did_not_know_gives_everything_again() {
+        let mut c = Catchup::default();
+        c.begin(Rc::from("bob"), 900);
+        assert_eq!(
+            c.live("bob", 12, "x"),
+            Heard::Given("x"),
+            "below the asked point"
+        );
+        let (out, _) = c.fetched("bob", 0, vec![held(3), held(5)]);
+        assert_eq!(seqs(&out), [('o', 3), ('o', 5)]);
+        assert_eq!(c.live("bob", 6, "y"), Heard::Now(6, "y"));
+    }
+
+    #[test]
+    fn a_name_fetched_again_keeps_live_messages_until_the_answer() {
+        let mut c = Catchup::default();
+        c.begin(Rc::from("bob"), 0);
+        c.fetched("bob", 0, vec![held(2)]);
+        assert_eq!(c.live("bob", 4, "x"), Heard::Now(4, "x"));
+        assert_eq!(c.again("bob"), Some(4));
+        assert_eq!(c.again("bob"), None, "already fetching");
+        assert_eq!(c.again("cy"), None);
+        assert_eq!(c.live("bob", 7, "y"), Heard::Kept);
+        // 5 was stored while nobody held bob's lease.
+        let (out, _) = c.fetched("bob", 4, vec![held(5)]);
+        assert_eq!(seqs(&out), [('o', 5), ('l', 7)]);
+    }
+
+    #[test]
+    fn kept_messages_are_bounded_over_all_names() {
+        let mut c = Catchup::default();
+        let names: Vec<Rc<str>> = (0..=MAX_KEPT_TOTAL / MAX_KEPT)
+            .map(|i| Rc::from(format!("u{i}")))
+            .collect();
+        for name in &names {
+            c.begin(name.clone(), 0);
+        }
+        for (i, name) in names.iter().enumerate().take(MAX_KEPT_TOTAL / MAX_KEPT) {
+            for seq in 1..=MAX_KEPT as u64 {
+                assert_eq!(c.live(name, seq, i), Heard::Kept);
+            }
+        }
+        let last = names.last().unwrap();
+        assert_eq!(c.live(last, 1, 99), Heard::Full(99), "none left to keep");
+        // A name that keeps its most allowed still drops its own oldest.
+        assert_eq!(c.live(&names[0], 5000, 0), Heard::KeptDropping(0));
+        // Kept ones handed back make room again.
+        assert_eq!(c.end(&names[1]).len(), MAX_KEPT);
+        assert_eq!(c.live(last, 1, 99), Heard::Kept);
+        let (out, _) = c.fetched(&names[2], 0, vec![]);
+        assert_eq!(out.len(), MAX_KEPT);
+        assert_eq!(c.kept_total, MAX_KEPT_TOTAL - 2 * MAX_KEPT + 1);
+    }
+
+    #[test]
+    fn a_name_that_leaves_while_fetching_hands_back_what_was_kept() {
+        let mut c = Catchup::default();
+        c.begin(Rc::from("bob"), 0);
+        assert_eq!(c.live("bob", 5, "x"), Heard::Kept);
+        assert!(c.has("bob"));
+        assert_eq!(c.end("bob"), ["x"]);
+        assert!(!c.has("bob"));
+        assert_eq!(c.end("bob"), Vec::<&str>::new());
     }
 
     #[test]
     fn resume_skips_what_was_acked_and_kept_messages_are_bounded() {
         let mut c = Catchup::default();
         c.begin(Rc::from("bob"), 7);
-        assert_eq!(c.live("bob", 7, "x"), None);
-        for seq in 8..8 + MAX_KEPT as u64 + 2 {
-            assert_eq!(c.live("bob", seq, "x"), None);
+        assert_eq!(c.live("bob", 7, "x"), Heard::Given("x"));
+        for seq in 8..8 + MAX_KEPT as u64 {
+            assert_eq!(c.live("bob", seq, "x"), Heard::Kept);
+        }
+        for _ in 0..2 {
+            let seq = 8 + MAX_KEPT as u64 + c.dropped;
+            assert_eq!(c.live("bob", seq, "x"), Heard::KeptDropping("x"));
         }
         assert_eq!(c.dropped, 2);
-        let (out, _) = c.fetched("bob", vec![held(6), held(8)]);
+        let (out, _) = c.fetched("bob", 7, vec![held(6), held(8)]);
         assert_eq!(
             out.len(),
             1 + MAX_KEPT,
@@ -203,6 +375,6 @@ mod tests {
         );
         assert_eq!(seqs(&out[..2]), [('o', 8), ('l', 10)]);
         c.end("bob");
-        assert_eq!(c.live("bob", 100_000, "x"), None);
+        assert_eq!(c.live("bob", 100_000, "x"), Heard::NotHere("x"));
     }
 }

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use mio::{Registry, Token};
 
 use self::link::{Link, LinkError};
-use self::remote::{Outgoing, Remote, To};
+use self::remote::{Outgoing, Remote, StoreOp, To};
 use self::resp::Frame;
+use self::store::{BadReply, Expired, Fetched, Held, Migrated, Quotas, Sent, Store};
 pub use self::url::RedisUrl;
 
 /// The command connection's token (outside the client slab's range, beside
@@ -51,6 +52,8 @@ pub const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// How long the link may take to come up, or a command to be answered,
 /// before the connection is dropped and made again.
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the store's held messages are swept for expiry.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -64,6 +67,36 @@ pub struct Settings {
     pub url: RedisUrl,
     pub prefix: String,
     pub lease: Duration,
+    /// The offline store's limits, cluster-wide.
+    pub quotas: Quotas,
+    /// Names remembered as users (`--max-known-users`), cluster-wide.
+    pub max_known: usize,
+}
+
+/// Local-log messages uploaded to the store at most this many at a time.
+const MIGRATE_IN_FLIGHT: usize = 1000;
+
+/// One message of the local log, to upload to the store once.
+#[derive(Debug, Clone)]
+pub struct ToMigrate {
+    pub to: Rc<str>,
+    pub held: Held,
+    /// When it expires (ms; 0 never).
+    pub expires_ms: u64,
+}
+
+/// The upload of a local log (`--data-dir`) to the store, at start.
+#[derive(Debug, Default)]
+struct Migration {
+    entries: Vec<ToMigrate>,
+    /// The next to send; replies come in order, so after a lost link the
+    /// upload starts again from `answered` (an upload is idempotent).
+    next: usize,
+    answered: usize,
+    kept: usize,
+    renumbered: usize,
+    before: usize,
+    failed: usize,
 }
 
 /// A connection waiting for its name's lease before its `welcome`.
@@ -116,10 +149,24 @@ pub enum Event {
     LeaseLost(Rc<str>),
     /// The link came up: re-register the local names.
     Up,
+    /// A local user's lease had lapsed in Redis and is taken again: its
+    /// outbox holds what was sent to it meanwhile.
+    Reclaimed(Rc<str>),
     /// An authenticated user's lease was taken from this node: its session there ends.
     TookOver(Rc<str>, Rc<str>),
     /// Message ids up to this one (a block of `remote::ID_BLOCK`) are this node's.
     Ids(u64),
+    /// The store's answer to a private message (by its tag).
+    Sent(u64, Result<Sent, BadReply>),
+    /// More of a joined user's outbox.
+    Fetched(Rc<str>, Result<Fetched, BadReply>),
+    /// The outbox of a user whose lease was granted: it joins now.
+    JoinFetched(WaitingJoin, Result<Fetched, BadReply>),
+    /// Held messages past their time to live, removed.
+    Expired(Vec<Expired>),
+    /// The local log is uploaded: these (recipient, local seq) are in the
+    /// store now.
+    Migrated(Vec<(Rc<str>, u64)>),
 }
 
 /// What a command's reply means to us.
@@ -136,6 +183,19 @@ enum Expect {
     Reclaim(Rc<str>),
     /// A block of message ids from the cluster's counter.
     Ids,
+    /// The store's `SEND` for the private message of this tag.
+    Send(u64),
+    /// The store's `FETCH` for a joined user.
+    Fetch(Rc<str>),
+    /// The store's `FETCH` for a user whose lease was just granted.
+    JoinFetch(Box<WaitingJoin>),
+    /// The store's `EXPIRE` sweep.
+    Expire,
+    /// One message of the local log uploaded (its index in the migration).
+    Migrate(usize),
+    /// `ACK`, `REMEMBER`, `SCRIPT LOAD`: an error is logged (a lost script
+    /// drops the link, which loads them again).
+    Store,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +235,18 @@ pub struct Cluster {
     pub id_floor: u64,
     /// A block of ids is asked for and not granted yet.
     ids_asked: bool,
+    /// The offline store's commands (scripts by SHA-1 once loaded).
+    store: Store,
+    /// The wall clock (ms), kept by the loop: store commands carry it.
+    pub now_ms: u64,
+    /// Joins whose outbox fetch was lost with the link: told 1013 next tick.
+    lost_joins: Vec<WaitingJoin>,
+    migration: Option<Migration>,
+    /// Set when Redis lost the scripts: the link is dropped and made again.
+    broken: Option<String>,
+    /// When the store's expiry sweep runs next (every node sweeps, at most
+    /// once a second: a sweep removes at most `store::EXPIRE_BATCH`).
+    expire_at: Instant,
     stats: Stats,
 }
 
@@ -182,6 +254,8 @@ impl Cluster {
     pub fn new(settings: Settings, addr: SocketAddr, now: Instant) -> Cluster {
         let seed = random_seed();
         let node = format!("{seed:016x}");
+        let mut store = Store::new(&settings.prefix);
+        store.by_sha = true;
         Cluster {
             settings,
             addr,
@@ -199,8 +273,148 @@ impl Cluster {
             seed,
             id_floor: 0,
             ids_asked: false,
+            store,
+            now_ms: 0,
+            lost_joins: Vec::new(),
+            migration: None,
+            broken: None,
+            expire_at: now,
             stats: Stats::default(),
         }
+    }
+
+    /// Uploads these local-log messages to the store once the link is up
+    /// (and again after a lost link, from the first unanswered: an upload
+    /// is idempotent).
+    pub fn migrate(&mut self, entries: Vec<ToMigrate>, now: Instant) {
+        if entries.is_empty() {
+            return;
+        }
+        crate::log::info!(
+            "cluster: uploading {} offline messages from the local log to Redis",
+            entries.len()
+        );
+        self.migration = Some(Migration {
+            entries,
+            ..Migration::default()
+        });
+        self.pump_migration(now);
+    }
+
+    fn pump_migration(&mut self, now: Instant) {
+        if !self.is_up() {
+            return;
+        }
+        let Some(m) = &mut self.migration else {
+            return;
+        };
+        let mut commands = Vec::new();
+        while m.next < m.entries.len() && m.next - m.answered < MIGRATE_IN_FLIGHT {
+            let e = &m.entries[m.next];
+            commands.push((
+                self.store.migrate(&e.to, e.held.seq, &e.held, e.expires_ms),
+                m.next,
+            ));
+            m.next += 1;
+        }
+        for (args, i) in commands {
+            self.command_owned(&args, Expect::Migrate(i), now);
+        }
+    }
+
+    fn migrated(&mut self, i: usize, frame: &Frame, events: &mut Vec<Event>, now: Instant) {
+        let Some(m) = &mut self.migration else {
+            return;
+        };
+        m.answered = m.answered.max(i + 1);
+        match store::migrated(frame) {
+            Ok(Migrated::Kept(_)) => m.kept += 1,
+            Ok(Migrated::Renumbered(_)) => m.renumbered += 1,
+            Ok(Migrated::Duplicate(_)) => m.before += 1,
+            Err(e) => {
+                m.failed += 1;
+                crate::log::warn!("cluster: migrating a held message: {e}");
+            }
+        }
+        if m.answered < m.entries.len() {
+            self.pump_migration(now);
+            return;
+        }
+        let Some(m) = self.migration.take() else {
+            return;
+        };
+        crate::log::info!(
+            "cluster: migrated the local log's offline messages to Redis: {} kept their seq, {} renumbered, {} were uploaded before, {} failed",
+            m.kept,
+            m.renumbered,
+            m.before,
+            m.failed
+        );
+        if m.failed == 0 {
+            let done = m.entries.into_iter().map(|e| (e.to, e.held.seq)).collect();
+            events.push(Event::Migrated(done));
+        }
+    }
+
+    /// Fetches the outbox of a user whose lease was granted; it joins when
+    /// the reply comes. Returns the join back when Redis is away.
+    pub fn fetch_for_join(
+        &mut self,
+        join: WaitingJoin,
+        after: u64,
+        ack: bool,
+        now: Instant,
+    ) -> Result<(), WaitingJoin> {
+        if !self.is_up() {
+            return Err(join);
+        }
+        let args = self.store.fetch(&join.name, after, ack);
+        self.command_owned(&args, Expect::JoinFetch(Box::new(join)), now);
+        Ok(())
+    }
+
+    fn command_owned(&mut self, args: &[Vec<u8>], expect: Expect, now: Instant) {
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        self.command(&args, expect, now);
+    }
+
+    /// Encodes one of the router's store commands.
+    fn store_command(&mut self, op: StoreOp, now: Instant) {
+        let (args, expect) = match op {
+            StoreOp::Send { carried, online } => {
+                let payload = serde_json::to_string(&carried).unwrap_or_default();
+                let msg = store::Outgoing {
+                    from: &carried.from,
+                    to: &carried.to,
+                    id: carried.id,
+                    ts: carried.ts,
+                    body: &carried.body,
+                    tag: carried.tag,
+                    payload: &payload,
+                };
+                // Numbers grow with the clock too, so a Redis that lost its
+                // counter never hands one out again.
+                let floor = self.now_ms.saturating_mul(1000);
+                let quotas = Quotas {
+                    known_only: self.settings.quotas.known_only && !online,
+                    ..self.settings.quotas
+                };
+                let args = self
+                    .store
+                    .send(&msg, &quotas, floor, &self.node, self.now_ms);
+                (args, Expect::Send(carried.tag))
+            }
+            StoreOp::Fetch { name, after, ack } => {
+                (self.store.fetch(&name, after, ack), Expect::Fetch(name))
+            }
+            StoreOp::Ack { name, from, to } => (self.store.ack(&name, from, to), Expect::Store),
+            StoreOp::Remember(name) => (
+                self.store.remember(&name, self.settings.max_known),
+                Expect::Store,
+            ),
+            StoreOp::Expire => (self.store.expire(self.now_ms), Expect::Expire),
+        };
+        self.command_owned(&args, expect, now);
     }
 
     /// How long a join waits for Redis: [`JOIN_WAIT`], or the lease if shorter.
@@ -243,6 +457,9 @@ impl Cluster {
         let link = match self.state {
             State::Down { retry_at, .. } => retry_at,
             State::Connecting { since, .. } => since + LINK_TIMEOUT,
+            State::Up if self.settings.quotas.ttl_ms != u64::MAX => {
+                self.renew_at.min(self.expire_at)
+            }
             State::Up => self.renew_at,
         };
         let join = self.waiting.front().map(|j| j.deadline);
@@ -342,6 +559,16 @@ impl Cluster {
                     self.command(&[b"PUBLISH", &channel, &payload], Expect::Nothing, now);
                 }
                 Outgoing::Release(name) => self.release(&name, now),
+                Outgoing::Store(op) => {
+                    // Not sent: a private's sender is told when its answer
+                    // is overdue (at once while the link is down); a fetch
+                    // is asked again when the link is back.
+                    if !self.is_up() || self.expecting.len() >= MAX_IN_FLIGHT {
+                        self.stats.shed += 1;
+                        continue;
+                    }
+                    self.store_command(op, now);
+                }
             }
         }
     }
@@ -419,6 +646,17 @@ impl Cluster {
             }
             _ => {}
         }
+        let expires = self.settings.quotas.ttl_ms != u64::MAX;
+        if self.is_up() && expires && now >= self.expire_at {
+            self.expire_at = now + EXPIRE_EVERY;
+            if self.expecting.len() < MAX_IN_FLIGHT {
+                self.store_command(StoreOp::Expire, now);
+            }
+        }
+        for join in self.lost_joins.drain(..) {
+            self.stats.joins_timed_out += 1;
+            events.push(Event::JoinTimedOut(join));
+        }
         while self.waiting.front().is_some_and(|j| now >= j.deadline) {
             if let Some(join) = self.waiting.pop_front() {
                 self.waiting_bytes -= join.early.len();
@@ -460,6 +698,12 @@ impl Cluster {
         for _ in 0..setup {
             self.expecting.push_back((Expect::Nothing, now));
         }
+        // The store's scripts, before anything names them by SHA-1.
+        for load in self.store.loads() {
+            let args: Vec<&[u8]> = load.iter().map(Vec::as_slice).collect();
+            self.command.queue(&args);
+            self.expecting.push_back((Expect::Store, now));
+        }
         let all = self.channel(&To::All);
         let mine = self.channel(&To::Node(Rc::from(self.node.as_str())));
         self.subscriber.queue(&[b"SUBSCRIBE", &all, &mine]);
@@ -477,7 +721,15 @@ impl Cluster {
         }
         self.command.close(registry);
         self.subscriber.close(registry);
-        self.expecting.clear();
+        for (expect, _) in self.expecting.drain(..) {
+            if let Expect::JoinFetch(join) = expect {
+                self.lost_joins.push(*join);
+            }
+        }
+        if let Some(m) = &mut self.migration {
+            m.next = m.answered;
+        }
+        self.broken = None;
         self.ids_asked = false;
         for join in &mut self.waiting {
             join.sent = false;
@@ -527,6 +779,10 @@ impl Cluster {
                 return;
             }
         }
+        if let Some(why) = self.broken.take() {
+            self.fail(registry, now, attempt, &why);
+            return;
+        }
         if let Err(e) = result {
             self.fail(registry, now, attempt, &e.to_string());
         }
@@ -575,6 +831,7 @@ impl Cluster {
                     self.send_join(join, now);
                 }
                 self.waiting = waiting;
+                self.pump_migration(now);
                 events.push(Event::Up);
             }
             _ => {}
@@ -648,12 +905,52 @@ impl Cluster {
                     other => crate::log::warn!("cluster: unexpected reply for ids: {other:?}"),
                 }
             }
+            Expect::Send(tag) => {
+                events.push(Event::Sent(tag, self.store_reply(&frame, store::sent)))
+            }
+            Expect::Fetch(name) => events.push(Event::Fetched(
+                name,
+                self.store_reply(&frame, store::fetched),
+            )),
+            Expect::JoinFetch(join) => events.push(Event::JoinFetched(
+                *join,
+                self.store_reply(&frame, store::fetched),
+            )),
+            Expect::Expire => {
+                if let Ok(expired) = self.store_reply(&frame, store::expired) {
+                    events.push(Event::Expired(expired));
+                }
+            }
+            Expect::Migrate(i) => self.migrated(i, &frame, events, now),
+            Expect::Store => {
+                let _ = self.store_reply(&frame, |_| Ok(()));
+            }
             Expect::Reclaim(name) => match frame {
-                Frame::Bulk(None) => {}
+                // It was gone: what was sent meanwhile was held, not published.
+                Frame::Bulk(None) => events.push(Event::Reclaimed(name)),
                 Frame::Bulk(Some(holder)) if holder == self.node.as_bytes() => {}
                 _ => events.push(Event::LeaseLost(name)),
             },
         }
+    }
+
+    /// Decodes a store reply; an error is logged, and a lost script (Redis
+    /// restarted or flushed them) drops the link so the next one loads them.
+    fn store_reply<T>(
+        &mut self,
+        frame: &Frame,
+        decode: impl FnOnce(&Frame) -> Result<T, BadReply>,
+    ) -> Result<T, BadReply> {
+        if let Frame::Error(e) = frame {
+            if e.starts_with("NOSCRIPT") {
+                self.broken = Some("Redis lost the offline store's scripts".to_owned());
+            }
+        }
+        let decoded = decode(frame);
+        if let Err(e) = &decoded {
+            crate::log::warn!("cluster: {e}");
+        }
+        decoded
     }
 
     fn observe_rtt(&mut self, took: Duration) {
@@ -777,9 +1074,23 @@ impl Cluster {
             counter(
                 out,
                 "wschat_cluster_receipts_lost_total",
-                "Cross-node privates whose receipt never came.",
+                "Privates whose store answer or receipt never came.",
                 s.receipts_lost,
             );
+            counter(
+                out,
+                "wschat_cluster_catchup_dropped_total",
+                "Live privates not kept for a joining user (too many kept); they wait in its outbox.",
+                remote.catchup.dropped,
+            );
+            if let Some(m) = &self.migration {
+                gauge(
+                    out,
+                    "wschat_cluster_migration_pending",
+                    "Local-log messages not yet uploaded to the store.",
+                    (m.entries.len() - m.answered) as u64,
+                );
+            }
             gauge(
                 out,
                 "wschat_cluster_peers",
@@ -841,6 +1152,15 @@ mod tests {
             url: RedisUrl::parse("redis://127.0.0.1:1").unwrap(),
             prefix: "t".into(),
             lease: Duration::from_secs(lease_secs),
+            quotas: Quotas {
+                max_per_user: 10,
+                max_bytes: 1000,
+                max_per_sender: 10,
+                max_bytes_per_sender: 1000,
+                ttl_ms: u64::MAX,
+                known_only: true,
+            },
+            max_known: 100,
         };
         let mut c = Cluster::new(settings, "127.0.0.1:1".parse().unwrap(), Instant::now());
         c.state = State::Up;

@@ -13,6 +13,7 @@ use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 
+use super::catchup::Catchup;
 use crate::chat::protocol::encode;
 
 /// Private messages awaiting their receipt from another node, at most.
@@ -40,12 +41,65 @@ pub enum To {
     Node(Rc<str>),
 }
 
-/// Work for the shell: a message to publish, or a name lease to give back.
+/// Work for the shell: a message to publish, a name lease to give back, or
+/// a command for the offline store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing {
     Publish(To, Vec<u8>),
     /// Delete the name's lease if this node still holds it.
     Release(Rc<str>),
+    Store(StoreOp),
+}
+
+/// What the router asks of the offline store in Redis
+/// ([`super::store`]); the shell encodes it and hands the reply back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Store (and, if its recipient is online somewhere, publish) a private
+    /// message; the reply is matched by the message's tag. `online`: this
+    /// node sees the recipient online (so it is a user, even if a Redis that
+    /// lost its data no longer remembers the name).
+    Send { carried: Carried, online: bool },
+    /// What `name` holds above `after` (with `ack`, dropping what is at or
+    /// below it first): more of a joined user's outbox.
+    Fetch {
+        name: Rc<str>,
+        after: u64,
+        ack: bool,
+    },
+    /// `name` has the messages numbered `from..=to`.
+    Ack { name: Rc<str>, from: u64, to: u64 },
+    /// `name` connected (checked for `unknown_user`).
+    Remember(Rc<str>),
+    /// Remove what is past its time to live (and tell its senders).
+    Expire,
+}
+
+/// What became of a message, told to its sender's node when the sender is
+/// not waiting for a receipt (a held message read later, or expired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Delivered,
+    Expired,
+}
+
+impl Status {
+    pub fn word(self) -> &'static str {
+        match self {
+            Status::Delivered => "delivered",
+            Status::Expired => "expired",
+        }
+    }
+}
+
+/// A [`Status`] for a sender on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    /// The sender, to be told.
+    pub to: String,
+    pub id: u64,
+    pub status: Status,
 }
 
 /// A private message as it crosses to the recipient's node.
@@ -64,8 +118,12 @@ pub struct Carried {
 pub enum Outcome {
     /// A live connection of the recipient accepted it.
     Delivered,
-    /// The recipient is not (or no longer) on that node: the sender's node holds it.
+    /// The recipient is not (or no longer) on that node: the sender's node
+    /// holds it (with the store in Redis: it stays held there).
     Absent,
+    /// The recipient reads slower than it is sent to: refused, and (with
+    /// the store in Redis) taken back out of its outbox.
+    Busy,
 }
 
 impl Outcome {
@@ -73,6 +131,7 @@ impl Outcome {
         match self {
             Outcome::Delivered => "delivered",
             Outcome::Absent => "absent",
+            Outcome::Busy => "busy",
         }
     }
 }
@@ -92,8 +151,12 @@ pub enum Inbound {
     Leave(Rc<str>),
     /// A public event, encoded by the sender's node.
     Public(Vec<u8>),
-    Private(Carried),
+    /// A private message stored in Redis under `seq` for a user here
+    /// (published by the store's `SEND` script, in the sender node's name).
+    Stored(u64, Carried),
     Receipt(u64, Outcome),
+    /// What became of a message this node's user sent earlier.
+    Note(Note),
     /// Another node took this (authenticated) user over: close ours quietly.
     Kick(Rc<str>),
 }
@@ -127,13 +190,23 @@ pub fn decode(payload: &[u8]) -> Option<(&str, Inbound)> {
         b"leave" => Inbound::Leave(name()?),
         b"kick" => Inbound::Kick(name()?),
         b"pub" => Inbound::Public(rest.to_vec()),
-        b"priv" => Inbound::Private(serde_json::from_slice(rest).ok()?),
+        b"spriv" => {
+            // `SEQ TAG JSON`: the tag is in the JSON too.
+            let mut parts = rest.splitn(3, |&b| b == b' ');
+            let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+            let _tag = parts.next()?;
+            let carried: Carried = serde_json::from_slice(parts.next()?).ok()?;
+            crate::chat::username::is_valid(&carried.to).then_some(())?;
+            Inbound::Stored(seq, carried)
+        }
+        b"note" => Inbound::Note(serde_json::from_slice(rest).ok()?),
         b"rcpt" => {
             let s = std::str::from_utf8(rest).ok()?;
             let (tag, word) = s.split_once(' ')?;
             let outcome = match word {
                 "delivered" => Outcome::Delivered,
                 "absent" => Outcome::Absent,
+                "busy" => Outcome::Busy,
                 _ => return None,
             };
             Inbound::Receipt(tag.parse().ok()?, outcome)
@@ -150,6 +223,9 @@ pub struct Pending {
     pub reference: Option<String>,
     /// Wall-clock milliseconds after which the sender is told `cluster_unavailable`.
     pub deadline_ms: u64,
+    /// Redis has stored it (the store's `SEND` answered): with no receipt
+    /// in time, it is `queued` rather than perhaps lost.
+    pub stored: bool,
 }
 
 /// Counters for `/metrics`.
@@ -194,6 +270,9 @@ pub struct Remote {
     /// Message ids granted by the cluster's counter, blocks of `next..=end`. Ids are
     /// unique across nodes (clients de-duplicate by id) and still grow.
     ids: VecDeque<(u64, u64)>,
+    /// Per local user: what its outbox fetch has given, and the live
+    /// messages kept until it answers (with the sender's node).
+    pub catchup: Catchup<(Rc<str>, Carried)>,
     pub stats: RemoteStats,
 }
 
@@ -212,6 +291,7 @@ impl Remote {
             up: false,
             receipt_timeout_ms: 5_000,
             ids: VecDeque::new(),
+            catchup: Catchup::default(),
             stats: RemoteStats::default(),
         }
     }
@@ -372,36 +452,62 @@ impl Remote {
         self.publish(To::All, "pub", json);
     }
 
-    /// A private message for `name` on `node`; false (and nothing sent)
-    /// when too many wait for receipts already.
-    pub fn private(
+    /// A private message for the offline store in Redis, which stores it and
+    /// publishes it to its recipient's node if there is one; false (nothing
+    /// sent) when too many wait for answers already or it is too big.
+    pub fn store_private(
         &mut self,
-        node: Rc<str>,
         mut carried: Carried,
+        online: bool,
         reference: Option<&str>,
         now_ms: u64,
     ) -> bool {
-        if self.pending.len() >= MAX_PENDING {
+        let size = carried.body.len() + carried.from.len() + carried.to.len() + 128;
+        if self.pending.len() >= MAX_PENDING || size > MAX_PAYLOAD || !self.can_send(size) {
             return false;
         }
         carried.tag = self.next_tag;
-        let rest = serde_json::to_vec(&carried).unwrap_or_default();
-        if rest.len() > MAX_PAYLOAD {
-            return false;
-        }
         self.next_tag += 1;
         self.stats.messages_out += 1;
-        self.publish(To::Node(node), "priv", &rest);
+        self.outgoing_bytes += 2 * size;
         self.pending_order.push_back(carried.tag);
         self.pending.insert(
             carried.tag,
             Pending {
-                carried,
+                carried: carried.clone(),
                 reference: reference.map(str::to_owned),
                 deadline_ms: now_ms + self.receipt_timeout_ms,
+                stored: false,
             },
         );
+        self.outgoing
+            .push(Outgoing::Store(StoreOp::Send { carried, online }));
         true
+    }
+
+    /// The store's answer to [`store_private`](Self::store_private) `tag`:
+    /// stored and published, so a receipt comes from the recipient's node.
+    pub fn stored(&mut self, tag: u64) {
+        if let Some(p) = self.pending.get_mut(&tag) {
+            p.stored = true;
+        }
+    }
+
+    /// A command for the offline store.
+    pub fn store(&mut self, op: StoreOp) {
+        self.outgoing_bytes += 64;
+        self.outgoing.push(Outgoing::Store(op));
+    }
+
+    /// Tells `sender`'s node what became of its message `id`.
+    pub fn note(&mut self, node: Rc<str>, sender: &str, id: u64, status: Status) {
+        let note = Note {
+            to: sender.to_owned(),
+            id,
+            status,
+        };
+        let rest = serde_json::to_vec(&note).unwrap_or_default();
+        self.publish(To::Node(node), "note", &rest);
     }
 
     pub fn receipt(&mut self, node: Rc<str>, tag: u64, outcome: Outcome) {
@@ -585,7 +691,7 @@ mod tests {
             .into_iter()
             .filter_map(|o| match o {
                 Outgoing::Publish(to, p) => Some((to, String::from_utf8(p).unwrap())),
-                Outgoing::Release(_) => None,
+                Outgoing::Release(_) | Outgoing::Store(_) => None,
             })
             .collect()
     }
@@ -607,9 +713,11 @@ mod tests {
             to: "bob".into(),
             body: "hi there".into(),
         };
-        assert!(a.private(Rc::from("b2"), carried.clone(), Some("r"), 100));
+        a.up = true;
+        assert!(a.store_private(carried.clone(), false, Some("r"), 100));
         a.receipt(Rc::from("b2"), 9, Outcome::Delivered);
         a.kick(Rc::from("b2"), "bob");
+        a.note(Rc::from("b2"), "x", 7, Status::Expired);
         let decoded: Vec<Inbound> = payloads(&mut a)
             .iter()
             .map(|(_, p)| {
@@ -626,11 +734,26 @@ mod tests {
                 Inbound::Join(Rc::from("bob")),
                 Inbound::Leave(Rc::from("bob")),
                 Inbound::Public(br#"{"type":"message"}"#.to_vec()),
-                Inbound::Private(Carried { tag: 1, ..carried }),
                 Inbound::Receipt(9, Outcome::Delivered),
                 Inbound::Kick(Rc::from("bob")),
+                Inbound::Note(Note {
+                    to: "x".into(),
+                    id: 7,
+                    status: Status::Expired
+                }),
             ]
         );
+        // What the store's `SEND` script publishes: `NODE spriv SEQ TAG JSON`.
+        let tagged = Carried { tag: 1, ..carried };
+        let json = serde_json::to_string(&tagged).unwrap();
+        let spriv = format!("a1 spriv 42 1 {json}");
+        assert_eq!(
+            decode(spriv.as_bytes()),
+            Some(("a1", Inbound::Stored(42, tagged)))
+        );
+        for bad in ["a1 spriv x 1 {}", "a1 spriv 42 1 {", "a1 spriv 42"] {
+            assert_eq!(decode(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]
@@ -719,10 +842,11 @@ mod tests {
             to: "b".into(),
             body: String::new(),
         };
+        r.up = true;
         for _ in 0..MAX_PENDING {
-            assert!(r.private(Rc::from("n"), carried.clone(), None, 0));
+            assert!(r.store_private(carried.clone(), false, None, 0));
         }
-        assert!(!r.private(Rc::from("n"), carried.clone(), None, 0));
+        assert!(!r.store_private(carried.clone(), false, None, 0));
         assert!(r.answered(1).is_some());
         assert_eq!(r.overdue(r.receipt_timeout_ms - 1).len(), 0);
         assert_eq!(r.overdue(r.receipt_timeout_ms).len(), MAX_PENDING - 1);

@@ -6,9 +6,6 @@
 //!
 //! Each script is one atomic step in Redis; that is what makes a private
 //! that meets its recipient's join be delivered once (see `SEND`).
-//!
-//! The node's loop does not use this yet: without it, a node holds offline
-//! messages in its own store.
 
 use super::resp::Frame;
 use crate::store::outbox::{Full, Remembered};
@@ -51,28 +48,45 @@ local seq = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[11])
 if seq <= floor then
   seq = floor + 1
-  redis.call('SET', KEYS[2], seq)
+  redis.call('SET', KEYS[2], string.format('%.0f', seq))
 end
-redis.call('XADD', KEYS[1], seq .. '-0', 'id', ARGV[3], 'ts', ARGV[4], 'from', from,
+-- Numbers as digits: Lua would print a seq of 16 digits as 1.78e+15.
+local digits = string.format('%.0f', seq)
+redis.call('XADD', KEYS[1], digits .. '-0', 'id', ARGV[3], 'ts', ARGV[4], 'from', from,
   'body', ARGV[5], 'exp', ARGV[6])
 redis.call('HINCRBY', KEYS[3], 'bytes', cost)
 redis.call('HINCRBY', KEYS[3], 'count', 1)
 redis.call('HINCRBY', KEYS[3], 's:' .. from, 1)
 redis.call('HINCRBY', KEYS[3], 'b:' .. from, cost)
-if ARGV[6] ~= '0' then redis.call('ZADD', KEYS[4], ARGV[6], seq .. ' ' .. to) end
+if ARGV[6] ~= '0' then redis.call('ZADD', KEYS[4], ARGV[6], digits .. ' ' .. to) end
 local node = redis.call('GET', KEYS[5])
 if node then
   redis.call('PUBLISH', ARGV[12] .. ':node:' .. node,
-    ARGV[13] .. ' spriv ' .. seq .. ' ' .. ARGV[14] .. ' ' .. ARGV[15])
+    ARGV[13] .. ' spriv ' .. digits .. ' ' .. ARGV[14] .. ' ' .. ARGV[15])
   return {'live', node, seq}
 end
 return {'queued', '', seq}
 "#;
 
-/// KEYS: box. ARGV: after (seq), count.
-/// The held entries above `after`, in `seq` order.
-const FETCH_SCRIPT: &str = r#"
-return redis.call('XRANGE', KEYS[1], (tonumber(ARGV[1]) + 1) .. '-0', '+', 'COUNT', ARGV[2])
+/// KEYS: box, seq counter, held, due. ARGV: after (seq), count, `1` to
+/// acknowledge up to `after` first (a reliable client's `resume`), name.
+///
+/// A resume point above anything the counter handed out (the client kept
+/// a seq from before Redis lost its data) acknowledges nothing: everything
+/// held is given again rather than dropped unread. Answers `{AFTER,
+/// entries}`: the point used, and the entries above it in `seq` order.
+const FETCH_BODY: &str = r#"
+local after = tonumber(ARGV[1])
+if after > tonumber(redis.call('GET', KEYS[2]) or '0') then after = 0 end
+if ARGV[3] == '1' and after > 0 then
+  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', string.format('%.0f-0', after))) do
+    forget(KEYS[3], KEYS[4], ARGV[4], e)
+    redis.call('XDEL', KEYS[1], e[1])
+  end
+  if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+end
+return {after,
+  redis.call('XRANGE', KEYS[1], string.format('%.0f-0', after + 1), '+', 'COUNT', ARGV[2])}
 "#;
 
 /// Takes one held entry (`e` as `XRANGE` gives it) off the quotas and the
@@ -95,12 +109,14 @@ local function forget(held, due, name, e)
 end
 "#;
 
-/// KEYS: box, held, due. ARGV: up to (seq), name.
-/// Removes every entry up to and including the seq; answers how many.
+/// KEYS: box, held, due. ARGV: from (seq), up to (seq), name.
+/// Removes every entry numbered from `from` to `up to`, both included
+/// (`0..=N` for a cumulative `ack N`; `N..=N` for one message written to a
+/// simple client, or taken back); answers how many.
 const ACK_BODY: &str = r#"
-local es = redis.call('XRANGE', KEYS[1], '-', ARGV[1] .. '-0')
+local es = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-0', ARGV[2] .. '-0')
 for _, e in ipairs(es) do
-  forget(KEYS[2], KEYS[3], ARGV[2], e)
+  forget(KEYS[2], KEYS[3], ARGV[3], e)
   redis.call('XDEL', KEYS[1], e[1])
 end
 if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
@@ -147,14 +163,16 @@ if redis.call('HSETNX', KEYS[5], mark, ARGV[2]) == 0 then
   return {'dup', tonumber(redis.call('HGET', KEYS[5], mark))}
 end
 local seq = tonumber(ARGV[2])
-if tonumber(redis.call('GET', KEYS[2]) or '0') < seq then redis.call('SET', KEYS[2], seq) end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < seq then
+  redis.call('SET', KEYS[2], string.format('%.0f', seq))
+end
 local how = 'kept'
 local fields = {'id', ARGV[3], 'ts', ARGV[4], 'from', from, 'body', ARGV[6], 'exp', ARGV[7]}
-local r = redis.pcall('XADD', KEYS[1], seq .. '-0', unpack(fields))
+local r = redis.pcall('XADD', KEYS[1], string.format('%.0f-0', seq), unpack(fields))
 if type(r) == 'table' and r.err then
   seq = redis.call('INCR', KEYS[2])
-  redis.call('XADD', KEYS[1], seq .. '-0', unpack(fields))
-  redis.call('HSET', KEYS[5], mark, seq)
+  redis.call('XADD', KEYS[1], string.format('%.0f-0', seq), unpack(fields))
+  redis.call('HSET', KEYS[5], mark, string.format('%.0f', seq))
   how = 'renumbered'
 end
 local cost = #ARGV[6] + #from + 64
@@ -162,7 +180,9 @@ redis.call('HINCRBY', KEYS[3], 'bytes', cost)
 redis.call('HINCRBY', KEYS[3], 'count', 1)
 redis.call('HINCRBY', KEYS[3], 's:' .. from, 1)
 redis.call('HINCRBY', KEYS[3], 'b:' .. from, cost)
-if ARGV[7] ~= '0' then redis.call('ZADD', KEYS[4], ARGV[7], seq .. ' ' .. to) end
+if ARGV[7] ~= '0' then
+  redis.call('ZADD', KEYS[4], ARGV[7], string.format('%.0f', seq) .. ' ' .. to)
+end
 return {how, seq}
 "#;
 
@@ -261,21 +281,37 @@ impl std::fmt::Display for BadReply {
 
 impl std::error::Error for BadReply {}
 
-/// The keys of one cluster's store.
+/// One script: its text, and the SHA-1 Redis knows it by once loaded.
+#[derive(Debug, Clone)]
+struct Script {
+    text: String,
+    sha: String,
+}
+
+impl Script {
+    fn new(text: String) -> Script {
+        let sha = sha1_smol::Sha1::from(&text).digest().to_string();
+        Script { text, sha }
+    }
+}
+
+/// The keys and scripts of one cluster's store.
 #[derive(Debug, Clone)]
 pub struct Store {
     prefix: String,
+    send: Script,
+    fetch: Script,
+    ack: Script,
+    expire: Script,
+    migrate: Script,
+    remember: Script,
+    /// Commands name their script by SHA-1 (`EVALSHA`), after
+    /// [`loads`](Self::loads) ran on the same connection: a message then
+    /// costs Redis its arguments, not the script's kilobyte and a parse.
+    pub by_sha: bool,
 }
 
 type Args = Vec<Vec<u8>>;
-
-fn eval(script: String, keys: Vec<String>, argv: Vec<Vec<u8>>) -> Args {
-    let mut args: Args = vec![b"EVAL".to_vec(), script.into_bytes()];
-    args.push(keys.len().to_string().into_bytes());
-    args.extend(keys.into_iter().map(String::into_bytes));
-    args.extend(argv);
-    args
-}
 
 fn num(n: impl ToString) -> Vec<u8> {
     n.to_string().into_bytes()
@@ -285,7 +321,53 @@ impl Store {
     pub fn new(prefix: &str) -> Store {
         Store {
             prefix: prefix.to_owned(),
+            send: Script::new(SEND_SCRIPT.to_owned()),
+            fetch: Script::new(format!("{FORGET_ENTRY}{FETCH_BODY}")),
+            ack: Script::new(format!("{FORGET_ENTRY}{ACK_BODY}")),
+            expire: Script::new(format!("{FORGET_ENTRY}{EXPIRE_BODY}")),
+            migrate: Script::new(MIGRATE_SCRIPT.to_owned()),
+            remember: Script::new(REMEMBER_SCRIPT.to_owned()),
+            by_sha: false,
         }
+    }
+
+    /// `SCRIPT LOAD` for every script: sent first on a new connection, so
+    /// that what follows on it can name them by SHA-1. (A Redis that lost
+    /// them, restarted or flushed, answers `NOSCRIPT`; the node then drops
+    /// the connection and loads them again on the new one.)
+    pub fn loads(&self) -> Vec<Args> {
+        [
+            &self.send,
+            &self.fetch,
+            &self.ack,
+            &self.expire,
+            &self.migrate,
+            &self.remember,
+        ]
+        .into_iter()
+        .map(|s| {
+            vec![
+                b"SCRIPT".to_vec(),
+                b"LOAD".to_vec(),
+                s.text.clone().into_bytes(),
+            ]
+        })
+        .collect()
+    }
+
+    fn eval(&self, script: &Script, keys: Vec<String>, argv: Vec<Vec<u8>>) -> Args {
+        let mut args: Args = Vec::with_capacity(3 + keys.len() + argv.len());
+        if self.by_sha {
+            args.push(b"EVALSHA".to_vec());
+            args.push(script.sha.clone().into_bytes());
+        } else {
+            args.push(b"EVAL".to_vec());
+            args.push(script.text.clone().into_bytes());
+        }
+        args.push(keys.len().to_string().into_bytes());
+        args.extend(keys.into_iter().map(String::into_bytes));
+        args.extend(argv);
+        args
     }
 
     fn key(&self, what: &str) -> String {
@@ -338,33 +420,44 @@ impl Store {
             msg.payload.as_bytes().to_vec(),
             num(u8::from(quotas.known_only)),
         ];
-        eval(SEND_SCRIPT.to_owned(), keys, argv)
+        self.eval(&self.send, keys, argv)
     }
 
     /// `REMEMBER`: `name` connected; at most `max_known` names are kept.
     pub fn remember(&self, name: &str, max_known: usize) -> Args {
-        eval(
-            REMEMBER_SCRIPT.to_owned(),
+        self.eval(
+            &self.remember,
             vec![self.key("known")],
             vec![name.as_bytes().to_vec(), num(max_known)],
         )
     }
 
-    /// `FETCH`: what `name` has held above `after`, [`FETCH_BATCH`] at most.
-    pub fn fetch(&self, name: &str, after: u64) -> Args {
-        eval(
-            FETCH_SCRIPT.to_owned(),
-            vec![self.outbox(name)],
-            vec![num(after), num(FETCH_BATCH)],
+    /// `FETCH`: what `name` has held above `after`, [`FETCH_BATCH`] at
+    /// most; with `ack`, what is at or below `after` is removed first.
+    pub fn fetch(&self, name: &str, after: u64, ack: bool) -> Args {
+        self.eval(
+            &self.fetch,
+            vec![
+                self.outbox(name),
+                self.key("seq"),
+                self.key("held"),
+                self.key("due"),
+            ],
+            vec![
+                num(after),
+                num(FETCH_BATCH),
+                num(u8::from(ack)),
+                name.as_bytes().to_vec(),
+            ],
         )
     }
 
-    /// `ACK`: `name` has everything up to and including `seq`.
-    pub fn ack(&self, name: &str, seq: u64) -> Args {
-        eval(
-            format!("{FORGET_ENTRY}{ACK_BODY}"),
+    /// `ACK`: remove what `name` holds numbered `from..=to`.
+    pub fn ack(&self, name: &str, from: u64, to: u64) -> Args {
+        self.eval(
+            &self.ack,
             vec![self.outbox(name), self.key("held"), self.key("due")],
-            vec![num(seq), name.as_bytes().to_vec()],
+            vec![num(from), num(to), name.as_bytes().to_vec()],
         )
     }
 
@@ -387,13 +480,13 @@ impl Store {
             held.body.as_bytes().to_vec(),
             num(expires_ms),
         ];
-        eval(MIGRATE_SCRIPT.to_owned(), keys, argv)
+        self.eval(&self.migrate, keys, argv)
     }
 
     /// `EXPIRE`: remove what is due by `now_ms`, [`EXPIRE_BATCH`] at most.
     pub fn expire(&self, now_ms: u64) -> Args {
-        eval(
-            format!("{FORGET_ENTRY}{EXPIRE_BODY}"),
+        self.eval(
+            &self.expire,
             vec![self.key("held"), self.key("due")],
             vec![
                 num(now_ms),
@@ -444,15 +537,29 @@ pub fn sent(frame: &Frame) -> Result<Sent, BadReply> {
     decoded.ok_or_else(|| bad(frame))
 }
 
-/// Decodes `FETCH`'s reply: entries `[SEQ-0, [field, value, ...]]`.
-pub fn fetched(frame: &Frame) -> Result<Vec<Held>, BadReply> {
-    let Frame::Array(Some(entries)) = frame else {
+/// What `FETCH` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The resume point used: the one asked for, or 0 when it was above
+    /// anything handed out.
+    pub after: u64,
+    pub held: Vec<Held>,
+}
+
+/// Decodes `FETCH`'s reply: the point used, then entries `[SEQ-0, [field, value, ...]]`.
+pub fn fetched(frame: &Frame) -> Result<Fetched, BadReply> {
+    let Frame::Array(Some(parts)) = frame else {
         return Err(bad(frame));
     };
-    entries
+    let [after, Frame::Array(Some(entries))] = parts.as_slice() else {
+        return Err(bad(frame));
+    };
+    let after = number(after).ok_or_else(|| bad(frame))?;
+    let held = entries
         .iter()
         .map(|entry| held(entry).ok_or_else(|| bad(entry)))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(Fetched { after, held })
 }
 
 fn held(entry: &Frame) -> Option<Held> {
@@ -639,19 +746,34 @@ mod tests {
             from: "ann".into(),
             body: "hi".into(),
         };
-        assert_eq!(fetched(&array(vec![entry])), Ok(vec![want]));
-        assert_eq!(fetched(&array(vec![])), Ok(vec![]));
-        let bad_id = array(vec![array(vec![bulk("12-1"), array(vec![])])]);
+        let reply =
+            |after: i64, entries: Vec<Frame>| array(vec![Frame::Integer(after), array(entries)]);
+        assert_eq!(
+            fetched(&reply(3, vec![entry])),
+            Ok(Fetched {
+                after: 3,
+                held: vec![want]
+            })
+        );
+        assert_eq!(
+            fetched(&reply(0, vec![])),
+            Ok(Fetched {
+                after: 0,
+                held: vec![]
+            })
+        );
+        let bad_id = reply(0, vec![array(vec![bulk("12-1"), array(vec![])])]);
         assert!(fetched(&bad_id).is_err());
-        let odd = array(vec![array(vec![bulk("12-0"), array(vec![bulk("id")])])]);
+        let odd = reply(0, vec![array(vec![bulk("12-0"), array(vec![bulk("id")])])]);
         assert!(fetched(&odd).is_err());
+        assert!(fetched(&array(vec![])).is_err());
         assert!(fetched(&Frame::Error("ERR".into())).is_err());
     }
 
     #[test]
     fn commands_name_the_prefixed_keys() {
         let store = Store::new("wx");
-        let ack = store.ack("bob", 5);
+        let ack = store.ack("bob", 0, 5);
         assert_eq!(ack[0], b"EVAL");
         assert_eq!(ack[2], b"3");
         assert_eq!(ack[3], b"wx:box:bob");

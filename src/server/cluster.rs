@@ -10,6 +10,7 @@ use slab::Slab;
 use super::{App, Core};
 use crate::chat::ConnId;
 use crate::cluster::remote::{self, Remote};
+use crate::cluster::store::{BadReply, Fetched};
 use crate::cluster::{Cluster, Event, WaitingJoin};
 use crate::conn::{CloseReason, Connection};
 use crate::delivery::Mailer;
@@ -22,8 +23,10 @@ const TRY_AGAIN_LATER: CloseCode = CloseCode::Other(1013);
 impl Core {
     /// Sets the router up as a node (called once, at start).
     pub(super) fn start_cluster(&mut self, cluster: Cluster) {
+        let mut cluster = cluster;
         if let App::Chat(router) = &mut self.app {
             router.set_remote(Remote::new(cluster.node()));
+            cluster.migrate(router.held_to_migrate(), Instant::now());
         }
         self.cluster = Some(cluster);
     }
@@ -106,6 +109,7 @@ impl Core {
             post: &mut self.post,
         };
         let up = cluster.is_up();
+        cluster.now_ms = self.now_ms;
         cluster.id_floor = self.now_ms.saturating_mul(1000).max(router.last_id());
         if router
             .remote()
@@ -169,6 +173,7 @@ impl Core {
                 }
                 Event::Up => {
                     let now_ms = self.now_ms;
+                    router.cluster_refetch();
                     cluster.reclaim(router.local_names(), now);
                     let names: Vec<_> = router.local_names().cloned().collect();
                     if let Some(remote) = router.remote_mut() {
@@ -194,7 +199,13 @@ impl Core {
                     );
                     router.kicked(&name, &mut mailer);
                 }
-                Event::JoinGranted(join) => self.joined(conns, join, now),
+                Event::JoinGranted(join) => self.fetch_then_join(conns, join, now),
+                Event::JoinFetched(join, fetched) => self.joined(conns, join, fetched, now),
+                Event::Sent(tag, sent) => router.on_sent(tag, sent, &mut mailer),
+                Event::Fetched(name, fetched) => router.on_fetched(&name, fetched, &mut mailer),
+                Event::Expired(expired) => router.on_store_expired(expired, &mut mailer),
+                Event::Migrated(done) => router.migrated(done),
+                Event::Reclaimed(name) => router.cluster_fetch_again(&name),
                 Event::JoinRefused(join) => {
                     if let Some(slot) = waiting_slot(mailer.conns, &join) {
                         mailer.conns[slot].held = false;
@@ -202,6 +213,7 @@ impl Core {
                     }
                 }
                 Event::JoinTimedOut(join) => {
+                    router.cluster_join_abandoned(&join.name, &mut mailer);
                     if let Some(slot) = waiting_slot(conns, &join) {
                         conns[slot].held = false;
                         self.post.close(
@@ -217,30 +229,79 @@ impl Core {
         }
     }
 
-    /// The lease is ours: the connection joins (its `welcome` now), and what
-    /// it sent meanwhile is read.
-    fn joined(&mut self, conns: &mut Slab<Connection>, join: WaitingJoin, now: Instant) {
-        let Some(slot) = waiting_slot(conns, &join) else {
+    /// The lease is ours: the user's outbox is fetched, and live messages
+    /// for it are kept until the fetch answers (then it joins).
+    fn fetch_then_join(&mut self, conns: &mut Slab<Connection>, join: WaitingJoin, now: Instant) {
+        let (Some(cluster), App::Chat(router)) = (&mut self.cluster, &mut self.app) else {
+            return;
+        };
+        if waiting_slot(conns, &join).is_none() {
             // Gone while it waited: the lease lapses unrenewed, or goes now.
+            cluster.release(&join.name, now);
+            return;
+        }
+        let (after, ack) = router.cluster_begin_join(&join.name, &join.query);
+        if let Err(join) = cluster.fetch_for_join(join, after, ack, now) {
+            let mut mailer = Mailer {
+                conns,
+                post: &mut self.post,
+            };
+            router.cluster_join_abandoned(&join.name, &mut mailer);
+            if let Some(slot) = waiting_slot(conns, &join) {
+                conns[slot].held = false;
+                self.post.close(
+                    conns,
+                    slot,
+                    TRY_AGAIN_LATER,
+                    "chat cluster unavailable",
+                    CloseReason::Refused(TRY_AGAIN_LATER),
+                );
+            }
+        }
+    }
+
+    /// The outbox came: the connection joins (its `welcome` now, then what
+    /// was held for it, then what came live meanwhile), and what it sent
+    /// meanwhile is read.
+    fn joined(
+        &mut self,
+        conns: &mut Slab<Connection>,
+        join: WaitingJoin,
+        fetched: Result<Fetched, BadReply>,
+        now: Instant,
+    ) {
+        let App::Chat(router) = &mut self.app else {
+            return;
+        };
+        let Some(slot) = waiting_slot(conns, &join) else {
+            let mut mailer = Mailer {
+                conns,
+                post: &mut self.post,
+            };
+            router.cluster_join_abandoned(&join.name, &mut mailer);
             if let Some(cluster) = &mut self.cluster {
                 cluster.release(&join.name, now);
             }
             return;
         };
         conns[slot].held = false;
-        let App::Chat(router) = &mut self.app else {
-            return;
-        };
         let mut mailer = Mailer {
             conns,
             post: &mut self.post,
         };
+        // A name online here already is refused, or (with a token) replaced
+        // by this connection, which fetches its outbox for itself.
+        let fresh = !router.is_online_here(&join.name);
         let verified = join.verified.then_some(&*join.name);
         if router
             .join_as(ConnId(slot), &join.query, verified, &mut mailer)
             .is_none()
         {
+            router.cluster_join_abandoned(&join.name, &mut mailer);
             return;
+        }
+        if fresh {
+            router.on_fetched(&join.name, fetched, &mut mailer);
         }
         if !join.early.is_empty() {
             let mut early = join.early;

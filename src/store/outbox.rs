@@ -155,6 +155,22 @@ impl Outboxes {
     }
 
     /// Names with something held.
+    /// Every held message, with its recipient.
+    pub fn all_held(&self) -> impl Iterator<Item = (&Rc<str>, &Entry)> {
+        self.boxes
+            .iter()
+            .flat_map(|(name, entries)| entries.iter().map(move |e| (name, e)))
+    }
+
+    /// When a message held at `ts` expires (Unix ms; 0 never).
+    pub fn expiry_of(&self, ts: u64) -> u64 {
+        if self.limits.ttl_ms == u64::MAX {
+            0
+        } else {
+            ts.saturating_add(self.limits.ttl_ms)
+        }
+    }
+
     pub fn boxes(&self) -> usize {
         self.boxes.len()
     }

@@ -5,9 +5,12 @@
 
 use std::rc::Rc;
 
-use super::{encode, held_entry, Class, ConnId, Delivery, Outbox, Router, LIST_LIMIT};
+use super::{encode, full_store_error, Class, ConnId, Delivery, Outbox, Router, LIST_LIMIT};
 use crate::chat::protocol::PrivateMessage;
-use crate::cluster::remote::{Carried, Inbound, Outcome, Remote, To};
+use crate::cluster::catchup::{Deliver, Heard};
+use crate::cluster::remote::{Carried, Inbound, Outcome, Remote, Status, StoreOp, To};
+use crate::cluster::store::{BadReply, Expired, Fetched, Held, Sent};
+use crate::cluster::ToMigrate;
 use crate::ws::CloseCode;
 
 impl Router {
@@ -90,23 +93,25 @@ impl Router {
         self.send_error(slot, "cluster_unavailable", message, reference, out);
     }
 
-    /// A private message for a user not on this node: sent to the node it is
-    /// on (its receipt comes back later), or refused when that node cannot
-    /// be reached. False when the name is online on no other node.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn private_to_cluster(
+    /// A private message under `--cluster`: every one goes through the
+    /// offline store in Redis, which numbers it with the cluster's `seq`,
+    /// holds it, and publishes it to the node its recipient is on, if any.
+    /// The sender hears back when the store answers (`queued`, or a
+    /// refusal) or the recipient's node does (`delivered`). False without a
+    /// cluster.
+    pub(super) fn private_via_store(
         &mut self,
         slot: ConnId,
-        from: &str,
-        to: &str,
-        body: &str,
+        (from, to, body): (&str, &str, &str),
         reference: Option<&str>,
         now_ms: u64,
         out: &mut impl Outbox,
     ) -> bool {
-        let Some(node) = self.remote.as_ref().and_then(|r| r.node_of(to)).cloned() else {
+        let online = self.index.contains_key(to);
+        let Some(remote) = &self.remote else {
             return false;
         };
+        let online = online || remote.node_of(to).is_some();
         let id = self.next_id();
         let carried = Carried {
             tag: 0,
@@ -119,9 +124,7 @@ impl Router {
         let Some(remote) = &mut self.remote else {
             return false;
         };
-        let sent =
-            remote.can_send(body.len() + 128) && remote.private(node, carried, reference, now_ms);
-        if sent {
+        if remote.store_private(carried, online, reference, now_ms) {
             self.stats.private += 1;
         } else {
             remote.stats.unavailable += 1;
@@ -135,8 +138,10 @@ impl Router {
         let Some(remote) = &mut self.remote else {
             return;
         };
-        if !remote.heard(node, now_ms) {
-            return; // our own echo
+        // Our own echo is skipped, but for a private the store published to
+        // us in our own name (its recipient is here too).
+        if !remote.heard(node, now_ms) && !matches!(inbound, Inbound::Stored(..)) {
+            return;
         }
         match inbound {
             Inbound::Hello => {
@@ -171,20 +176,27 @@ impl Router {
                 self.stats.public += 1;
                 self.broadcast(&json, None, Class::Public, out);
             }
-            Inbound::Private(carried) => {
+            Inbound::Stored(seq, carried) => {
                 remote.stats.messages_in += 1;
-                let node = Rc::from(node);
-                let outcome = self.deliver_carried(&carried, out);
-                if let Some(remote) = &mut self.remote {
-                    remote.receipt(node, carried.tag, outcome);
+                let to: Rc<str> = Rc::from(carried.to.as_str());
+                match remote.catchup.live(&to, seq, (Rc::from(node), carried)) {
+                    Heard::Now(seq, (node, carried)) => {
+                        let outcome = self.deliver_stored(seq, &carried, out);
+                        self.answer_stored(node, carried.tag, outcome, out);
+                    }
+                    Heard::Kept => {}
+                    Heard::Given((node, carried)) => {
+                        self.answer_stored(node, carried.tag, Outcome::Delivered, out)
+                    }
+                    Heard::KeptDropping((node, carried))
+                    | Heard::NotHere((node, carried))
+                    | Heard::Full((node, carried)) => {
+                        self.answer_stored(node, carried.tag, Outcome::Absent, out)
+                    }
                 }
             }
-            Inbound::Receipt(tag, outcome) => {
-                if let Some(pending) = remote.answered(tag) {
-                    let reference = pending.reference.as_deref();
-                    self.receipt_from_cluster(&pending.carried, reference, outcome, out);
-                }
-            }
+            Inbound::Receipt(tag, outcome) => self.on_receipt(tag, outcome, out),
+            Inbound::Note(note) => self.notify_sender(&note.to, note.id, note.status.word(), out),
             Inbound::Kick(name) => {
                 self.kicked(&name, out);
                 // The user is now on the node that kicked: its coming `join`
@@ -206,23 +218,17 @@ impl Router {
         }
     }
 
-    /// A private message from a user on another node, to one here.
-    fn deliver_carried(&mut self, carried: &Carried, out: &mut impl Outbox) -> Outcome {
+    /// A stored private message, numbered `seq`, for a user here: written to
+    /// its connection. A simple client's copy leaves the store once written;
+    /// a reliable client's stays until it acknowledges it; one refused (the
+    /// reader is flooded) is taken back out.
+    fn deliver_stored(&mut self, seq: u64, carried: &Carried, out: &mut impl Outbox) -> Outcome {
         let Some(&position) = self.index.get(carried.to.as_str()) else {
             return Outcome::Absent;
         };
         let to = self.members[position].name.clone();
         let reliable = self.members[position].reliable;
         let conn = self.members[position].conn;
-        if reliable
-            && self
-                .outboxes
-                .check_room(&to, &carried.from, carried.body.len())
-                .is_err()
-        {
-            return Outcome::Absent;
-        }
-        let seq = self.outboxes.next_seq();
         let mut json = Vec::with_capacity(128 + carried.body.len());
         encode::private(
             &mut json,
@@ -237,38 +243,52 @@ impl Router {
                 offline: false,
             },
         );
-        match out.send(conn, &json, Class::Private) {
+        let delivery = out.send(conn, &json, Class::Private);
+        let Some(remote) = &mut self.remote else {
+            return Outcome::Absent;
+        };
+        let take_out = || StoreOp::Ack {
+            name: to.clone(),
+            from: seq,
+            to: seq,
+        };
+        match delivery {
             Delivery::Queued => {
-                if reliable {
-                    let entry = held_entry(
-                        seq,
-                        carried.id,
-                        carried.ts,
-                        &carried.from,
-                        &carried.body,
-                        true,
-                    );
-                    self.outboxes.hold(&to, entry);
+                if !reliable {
+                    remote.store(take_out());
                 }
                 self.stats.deliveries += 1;
                 Outcome::Delivered
             }
-            _ => {
-                self.outboxes.take_back_seq(seq);
-                Outcome::Absent
+            Delivery::Refused => {
+                remote.store(take_out());
+                self.stats.refused += 1;
+                Outcome::Busy
             }
+            // Still held: it comes with the next session's fetch.
+            Delivery::Disconnected | Delivery::Gone | Delivery::Shed => Outcome::Absent,
         }
     }
 
-    /// What the recipient's node did, told to the sender: `delivered`, or
-    /// held here as for an offline user (`queued`).
-    fn receipt_from_cluster(
-        &mut self,
-        carried: &Carried,
-        reference: Option<&str>,
-        outcome: Outcome,
-        out: &mut impl Outbox,
-    ) {
+    /// Tells the node of a stored private's sender what became of it.
+    fn answer_stored(&mut self, node: Rc<str>, tag: u64, outcome: Outcome, out: &mut impl Outbox) {
+        let Some(remote) = &mut self.remote else {
+            return;
+        };
+        if *node == *remote.node() {
+            self.on_receipt(tag, outcome, out);
+        } else {
+            remote.receipt(node, tag, outcome);
+        }
+    }
+
+    /// The recipient's node answered for a private message sent from here.
+    fn on_receipt(&mut self, tag: u64, outcome: Outcome, out: &mut impl Outbox) {
+        let Some(pending) = self.remote.as_mut().and_then(|r| r.answered(tag)) else {
+            return;
+        };
+        let reference = pending.reference.as_deref();
+        let carried = &pending.carried;
         let sender = self
             .index
             .get(carried.from.as_str())
@@ -282,51 +302,334 @@ impl Router {
                     out.send(sender, &json, Class::Reply);
                 }
             }
+            // It stays in the recipient's outbox in Redis.
             Outcome::Absent => {
-                let (from, to, body) = (&carried.from, &carried.to, &carried.body);
-                let seq = self.outboxes.next_seq();
-                let entry = held_entry(seq, carried.id, carried.ts, from, body, false);
-                match sender {
-                    Some(sender) => {
-                        if self.may_hold(sender, to, from, body.len(), true, reference, out) {
-                            self.hold_offline(sender, to, entry, reference, &mut json, out);
-                        } else {
-                            self.outboxes.take_back_seq(seq);
-                        }
-                    }
-                    // The sender left meanwhile: the message is held if it
-                    // fits, with nobody to promise it to.
-                    None if self.storage_available
-                        && self.outboxes.check_room(to, from, body.len()).is_ok() =>
-                    {
-                        self.outboxes.hold(to, entry);
-                        self.stats.stored += 1;
-                    }
-                    None => self.outboxes.take_back_seq(seq),
+                self.stats.stored += 1;
+                if let Some(sender) = sender {
+                    encode::receipt(&mut json, carried.id, reference, "queued");
+                    out.send(sender, &json, Class::Reply);
+                }
+            }
+            Outcome::Busy => {
+                self.stats.refused += 1;
+                if let Some(sender) = sender {
+                    let message = format!(
+                        "{} is receiving faster than it reads; try again later",
+                        carried.to
+                    );
+                    self.send_error(sender, "recipient_busy", &message, reference, out);
                 }
             }
         }
     }
 
-    /// Receipts that never came: the sender cannot know whether the message
-    /// arrived, and is told so.
+    /// The store's answer to the private message of `tag`.
+    pub fn on_sent(&mut self, tag: u64, sent: Result<Sent, BadReply>, out: &mut impl Outbox) {
+        let Some(remote) = &mut self.remote else {
+            return;
+        };
+        if let Ok(Sent::Live { .. }) = sent {
+            // Its recipient's node answers.
+            remote.stored(tag);
+            return;
+        }
+        let Some(pending) = remote.answered(tag) else {
+            return;
+        };
+        let reference = pending.reference.as_deref();
+        let carried = &pending.carried;
+        let Some(sender) = self
+            .index
+            .get(carried.from.as_str())
+            .map(|&p| self.members[p].conn)
+        else {
+            return;
+        };
+        match sent {
+            Ok(Sent::Live { .. }) => {}
+            Ok(Sent::Queued(_)) => {
+                self.stats.stored += 1;
+                let mut json = Vec::with_capacity(64);
+                encode::receipt(&mut json, carried.id, reference, "queued");
+                out.send(sender, &json, Class::Reply);
+            }
+            Ok(Sent::Full(full)) => {
+                let (code, message) = full_store_error(full, &carried.to);
+                self.send_error(sender, code, &message, reference, out);
+            }
+            Ok(Sent::Unknown) => {
+                let message = "no user of that name has ever connected";
+                self.send_error(sender, "unknown_user", message, reference, out);
+            }
+            Err(_) => {
+                let message =
+                    "the message could not be stored (the offline store failed); try again later";
+                self.send_error(sender, "cluster_unavailable", message, reference, out);
+            }
+        }
+    }
+
+    /// Whether `name`'s outbox is being fetched already (its join waits for it).
+    pub(super) fn cluster_replay(&mut self, name: &Rc<str>, resume: Option<u64>) -> bool {
+        let Some(remote) = &mut self.remote else {
+            return false;
+        };
+        remote.store(StoreOp::Remember(name.clone()));
+        if remote.catchup.fetching().any(|(n, _)| n == name) {
+            return true;
+        }
+        let after = resume.unwrap_or(0);
+        remote.catchup.begin(name.clone(), after);
+        remote.store(StoreOp::Fetch {
+            name: name.clone(),
+            after,
+            ack: resume.is_some(),
+        });
+        true
+    }
+
+    /// The cluster granted `name`'s lease: its outbox is fetched before it
+    /// joins, and live messages for it are kept until then.
+    /// (A name online here already is left alone: the router refuses the
+    /// join, or a token's replacement fetches for itself.)
+    pub fn cluster_begin_join(&mut self, name: &Rc<str>, query: &str) -> (u64, bool) {
+        let resume = super::resume_point(query);
+        let after = resume.unwrap_or(0);
+        if let (Some(remote), false) = (&mut self.remote, self.index.contains_key(&**name)) {
+            remote.catchup.begin(name.clone(), after);
+        }
+        (after, resume.is_some())
+    }
+
+    /// A join that waited for its outbox will not happen (refused, gone, or
+    /// Redis lost): what was kept for it stays in the store.
+    pub fn cluster_join_abandoned(&mut self, name: &str, out: &mut impl Outbox) {
+        if self.index.contains_key(name) {
+            return; // joined after all (a replacement)
+        }
+        self.end_catchup(name, out);
+    }
+
+    pub(super) fn end_catchup(&mut self, name: &str, out: &mut impl Outbox) {
+        let Some(remote) = &mut self.remote else {
+            return;
+        };
+        for (node, carried) in remote.catchup.end(name) {
+            self.answer_stored(node, carried.tag, Outcome::Absent, out);
+        }
+    }
+
+    /// The store answered a fetch of `name`'s outbox: the held messages go
+    /// to its connection (`"offline":true`, in `seq` order), then the live
+    /// ones kept meanwhile. A simple client's leave the store; a reliable
+    /// client's stay until acknowledged.
+    pub fn on_fetched(
+        &mut self,
+        name: &Rc<str>,
+        fetched: Result<Fetched, BadReply>,
+        out: &mut impl Outbox,
+    ) {
+        let Some(remote) = &mut self.remote else {
+            return;
+        };
+        // A failed fetch gives nothing now: what is held comes next session.
+        let (after, held) = match fetched {
+            Ok(f) => (f.after, f.held),
+            Err(_) => (u64::MAX, Vec::new()),
+        };
+        let (deliveries, again) = remote.catchup.fetched(name, after, held);
+        if let Some(after) = again {
+            remote.store(StoreOp::Fetch {
+                name: name.clone(),
+                after,
+                ack: false,
+            });
+        }
+        let member = self
+            .index
+            .get(&**name)
+            .map(|&p| (self.members[p].conn, self.members[p].reliable));
+        // The last offline message written with none refused before it:
+        // what a simple client's copies may be removed up to.
+        let (mut written_through, mut refused) = (0, false);
+        let mut json = Vec::with_capacity(256);
+        for delivery in deliveries {
+            match delivery {
+                Deliver::Offline(held) => {
+                    let Some((conn, _)) = member else { continue };
+                    json.clear();
+                    encode::private(
+                        &mut json,
+                        &PrivateMessage {
+                            id: held.id,
+                            ts: held.ts,
+                            seq: held.seq,
+                            from: &held.from,
+                            to: name,
+                            body: &held.body,
+                            body_is_plain: false,
+                            offline: true,
+                        },
+                    );
+                    // Only what the connection took leaves the store.
+                    if out.send(conn, &json, Class::Reply) != Delivery::Queued {
+                        refused = true;
+                        continue;
+                    }
+                    self.stats.deliveries += 1;
+                    if !refused {
+                        written_through = held.seq;
+                    }
+                    self.tell_sender(&held.from, held.id, Status::Delivered, out);
+                }
+                Deliver::Live(seq, (node, carried)) => {
+                    let outcome = self.deliver_stored(seq, &carried, out);
+                    self.answer_stored(node, carried.tag, outcome, out);
+                }
+                Deliver::Duplicate((node, carried)) => {
+                    self.answer_stored(node, carried.tag, Outcome::Delivered, out);
+                }
+            }
+        }
+        if let (Some((_, false)), Some(remote)) = (member, &mut self.remote) {
+            if written_through > 0 {
+                remote.store(StoreOp::Ack {
+                    name: name.clone(),
+                    from: 0,
+                    to: written_through,
+                });
+            }
+        }
+    }
+
+    /// Tells the sender of message `id`, wherever it is online, what became of it.
+    fn tell_sender(&mut self, sender: &str, id: u64, status: Status, out: &mut impl Outbox) {
+        if self.index.contains_key(sender) {
+            self.notify_sender(sender, id, status.word(), out);
+        } else if let Some(remote) = &mut self.remote {
+            if let Some(node) = remote.node_of(sender).cloned() {
+                remote.note(node, sender, id, status);
+            }
+        }
+    }
+
+    /// The store removed these held messages past their time to live.
+    pub fn on_store_expired(&mut self, expired: Vec<Expired>, out: &mut impl Outbox) {
+        for e in expired {
+            self.stats.expired += 1;
+            self.tell_sender(&e.from, e.id, Status::Expired, out);
+        }
+    }
+
+    /// The link to Redis is back: every local user's outbox is fetched
+    /// again after what it was given (a restarted Redis lost the leases, and
+    /// held what was sent meanwhile instead of publishing it), and the local
+    /// names are remembered again. The caller has queued the leases first.
+    pub fn cluster_refetch(&mut self) {
+        let Some(remote) = &mut self.remote else {
+            return;
+        };
+        for member in &self.members {
+            remote.store(StoreOp::Remember(member.name.clone()));
+            remote.catchup.again(&member.name);
+        }
+        let again: Vec<(Rc<str>, u64)> = remote
+            .catchup
+            .fetching()
+            .map(|(n, after)| (n.clone(), after))
+            .collect();
+        for (name, after) in again {
+            remote.store(StoreOp::Fetch {
+                name,
+                after,
+                ack: false,
+            });
+        }
+    }
+
+    /// `name`'s lease had lapsed and is taken again: its outbox is fetched
+    /// again after what it was given.
+    pub fn cluster_fetch_again(&mut self, name: &Rc<str>) {
+        let Some(remote) = &mut self.remote else {
+            return;
+        };
+        if let Some(after) = remote.catchup.again(name) {
+            remote.store(StoreOp::Fetch {
+                name: name.clone(),
+                after,
+                ack: false,
+            });
+        }
+    }
+
+    /// A reliable client acknowledged everything up to `seq`.
+    pub(super) fn cluster_ack(&mut self, name: &Rc<str>, seq: u64) -> bool {
+        let Some(remote) = &mut self.remote else {
+            return false;
+        };
+        remote.store(StoreOp::Ack {
+            name: name.clone(),
+            from: 0,
+            to: seq,
+        });
+        true
+    }
+
+    /// Answers that never came: a message the store holds is `queued` (it
+    /// waits in the recipient's outbox, or was delivered); one it may not
+    /// hold is `cluster_unavailable`.
     pub fn cluster_overdue(&mut self, now_ms: u64, out: &mut impl Outbox) {
         let Some(remote) = &mut self.remote else {
             return;
         };
         for pending in remote.overdue(now_ms) {
-            if let Some(&p) = self.index.get(pending.carried.from.as_str()) {
-                let sender = self.members[p].conn;
+            let Some(&p) = self.index.get(pending.carried.from.as_str()) else {
+                continue;
+            };
+            let sender = self.members[p].conn;
+            let reference = pending.reference.as_deref();
+            if pending.stored {
+                self.stats.stored += 1;
+                let mut json = Vec::with_capacity(64);
+                encode::receipt(&mut json, pending.carried.id, reference, "queued");
+                out.send(sender, &json, Class::Reply);
+            } else {
                 let message =
-                    "the recipient's server did not answer; the message may not have arrived";
-                self.send_error(
-                    sender,
-                    "cluster_unavailable",
-                    message,
-                    pending.reference.as_deref(),
-                    out,
-                );
+                    "the offline store did not answer; the message may not have been stored";
+                self.send_error(sender, "cluster_unavailable", message, reference, out);
             }
+        }
+    }
+
+    /// What the local log holds, to upload to the store (a single node
+    /// that grows into a cluster keeps its users' mail).
+    pub fn held_to_migrate(&self) -> Vec<ToMigrate> {
+        self.outboxes
+            .all_held()
+            .map(|(to, e)| ToMigrate {
+                to: to.clone(),
+                held: Held {
+                    seq: e.seq,
+                    id: e.id,
+                    ts: e.ts,
+                    from: e.from.to_string(),
+                    body: e.body.clone(),
+                },
+                expires_ms: self.outboxes.expiry_of(e.ts),
+            })
+            .collect()
+    }
+
+    /// The store holds these local-log messages now: the local log lets
+    /// them go (so a later start has nothing left to upload).
+    pub fn migrated(&mut self, done: Vec<(Rc<str>, u64)>) {
+        let mut last: std::collections::HashMap<Rc<str>, u64> = Default::default();
+        for (to, seq) in done {
+            let at = last.entry(to).or_default();
+            *at = (*at).max(seq);
+        }
+        for (to, seq) in last {
+            self.outboxes.ack(&to, seq);
         }
     }
 
@@ -354,6 +657,7 @@ impl Router {
         let conn = self.members[position].conn;
         // Forgotten before the close, so `leave` finds nothing to announce.
         self.forget_member(conn);
+        self.end_catchup(name, out);
         out.close(conn, CloseCode::Replaced, "replaced by a newer session");
     }
 

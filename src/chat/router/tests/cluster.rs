@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use super::{router, Recorder};
 use crate::chat::router::{ConnId, Router};
-use crate::cluster::remote::{self, Carried, Inbound, Outcome, Outgoing, Remote, To};
+use crate::cluster::remote::{self, Carried, Inbound, Outcome, Outgoing, Remote, StoreOp, To};
+use crate::cluster::store::{BadReply, Fetched, Held, Sent};
+use crate::store::outbox::Full;
 
 /// A router that is a node `me`, with `peer` known and up.
 fn node() -> (Router, Recorder) {
@@ -32,7 +34,7 @@ fn published(r: &mut Router) -> Vec<(To, Inbound)> {
                 assert_eq!(node, "me");
                 Some((to, inbound))
             }
-            Outgoing::Release(_) => None,
+            Outgoing::Release(_) | Outgoing::Store(_) => None,
         })
         .collect()
 }
@@ -70,130 +72,302 @@ fn remote_users_are_listed_counted_and_announced() {
     assert_eq!(sent.len(), 2, "both local users told");
 }
 
+/// The store commands the router queued.
+fn store_ops(r: &mut Router) -> Vec<StoreOp> {
+    r.remote_mut()
+        .unwrap()
+        .take_outgoing()
+        .into_iter()
+        .filter_map(|o| match o {
+            Outgoing::Store(op) => Some(op),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Ann (slot 1) sends a private to bob; the `SEND` the router queued.
+fn send_from_ann(r: &mut Router, out: &mut Recorder, json: &str) -> Carried {
+    r.handle(ConnId(1), json, 5, out);
+    match store_ops(r).pop() {
+        Some(StoreOp::Send { carried, .. }) => carried,
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
-fn a_private_to_another_node_is_receipted_when_it_answers() {
+fn a_private_goes_through_the_store_and_its_sender_hears_every_answer() {
     let (mut r, mut out) = node();
     r.join(ConnId(1), "username=ann", &mut out);
-    r.on_cluster("peer", Inbound::Join(Rc::from("bob")), 0, &mut out);
     out.take();
-    published(&mut r);
-    r.handle(
-        ConnId(1),
-        r#"{"type":"private","to":"bob","body":"hi","ref":"r"}"#,
-        5,
+    store_ops(&mut r);
+    let first = send_from_ann(
+        &mut r,
         &mut out,
+        r#"{"type":"private","to":"bob","body":"hi","ref":"r"}"#,
     );
-    assert!(
-        out.take().is_empty(),
-        "no receipt before bob's node answers"
-    );
-    let carried = match published(&mut r).pop() {
-        Some((To::Node(n), Inbound::Private(c))) if &*n == "peer" => c,
-        other => panic!("{other:?}"),
-    };
     assert_eq!(
-        (
-            carried.from.as_str(),
-            carried.to.as_str(),
-            carried.body.as_str()
-        ),
+        (first.from.as_str(), first.to.as_str(), first.body.as_str()),
         ("ann", "bob", "hi")
     );
+    assert!(out.take().is_empty(), "no receipt before the store answers");
+    // Stored and published to bob's node: that node's receipt decides.
+    let live = || {
+        Ok(Sent::Live {
+            node: "peer".into(),
+            seq: 9,
+        })
+    };
+    r.on_sent(first.tag, live(), &mut out);
+    assert!(out.take().is_empty());
     r.on_cluster(
         "peer",
-        Inbound::Receipt(carried.tag, Outcome::Delivered),
+        Inbound::Receipt(first.tag, Outcome::Delivered),
         6,
         &mut out,
     );
     let sent = out.take();
     assert_eq!(types(&sent), vec![(1, "receipt".to_string())]);
     assert_eq!(
-        (sent[0].1["status"].clone(), sent[0].1["ref"].clone()),
-        ("delivered".into(), "r".into())
+        (
+            sent[0].1["status"].clone(),
+            sent[0].1["ref"].clone(),
+            sent[0].1["id"].clone()
+        ),
+        ("delivered".into(), "r".into(), first.id.into())
     );
-    assert_eq!(sent[0].1["id"], carried.id);
 
-    // Absent on arrival: held here, `queued` once on disk.
-    r.handle(
-        ConnId(1),
-        r#"{"type":"private","to":"bob","body":"2"}"#,
-        7,
-        &mut out,
-    );
-    let Some((_, Inbound::Private(second))) = published(&mut r).pop() else {
-        panic!("sent on")
-    };
-    r.on_cluster(
-        "peer",
-        Inbound::Receipt(second.tag, Outcome::Absent),
-        8,
-        &mut out,
-    );
-    assert_eq!(
-        out.durable.pop().map(|(s, v)| (s, v["status"].clone())),
-        Some((1, "queued".into()))
-    );
-    assert_eq!(r.held().0, 1);
+    // Every other answer, and what ann is told.
+    let private = r#"{"type":"private","to":"bob","body":"x","ref":2}"#;
+    let cases: Vec<(Result<Sent, BadReply>, Option<Outcome>, &str)> = vec![
+        (Ok(Sent::Queued(10)), None, "queued"),
+        (live(), Some(Outcome::Absent), "queued"),
+        (live(), Some(Outcome::Busy), "recipient_busy"),
+        (Ok(Sent::Full(Full::User)), None, "offline_queue_full"),
+        (Ok(Sent::Full(Full::Store)), None, "offline_queue_full"),
+        (Ok(Sent::Full(Full::Sender)), None, "offline_sender_limit"),
+        (Ok(Sent::Unknown), None, "unknown_user"),
+        (Err(BadReply("ERR".into())), None, "cluster_unavailable"),
+    ];
+    for (answer, receipt, told) in cases {
+        let carried = send_from_ann(&mut r, &mut out, private);
+        r.on_sent(carried.tag, answer, &mut out);
+        if let Some(outcome) = receipt {
+            r.on_cluster("peer", Inbound::Receipt(carried.tag, outcome), 6, &mut out);
+        }
+        let sent = out.take();
+        assert_eq!(sent.len(), 1, "{told}: {sent:?}");
+        let v = &sent[0].1;
+        let got = v["status"].as_str().or(v["code"].as_str());
+        assert_eq!((got, v["ref"].clone()), (Some(told), 2.into()), "{v}");
+    }
 
-    // No answer at all: the sender is told it may not have arrived.
-    r.handle(
-        ConnId(1),
-        r#"{"type":"private","to":"bob","body":"3","ref":9}"#,
-        10,
-        &mut out,
-    );
-    r.cluster_overdue(10 + r.remote().unwrap().receipt_timeout_ms, &mut out);
-    let sent = out.take();
-    assert_eq!(
-        (sent[0].1["code"].clone(), sent[0].1["ref"].clone()),
-        ("cluster_unavailable".into(), 9.into())
-    );
+    // No receipt in time: stored means `queued`; no answer at all means
+    // it may not have been stored.
+    let stored = send_from_ann(&mut r, &mut out, private);
+    r.on_sent(stored.tag, live(), &mut out);
+    let _unanswered = send_from_ann(&mut r, &mut out, private);
+    r.cluster_overdue(5 + r.remote().unwrap().receipt_timeout_ms, &mut out);
+    let sent: Vec<Value> = out.take().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(sent[0]["status"], "queued");
+    assert_eq!(sent[1]["code"], "cluster_unavailable");
+    // Redis away: refused at once.
+    r.remote_mut().unwrap().up = false;
+    r.handle(ConnId(1), private, 7, &mut out);
+    assert_eq!(out.take()[0].1["code"], "cluster_unavailable");
+    assert!(store_ops(&mut r).is_empty());
 }
 
-#[test]
-fn a_private_from_another_node_is_delivered_or_reported_absent() {
-    let (mut r, mut out) = node();
-    r.join(ConnId(4), "username=bob", &mut out);
-    out.take();
-    published(&mut r);
-    let carried = |tag, to: &str| Carried {
+fn carried(tag: u64, to: &str) -> Carried {
+    Carried {
         tag,
-        id: 77,
+        id: 70 + tag,
         ts: 1,
         from: "ann".into(),
         to: to.into(),
         body: "hey".into(),
-    };
-    r.on_cluster("peer", Inbound::Private(carried(3, "bob")), 0, &mut out);
-    let sent = out.take();
+    }
+}
+
+fn held(seq: u64) -> Held {
+    Held {
+        seq,
+        id: seq,
+        ts: 1,
+        from: "cy".into(),
+        body: "held".into(),
+    }
+}
+
+/// The receipts published to `peer`, and the store commands, queued.
+fn answers(r: &mut Router) -> (Vec<(u64, Outcome)>, Vec<StoreOp>) {
+    let mut receipts = Vec::new();
+    let mut ops = Vec::new();
+    for o in r.remote_mut().unwrap().take_outgoing() {
+        match o {
+            Outgoing::Publish(To::Node(n), payload) if &*n == "peer" => {
+                if let Some((_, Inbound::Receipt(tag, outcome))) = remote::decode(&payload) {
+                    receipts.push((tag, outcome));
+                }
+            }
+            Outgoing::Store(op) => ops.push(op),
+            _ => {}
+        }
+    }
+    (receipts, ops)
+}
+
+fn receipts(r: &mut Router) -> Vec<(u64, Outcome)> {
+    answers(r).0
+}
+
+#[test]
+fn a_joining_user_gets_its_outbox_then_what_came_meanwhile_each_once() {
+    let (mut r, mut out) = node();
+    r.join(ConnId(4), "username=bob", &mut out);
+    assert_eq!(types(&out.take()), vec![(4, "welcome".to_string())]);
     assert_eq!(
-        (
-            sent[0].0,
-            sent[0].1["from"].clone(),
-            sent[0].1["id"].clone()
-        ),
-        (4, "ann".into(), 77.into())
-    );
-    r.on_cluster("peer", Inbound::Private(carried(4, "nobody")), 0, &mut out);
-    out.gone.push(4);
-    r.on_cluster("peer", Inbound::Private(carried(5, "bob")), 0, &mut out);
-    assert_eq!(
-        published(&mut r),
+        store_ops(&mut r),
         vec![
-            (
-                To::Node(Rc::from("peer")),
-                Inbound::Receipt(3, Outcome::Delivered)
-            ),
-            (
-                To::Node(Rc::from("peer")),
-                Inbound::Receipt(4, Outcome::Absent)
-            ),
-            (
-                To::Node(Rc::from("peer")),
-                Inbound::Receipt(5, Outcome::Absent)
-            ),
+            StoreOp::Remember(Rc::from("bob")),
+            StoreOp::Fetch {
+                name: Rc::from("bob"),
+                after: 0,
+                ack: false
+            }
         ]
     );
+    // Stored and published while the fetch was out: kept.
+    r.on_cluster("peer", Inbound::Stored(10, carried(3, "bob")), 0, &mut out);
+    r.on_cluster("peer", Inbound::Stored(11, carried(4, "bob")), 0, &mut out);
+    assert!(out.take().is_empty());
+    assert!(receipts(&mut r).is_empty());
+    // The fetch ran after 10 was stored: it has 8 and 10.
+    let fetched = Fetched {
+        after: 0,
+        held: vec![held(8), held(10)],
+    };
+    r.on_fetched(&Rc::from("bob"), Ok(fetched), &mut out);
+    let sent: Vec<(u64, bool)> = out
+        .take()
+        .iter()
+        .map(|(slot, v)| {
+            assert_eq!(*slot, 4);
+            (v["seq"].as_u64().unwrap(), v["offline"] == true)
+        })
+        .collect();
+    assert_eq!(sent, [(8, true), (10, true), (11, false)]);
+    let (receipts_now, ops) = answers(&mut r);
+    assert_eq!(
+        receipts_now,
+        [(3, Outcome::Delivered), (4, Outcome::Delivered)]
+    );
+    // A simple client's copies leave the store once written.
+    assert_eq!(
+        ops,
+        vec![
+            StoreOp::Ack {
+                name: Rc::from("bob"),
+                from: 11,
+                to: 11
+            },
+            StoreOp::Ack {
+                name: Rc::from("bob"),
+                from: 0,
+                to: 10
+            },
+        ]
+    );
+    // Live from now on; a late duplicate publish is answered, not delivered.
+    r.on_cluster("peer", Inbound::Stored(12, carried(5, "bob")), 0, &mut out);
+    r.on_cluster("peer", Inbound::Stored(12, carried(5, "bob")), 0, &mut out);
+    assert_eq!(out.take().len(), 1);
+    r.on_cluster(
+        "peer",
+        Inbound::Stored(13, carried(6, "nobody")),
+        0,
+        &mut out,
+    );
+    out.gone.push(4);
+    r.on_cluster("peer", Inbound::Stored(14, carried(7, "bob")), 0, &mut out);
+    assert_eq!(
+        receipts(&mut r),
+        [
+            (5, Outcome::Delivered),
+            (5, Outcome::Delivered),
+            (6, Outcome::Absent),
+            (7, Outcome::Absent)
+        ]
+    );
+}
+
+#[test]
+fn a_reliable_client_keeps_its_messages_in_the_store_until_it_acks() {
+    let (mut r, mut out) = node();
+    r.join(ConnId(4), "username=bob&resume=7", &mut out);
+    out.take();
+    let fetch = store_ops(&mut r).pop();
+    assert_eq!(
+        fetch,
+        Some(StoreOp::Fetch {
+            name: Rc::from("bob"),
+            after: 7,
+            ack: true
+        })
+    );
+    let fetched = Fetched {
+        after: 7,
+        held: vec![held(9)],
+    };
+    r.on_fetched(&Rc::from("bob"), Ok(fetched), &mut out);
+    r.on_cluster("peer", Inbound::Stored(12, carried(5, "bob")), 0, &mut out);
+    assert_eq!(out.take().len(), 2);
+    assert!(store_ops(&mut r).is_empty(), "nothing taken out unacked");
+    r.handle(ConnId(4), r#"{"type":"ack","seq":12}"#, 1, &mut out);
+    assert_eq!(
+        store_ops(&mut r),
+        vec![StoreOp::Ack {
+            name: Rc::from("bob"),
+            from: 0,
+            to: 12
+        }]
+    );
+}
+
+#[test]
+fn a_stored_private_between_two_users_of_this_node_is_answered_here() {
+    let (mut r, mut out) = node();
+    r.join(ConnId(1), "username=ann", &mut out);
+    r.join(ConnId(2), "username=bob", &mut out);
+    for name in ["ann", "bob"] {
+        let empty = Fetched {
+            after: 0,
+            held: vec![],
+        };
+        r.on_fetched(&Rc::from(name), Ok(empty), &mut out);
+    }
+    out.take();
+    store_ops(&mut r);
+    let sent = send_from_ann(
+        &mut r,
+        &mut out,
+        r#"{"type":"private","to":"bob","body":"hi"}"#,
+    );
+    r.on_sent(
+        sent.tag,
+        Ok(Sent::Live {
+            node: "me".into(),
+            seq: 20,
+        }),
+        &mut out,
+    );
+    // The store published it in this node's own name: not an echo to skip.
+    r.on_cluster("me", Inbound::Stored(20, sent.clone()), 0, &mut out);
+    let got: Vec<(usize, String)> = types(&out.take());
+    assert_eq!(
+        got,
+        vec![(2, "private".to_string()), (1, "receipt".to_string())]
+    );
+    assert!(published(&mut r).is_empty(), "no receipt through Redis");
 }
 
 #[test]
