@@ -9,8 +9,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Barrier};
 
 use support::redis::{Client, Redis};
+use support::redis_mailbox::RedisMailbox;
 use wschat::cluster::resp::Frame;
 use wschat::cluster::store::{self, Held, Migrated, Outgoing, Quotas, Sent, Store};
+use wschat::store::mailbox::contract;
 use wschat::store::outbox::{Full, Remembered};
 
 const OPEN: Quotas = Quotas {
@@ -423,4 +425,18 @@ fn only_names_that_connected_on_some_node_may_be_sent_to() {
     // --max-known-users: 2 here.
     assert_eq!(remember(&mut c, "cy"), Ok(Remembered::New));
     assert_eq!(remember(&mut c, "dee"), Ok(Remembered::Full));
+}
+
+/// The behaviour the local store has (`wschat::store::mailbox::contract`):
+/// each case on a fresh prefix of one `redis-server`.
+#[test]
+fn the_redis_store_keeps_the_mailbox_contract() {
+    let Some(redis) = Redis::start("the_redis_store_keeps_the_mailbox_contract", &[]) else {
+        return;
+    };
+    let mut case = 0;
+    contract::run(|setup| {
+        case += 1;
+        RedisMailbox::new(redis.client(), &format!("contract{case}"), setup)
+    });
 }

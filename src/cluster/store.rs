@@ -28,7 +28,10 @@ pub const FETCH_BATCH: usize = 1000;
 /// that ever connected may be sent to.
 ///
 /// Refuses a name that never connected (`unknown_user`), checks the quotas, numbers and appends the message, and if a node holds
-/// the recipient's lease publishes it there in the same step. Answers
+/// the recipient's lease publishes it there in the same step. The quotas
+/// are checked in the local store's order (`Outboxes::check_room`): the
+/// recipient's count, the store's bytes (a full store is full for
+/// everyone), then the sender's share. Answers
 /// `{'live', NODE, SEQ}`, `{'queued', '', SEQ}`, `{'full', WHY, 0}` or
 /// `{'unknown', '', 0}`.
 const SEND_SCRIPT: &str = r#"
@@ -39,11 +42,11 @@ if ARGV[16] == '1' and redis.call('SISMEMBER', KEYS[6], to) == 0
 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[7]) then return {'full', 'user', 0} end
 local cost = #ARGV[5] + #from + 64
+local total = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
+if total + cost > tonumber(ARGV[8]) then return {'full', 'store', 0} end
 local sc = tonumber(redis.call('HGET', KEYS[3], 's:' .. from) or '0')
 local sb = tonumber(redis.call('HGET', KEYS[3], 'b:' .. from) or '0')
 if sc >= tonumber(ARGV[9]) or sb + cost > tonumber(ARGV[10]) then return {'full', 'sender', 0} end
-local total = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
-if total + cost > tonumber(ARGV[8]) then return {'full', 'store', 0} end
 local seq = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[11])
 if seq <= floor then

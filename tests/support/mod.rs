@@ -7,6 +7,7 @@
 pub mod eintr;
 pub mod http;
 pub mod redis;
+pub mod redis_mailbox;
 pub mod skip;
 pub mod source;
 pub mod spawn;
