@@ -203,9 +203,13 @@ fn open_store(config: &Config) -> Result<(Option<Log>, Outboxes), String> {
         return Ok((None, outboxes));
     }
     let Some(dir) = &config.data_dir else {
-        log::warn!(
-            "offline messages are kept in memory only (--data-dir none): a restart loses them"
-        );
+        // Under `--cluster` they are in Redis; the local store only ever
+        // holds a log being uploaded.
+        if config.cluster.is_none() {
+            log::warn!(
+                "offline messages are kept in memory only (--data-dir none): a restart loses them"
+            );
+        }
         return Ok((None, outboxes));
     };
     let opened = Log::open(dir, config.fsync)
