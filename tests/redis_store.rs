@@ -335,6 +335,7 @@ fn a_local_log_is_uploaded_once_keeping_its_numbers_where_it_can() {
         ts: 1_600_000_000_000 + seq,
         from: from.into(),
         body: body.into(),
+        notified: false,
     };
     // What a single node's log held: seq 5 and 6 for bob, 7 for cy.
     let log = [

@@ -17,6 +17,7 @@ use super::username;
 use crate::auth::Auth;
 use crate::cluster::remote::Remote;
 use crate::limits::rate::{Charge, MessageLimiter, MessagePolicy, Rate};
+use crate::store::mailbox::{Mail, Mailbox, Refusal};
 use crate::store::{self, Entry, Full, Outboxes};
 use crate::ws::CloseCode;
 
@@ -468,18 +469,17 @@ impl Router {
         if self.cluster_replay(name, resume) {
             return;
         }
-        // A resume point beyond anything given out (the client kept a seq
-        // from before the server lost its data) acknowledges nothing: all
-        // that is held is replayed (the client de-duplicates by id), rather
-        // than dropped unread.
-        let after = match resume {
-            Some(seq) if seq <= self.outboxes.last_seq() => seq,
-            _ => 0,
-        };
-        if resume.is_some() {
-            self.outboxes.ack(name, after);
-        }
-        let held: Vec<Entry> = self.outboxes.held_after(name, after).cloned().collect();
+        // A reliable client's resume point acknowledges what it covers; one
+        // beyond anything given out (the client kept a seq from before the
+        // server lost its data) acknowledges nothing, and all that is held
+        // is replayed (the client de-duplicates by id) rather than dropped.
+        let held = Mailbox::fetch(
+            &mut self.outboxes,
+            name,
+            resume.unwrap_or(0),
+            resume.is_some(),
+        )
+        .held;
         let Some(last) = held.last().map(|e| e.seq) else {
             return;
         };
@@ -507,7 +507,7 @@ impl Router {
             }
         }
         if resume.is_none() {
-            self.outboxes.ack(name, last);
+            Mailbox::ack(&mut self.outboxes, name, 0, last);
         }
     }
 
@@ -625,7 +625,7 @@ impl Router {
                 if member.reliable {
                     let name = member.name.clone();
                     if !self.cluster_ack(&name, seq) {
-                        self.outboxes.ack(from, seq);
+                        Mailbox::ack(&mut self.outboxes, from, 0, seq);
                     }
                 }
             }
@@ -733,12 +733,18 @@ impl Router {
             return;
         }
         let id = self.next_id();
-        let seq = self.outboxes.next_seq();
         let Some((target_slot, _)) = target else {
-            let entry = held_entry(seq, id, now_ms, from, body, false);
-            self.hold_offline(slot, to, entry, reference, json, out);
+            let mail = Mail {
+                from,
+                to,
+                id,
+                ts: now_ms,
+                body,
+            };
+            self.hold_offline(slot, &mail, reference, json, out);
             return;
         };
+        let seq = self.outboxes.next_seq();
         encode::private(
             json,
             &PrivateMessage {
@@ -773,10 +779,18 @@ impl Router {
             }
             Delivery::Disconnected | Delivery::Gone | Delivery::Shed => {
                 // Not written to a live connection: hold it like any offline
-                // message (the loop tells the router the recipient left).
+                // message (the loop tells the router the recipient left),
+                // under a number of its own (this one was shown to nobody).
+                self.outboxes.take_back_seq(seq);
                 if self.may_hold(slot, to, from, body.len(), true, reference, out) {
-                    let entry = held_entry(seq, id, now_ms, from, body, false);
-                    self.hold_offline(slot, to, entry, reference, json, out);
+                    let mail = Mail {
+                        from,
+                        to,
+                        id,
+                        ts: now_ms,
+                        body,
+                    };
+                    self.hold_offline(slot, &mail, reference, json, out);
                 }
             }
         }
@@ -813,28 +827,39 @@ impl Router {
         false
     }
 
-    /// Holds `entry` for `to`, who is offline, and promises its sender a
-    /// `queued` receipt once it is on disk.
+    /// Holds `mail` for its recipient, who is offline, and promises its
+    /// sender a `queued` receipt once it is on disk. (Whether it may be held
+    /// was asked already: a name is known, the log can be written.)
     fn hold_offline(
         &mut self,
         slot: ConnId,
-        to: &str,
-        entry: Entry,
+        mail: &Mail<'_>,
         reference: Option<&str>,
         json: &mut Vec<u8>,
         out: &mut impl Outbox,
     ) {
-        let (id, seq) = (entry.id, entry.seq);
-        self.outboxes.hold(to, entry);
+        let seq = match Mailbox::send(&mut self.outboxes, mail, false, mail.ts) {
+            Ok(seq) => seq,
+            Err(Refusal::Full(full)) => {
+                let (code, message) = full_store_error(full, mail.to);
+                self.send_error(slot, code, &message, reference, out);
+                return;
+            }
+            Err(Refusal::Unknown) => {
+                let message = "no user of that name has ever connected";
+                self.send_error(slot, "unknown_user", message, reference, out);
+                return;
+            }
+        };
         self.stats.stored += 1;
         self.awaiting_disk.push(AwaitingDisk {
             sender: slot,
-            user: Rc::from(to),
+            user: Rc::from(mail.to),
             seq,
             reference: reference.map(Box::from),
         });
         json.clear();
-        encode::receipt(json, id, reference, "queued");
+        encode::receipt(json, mail.id, reference, "queued");
         out.send_when_durable(slot, json);
     }
 
@@ -876,11 +901,11 @@ impl Router {
 
     /// Drops held messages past their time to live and tells their senders.
     pub fn expire(&mut self, now_ms: u64, out: &mut impl Outbox) {
-        for (_, entry) in self.outboxes.expire(now_ms) {
+        for expired in Mailbox::expire(&mut self.outboxes, now_ms) {
             self.stats.expired += 1;
             // One the sender already heard was delivered just goes quietly.
-            if !entry.notified {
-                self.notify_sender(&entry.from, entry.id, "expired", out);
+            if !expired.notified {
+                self.notify_sender(&expired.from, expired.id, "expired", out);
             }
         }
     }

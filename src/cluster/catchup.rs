@@ -235,6 +235,7 @@ mod tests {
             ts: 0,
             from: "ann".into(),
             body: String::new(),
+            notified: false,
         }
     }
 

@@ -249,6 +249,9 @@ pub struct Held {
     pub ts: u64,
     pub from: String,
     pub body: String,
+    /// Its sender was told it was delivered (kept by the local store, so a
+    /// replay does not tell it twice; the Redis store does not keep it).
+    pub notified: bool,
 }
 
 /// What `MIGRATE` did with one message of a local log.
@@ -269,6 +272,8 @@ pub struct Expired {
     pub seq: u64,
     pub id: u64,
     pub from: String,
+    /// Its sender was told it was delivered: it goes quietly (local store only).
+    pub notified: bool,
 }
 
 /// A reply that is not what the script returns: Redis answered an error,
@@ -579,6 +584,7 @@ fn held(entry: &Frame) -> Option<Held> {
         ts: 0,
         from: String::new(),
         body: String::new(),
+        notified: false,
     };
     for pair in fields.chunks(2) {
         let [name, value] = pair else { return None };
@@ -645,6 +651,7 @@ pub fn expired(frame: &Frame) -> Result<Vec<Expired>, BadReply> {
                     seq: number(seq).unwrap_or_default(),
                     id: number(id).unwrap_or_default(),
                     from: text(from).unwrap_or_default().to_owned(),
+                    notified: false,
                 })
                 .filter(|e| !e.to.is_empty() && e.seq > 0),
                 _ => None,
@@ -748,6 +755,7 @@ mod tests {
             ts: 1700,
             from: "ann".into(),
             body: "hi".into(),
+            notified: false,
         };
         let reply =
             |after: i64, entries: Vec<Frame>| array(vec![Frame::Integer(after), array(entries)]);

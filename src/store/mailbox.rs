@@ -110,6 +110,7 @@ impl Mailbox for Outboxes {
                 ts: e.ts,
                 from: e.from.to_string(),
                 body: e.body.clone(),
+                notified: e.notified,
             })
             .collect();
         Fetched { after, held }
@@ -146,6 +147,7 @@ impl Mailbox for Outboxes {
                 seq: e.seq,
                 id: e.id,
                 from: e.from.to_string(),
+                notified: e.notified,
             })
             .collect()
     }

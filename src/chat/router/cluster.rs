@@ -644,6 +644,7 @@ impl Router {
                     ts: e.ts,
                     from: e.from.to_string(),
                     body: e.body.clone(),
+                    notified: e.notified,
                 },
                 expires_ms: self.outboxes.expiry_of(e.ts),
             })

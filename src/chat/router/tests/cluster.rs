@@ -201,6 +201,7 @@ fn held(seq: u64) -> Held {
         ts: 1,
         from: "cy".into(),
         body: "held".into(),
+        notified: false,
     }
 }
 
