@@ -213,9 +213,13 @@ enum Expect {
     Ack(StoreOp),
     /// One message of the local log uploaded (its index in the migration).
     Migrate(usize),
-    /// `ACK`, `REMEMBER`, `SCRIPT LOAD`: an error is logged (a lost script
-    /// drops the link, which loads them again).
+    /// `REMEMBER`: an error is logged (a lost script drops the link, which
+    /// loads them again).
     Store,
+    /// `AUTH`, `SELECT` and `SCRIPT LOAD` on a new connection: the link is up
+    /// only once all are answered without error (a Redis still loading its
+    /// data accepts connections and subscriptions, and answers `LOADING`).
+    Setup,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,8 +275,13 @@ pub struct Cluster {
     /// link: they may or may not be stored.
     unconfirmed: Vec<u64>,
     migration: Option<Migration>,
-    /// Set when Redis lost the scripts: the link is dropped and made again.
+    /// Set when Redis lost the scripts, or refused the setup: the link is
+    /// dropped and made again.
     broken: Option<String>,
+    /// Both channels are subscribed (on the new connection).
+    subscribed: bool,
+    /// Setup replies the command connection still owes.
+    setup_left: usize,
     /// When the store's expiry sweep runs next (every node sweeps, at most
     /// once a second: a sweep removes at most `store::EXPIRE_BATCH`).
     expire_at: Instant,
@@ -310,6 +319,8 @@ impl Cluster {
             unconfirmed: Vec::new(),
             migration: None,
             broken: None,
+            subscribed: false,
+            setup_left: 0,
             expire_at: now,
             stats: Stats::default(),
         }
@@ -748,14 +759,17 @@ impl Cluster {
         }
         let setup = usize::from(password.is_some()) + usize::from(db != "0");
         for _ in 0..setup {
-            self.expecting.push_back((Expect::Nothing, now));
+            self.expecting.push_back((Expect::Setup, now));
         }
         // The store's scripts, before anything names them by SHA-1.
-        for load in self.store.loads() {
+        let loads = self.store.loads();
+        for load in &loads {
             let args: Vec<&[u8]> = load.iter().map(Vec::as_slice).collect();
             self.command.queue(&args);
-            self.expecting.push_back((Expect::Store, now));
+            self.expecting.push_back((Expect::Setup, now));
         }
+        self.setup_left = setup + loads.len();
+        self.subscribed = false;
         let all = self.channel(&To::All);
         let mine = self.channel(&To::Node(Rc::from(self.node.as_str())));
         self.subscriber.queue(&[b"SUBSCRIBE", &all, &mine]);
@@ -868,35 +882,45 @@ impl Cluster {
                     events.push(Event::Message(payload));
                 }
             }
-            // Both channels confirmed: the node is part of the cluster.
-            Some(b"subscribe")
-                if matches!(items.get(2), Some(Frame::Integer(2))) && self.state != State::Up =>
-            {
-                self.state = State::Up;
-                self.renew_at = now;
-                crate::log::info!(
-                    "cluster: node {} joined via Redis at {}",
-                    self.node,
-                    self.addr
-                );
-                // Ids first: a user welcomed by the joins below may speak at once.
-                self.ask_for_ids(now);
-                let mut waiting = std::mem::take(&mut self.waiting);
-                for join in &mut waiting {
-                    self.send_join(join, now);
-                }
-                self.waiting = waiting;
-                // Removals first: a fetch after them must not find those
-                // messages again.
-                for op in std::mem::take(&mut self.unsent_acks) {
-                    self.store_command(op, now);
-                }
-                self.pump_migration(now);
-                events.push(Event::Up);
+            // Both channels confirmed.
+            Some(b"subscribe") if matches!(items.get(2), Some(Frame::Integer(2))) => {
+                self.subscribed = true;
+                self.maybe_up(now, events);
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Subscribed, and the command connection set up: the node is part of
+    /// the cluster.
+    fn maybe_up(&mut self, now: Instant, events: &mut Vec<Event>) {
+        if self.state == State::Up || !self.subscribed || self.setup_left > 0 {
+            return;
+        }
+        {
+            self.state = State::Up;
+            self.renew_at = now;
+            crate::log::info!(
+                "cluster: node {} joined via Redis at {}",
+                self.node,
+                self.addr
+            );
+            // Ids first: a user welcomed by the joins below may speak at once.
+            self.ask_for_ids(now);
+            let mut waiting = std::mem::take(&mut self.waiting);
+            for join in &mut waiting {
+                self.send_join(join, now);
+            }
+            self.waiting = waiting;
+            // Removals first: a fetch after them must not find those
+            // messages again.
+            for op in std::mem::take(&mut self.unsent_acks) {
+                self.store_command(op, now);
+            }
+            self.pump_migration(now);
+            events.push(Event::Up);
+        }
     }
 
     fn on_reply(&mut self, frame: Frame, now: Instant, events: &mut Vec<Event>) {
@@ -986,8 +1010,23 @@ impl Cluster {
                 }
             }
             Expect::Migrate(i) => self.migrated(i, &frame, events, now),
-            Expect::Store | Expect::Ack(_) => {
-                let _ = self.store_reply(&frame, |_| Ok(()));
+            Expect::Setup => {
+                if let Frame::Error(e) = frame {
+                    self.broken = Some(format!("Redis refused the setup: {e}"));
+                    return;
+                }
+                self.setup_left = self.setup_left.saturating_sub(1);
+                self.maybe_up(now, events);
+            }
+            Expect::Store => {
+                let _ = self.store_reply(&frame, not_an_error);
+            }
+            // Kept on an error too (it is sent again with the next link): a
+            // removal that never happens is a message given twice.
+            Expect::Ack(op) => {
+                if self.store_reply(&frame, not_an_error).is_err() {
+                    self.keep_ack(op);
+                }
             }
             Expect::Reclaim(name) => match frame {
                 // Ours again: what was sent while it was gone (or while this
@@ -996,7 +1035,10 @@ impl Cluster {
                 Frame::Bulk(Some(holder)) if holder == self.node.as_bytes() => {
                     events.push(Event::Reclaimed(name))
                 }
-                _ => events.push(Event::LeaseLost(name)),
+                Frame::Bulk(Some(_)) => events.push(Event::LeaseLost(name)),
+                // Not known: the next renewal asks again; meanwhile what is
+                // published to the user stays held back.
+                other => crate::log::warn!("cluster: unexpected reply to a reclaim: {other:?}"),
             },
         }
     }
@@ -1174,6 +1216,14 @@ impl Cluster {
     }
 }
 
+/// A reply that only says it worked (or not).
+fn not_an_error(frame: &Frame) -> Result<(), BadReply> {
+    match frame {
+        Frame::Error(e) => Err(BadReply(e.clone())),
+        _ => Ok(()),
+    }
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(
         out,
@@ -1340,6 +1390,64 @@ mod tests {
             c.on_reply(reply, now, &mut events);
             assert!(matches!(events.as_slice(), [Event::Reclaimed(n)] if &**n == "ann"));
         }
+    }
+
+    #[test]
+    fn the_link_is_up_only_once_redis_answers_its_setup() {
+        let now = Instant::now();
+        let subscribed = || {
+            Frame::Array(Some(vec![
+                bulk("subscribe"),
+                bulk("t:node:x"),
+                Frame::Integer(2),
+            ]))
+        };
+        let connecting = || {
+            let mut c = cluster(15);
+            c.state = State::Connecting {
+                since: now,
+                attempt: 0,
+            };
+            c.setup_left = 2;
+            c.expecting.push_back((Expect::Setup, now));
+            c.expecting.push_back((Expect::Setup, now));
+            c
+        };
+        // Subscribed first, then the setup answered: up at the last answer.
+        let mut c = connecting();
+        let mut events = Vec::new();
+        c.on_push(subscribed(), now, &mut events).unwrap();
+        assert!(!c.is_up(), "subscriptions work while Redis loads");
+        c.on_reply(bulk("OK"), now, &mut events);
+        assert!(!c.is_up());
+        c.on_reply(bulk("sha"), now, &mut events);
+        assert!(c.is_up());
+        assert!(matches!(events.last(), Some(Event::Up)));
+        // A Redis still loading its data: the link is made again later.
+        let mut c = connecting();
+        c.on_push(subscribed(), now, &mut events).unwrap();
+        c.on_reply(
+            Frame::Error("LOADING Redis is loading the dataset in memory".into()),
+            now,
+            &mut events,
+        );
+        assert!(!c.is_up());
+        assert!(c.broken.as_deref().is_some_and(|b| b.contains("LOADING")));
+        // A removal refused is kept for the next link; a reclaim refused
+        // is not a lost lease.
+        let mut c = cluster(15);
+        let ack = StoreOp::Ack {
+            name: Rc::from("bob"),
+            from: 1,
+            to: 1,
+        };
+        c.store_command(ack.clone(), now);
+        c.reclaim_one(Rc::from("bob"), now);
+        events.clear();
+        c.on_reply(Frame::Error("OOM".into()), now, &mut events);
+        c.on_reply(Frame::Error("LOADING".into()), now, &mut events);
+        assert_eq!(c.unsent_acks, vec![ack]);
+        assert!(events.is_empty(), "{events:?}");
     }
 
     #[test]
