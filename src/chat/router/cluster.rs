@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use super::{encode, full_store_error, Class, ConnId, Delivery, Outbox, Router, LIST_LIMIT};
 use crate::chat::protocol::PrivateMessage;
+use crate::chat::username;
 use crate::cluster::catchup::{Deliver, Heard};
 use crate::cluster::remote::{Carried, Inbound, Outcome, Remote, Status, StoreOp, To};
 use crate::cluster::store::{BadReply, Expired, Fetched, Held, Sent};
@@ -112,6 +113,19 @@ impl Router {
             return false;
         };
         let online = online || remote.node_of(to).is_some();
+        // As on a single node: with `--offline-to-unknown`, a name that looks
+        // like a user's (of those this node knows) is still never held for.
+        if !online
+            && self.offline_to_unknown
+            && self
+                .lookalikes
+                .clash(to, &username::lookalike_keys(to), false)
+                .is_some()
+        {
+            let message = "no user has that name (it looks like another user's name)";
+            self.send_error(slot, "unknown_user", message, reference, out);
+            return true;
+        }
         let id = self.next_id();
         let carried = Carried {
             tag: 0,

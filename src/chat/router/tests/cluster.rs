@@ -439,3 +439,24 @@ fn a_kicked_user_is_closed_quietly_and_now_elsewhere() {
         Some("peer")
     );
 }
+
+#[test]
+fn with_offline_to_unknown_a_lookalike_of_a_user_is_still_refused_in_a_cluster() {
+    let (mut r, mut out) = node();
+    r.set_offline_to_unknown(true);
+    r.join(ConnId(1), "username=ann", &mut out);
+    r.join(ConnId(3), "username=bob", &mut out);
+    r.leave(ConnId(3), &mut out);
+    out.take();
+    store_ops(&mut r);
+    let to = |name: &str| format!(r#"{{"type":"private","to":"{name}","body":"x","ref":1}}"#);
+    r.handle(ConnId(1), &to("BOB"), 1, &mut out);
+    assert_eq!(out.take()[0].1["code"], "unknown_user");
+    assert!(store_ops(&mut r).is_empty(), "nothing asked of the store");
+    // A name that looks like nobody's goes to the store (which holds it).
+    r.handle(ConnId(1), &to("carol"), 1, &mut out);
+    assert!(matches!(
+        store_ops(&mut r).as_slice(),
+        [StoreOp::Send { carried, online: false }] if carried.to == "carol"
+    ));
+}
