@@ -322,7 +322,7 @@ fn a_queued_message_survives_a_redis_kill_with_appendfsync_always() {
 }
 
 #[test]
-fn a_local_log_is_uploaded_once_keeping_its_numbers_where_it_can() {
+fn a_local_log_is_uploaded_once_numbered_anew_and_published_to_a_live_user() {
     let Some(redis) = Redis::start("a_local_log_is_uploaded_once", &[]) else {
         return;
     };
@@ -337,30 +337,42 @@ fn a_local_log_is_uploaded_once_keeping_its_numbers_where_it_can() {
         body: body.into(),
         notified: false,
     };
-    // What a single node's log held: seq 5 and 6 for bob, 7 for cy.
+    // What a single node's log held: seq 5 and 6 for bob, 7 for cy, who is
+    // online on node n2 meanwhile.
     let log = [
         ("bob", local(5, "eve", "a")),
         ("bob", local(6, "eve", "b")),
         ("cy", local(7, "gus", "c")),
     ];
+    c.call(&["SET", "wx:name:cy", "n2"]);
+    let mut sub = redis.client();
+    sub.call(&["SUBSCRIBE", "wx:node:n2"]);
+    let floor = 1_780_000_000_000_000u64;
     let upload = |c: &mut Client| -> Vec<Migrated> {
         log.iter()
             .map(|(to, h)| {
-                store::migrated(&c.call(&s.migrate(to, h.seq, h, 0))).expect("MIGRATE reply")
+                let args = s.migrate(to, h, 0, floor, "n1", "{}");
+                store::migrated(&c.call(&args)).expect("MIGRATE reply")
             })
             .collect()
     };
+    let stored: Vec<u64> = upload(&mut c)
+        .into_iter()
+        .map(|m| match m {
+            Migrated::Stored(seq) => seq,
+            other => panic!("expected stored, got {other:?}"),
+        })
+        .collect();
+    // Numbered anew, above the floor and in the log's order: an old cursor
+    // skips nothing, and an emptied box cannot take a number below its user's.
+    assert!(stored[0] > floor && stored[0] < stored[1] && stored[1] < stored[2]);
     assert_eq!(
         upload(&mut c),
-        [Migrated::Kept(5), Migrated::Kept(6), Migrated::Kept(7)]
-    );
-    assert_eq!(
-        upload(&mut c),
-        [
-            Migrated::Duplicate(5),
-            Migrated::Duplicate(6),
-            Migrated::Duplicate(7)
-        ]
+        stored
+            .iter()
+            .map(|&s| Migrated::Duplicate(s))
+            .collect::<Vec<_>>(),
+        "a second upload adds nothing"
     );
     let bob: Vec<_> = fetch(&mut c, &s, "bob", 0)
         .iter()
@@ -368,28 +380,33 @@ fn a_local_log_is_uploaded_once_keeping_its_numbers_where_it_can() {
         .collect();
     assert_eq!(
         bob,
-        [(first, "cluster".into()), (5, "a".into()), (6, "b".into())]
+        [
+            (first, "cluster".into()),
+            (stored[0], "a".into()),
+            (stored[1], "b".into())
+        ]
     );
-    assert_eq!(fetch(&mut c, &s, "cy", 0), [local(7, "gus", "c")]);
-    // The counter went past the log's numbers.
-    let later = queued(send(&mut c, &s, &msg("ann", "dee", 2, "new"), &OPEN, 0));
-    assert!(later > 7);
-    // A log entry numbered below what its box handed out is numbered anew,
-    // after it, and not lost.
-    let old = local(3, "eve", "old");
-    let again = store::migrated(&c.call(&s.migrate("dee", 3, &old, 0))).expect("MIGRATE reply");
-    let Migrated::Renumbered(seq) = again else {
-        panic!("expected renumbered, got {again:?}")
-    };
-    assert!(seq > later);
-    let dee: Vec<_> = fetch(&mut c, &s, "dee", 0).iter().map(|h| h.seq).collect();
-    assert_eq!(dee, [later, seq]);
+    let cy = fetch(&mut c, &s, "cy", 0);
     assert_eq!(
-        store::migrated(&c.call(&s.migrate("dee", 3, &old, 0))),
-        Ok(Migrated::Duplicate(seq))
+        (cy[0].seq, cy[0].id, cy[0].from.as_str()),
+        (stored[2], 107, "gus")
     );
+    // cy's node got it live, as from SEND.
+    let pushed = sub.next();
+    let Frame::Array(Some(parts)) = pushed else {
+        panic!("{pushed:?}")
+    };
+    assert_eq!(
+        parts[2].as_bytes(),
+        Some(format!("n1 spriv {} 0 {{}}", stored[2]).as_bytes())
+    );
+    // The recipients are known names now.
+    assert_eq!(c.call(&["SISMEMBER", "wx:known", "bob"]), Frame::Integer(1));
+    // Later messages come after.
+    let later = queued(send(&mut c, &s, &msg("ann", "bob", 2, "new"), &OPEN, 0));
+    assert!(later > stored[2]);
     // Acks free what was migrated like anything else.
-    assert_eq!(store::acked(&c.call(&s.ack("bob", 0, 6))), Ok(3));
+    assert_eq!(store::acked(&c.call(&s.ack("bob", 0, stored[1]))), Ok(3));
 }
 
 #[test]

@@ -384,7 +384,7 @@ impl Router {
             remote.announce_join(&name);
         }
         self.scratch = json;
-        self.replay_held(slot, &name, resume, out);
+        self.replay_held(slot, &name, resume, false, out);
         Some(name)
     }
 
@@ -427,7 +427,7 @@ impl Router {
         out.send(slot, &json, Class::Reply);
         json.clear();
         self.scratch = json;
-        self.replay_held(slot, &name, resume, out);
+        self.replay_held(slot, &name, resume, true, out);
         name
     }
 
@@ -462,11 +462,12 @@ impl Router {
         slot: ConnId,
         name: &Rc<str>,
         resume: Option<u64>,
+        replacing: bool,
         out: &mut impl Outbox,
     ) {
         // Under `--cluster` the outbox is in Redis: fetched, and delivered
         // when the store answers.
-        if self.cluster_replay(name, resume) {
+        if self.cluster_replay(name, resume, replacing, out) {
             return;
         }
         // A reliable client's resume point acknowledges what it covers; one

@@ -44,9 +44,16 @@ pub const MAX_WAITING_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_IN_FLIGHT: usize = 100_000;
 /// Names renewed by one command (a short Lua script over their keys).
 const RENEW_BATCH: usize = 1000;
-/// `PEXPIRE` on every key given, answering 1 or 0 for each.
+/// `PEXPIRE` on every key given that this node (`ARGV[2]`) holds, answering
+/// for each 1 (renewed), 0 (missing) or 2 (another node holds it: this
+/// node's session under the name is over).
 const RENEW_SCRIPT: &[u8] = b"local r = {} for i, k in ipairs(KEYS) do \
-    r[i] = redis.call('PEXPIRE', k, ARGV[1]) end return r";
+    local v = redis.call('GET', k) \
+    if v == ARGV[2] then redis.call('PEXPIRE', k, ARGV[1]) r[i] = 1 \
+    elseif v then r[i] = 2 else r[i] = 0 end end return r";
+/// Sets the lease to this node whoever holds it, answering who did.
+const TAKE_OVER_SCRIPT: &[u8] = b"local old = redis.call('GET', KEYS[1]) \
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return old";
 /// Takes a name's lease for this node if it is free (answers nil), or
 /// answers its holder; a lease this node holds already (left from an
 /// earlier session, whose release was skipped while Redis was away) gets
@@ -103,10 +110,12 @@ struct Migration {
     /// upload starts again from `answered` (an upload is idempotent).
     next: usize,
     answered: usize,
-    kept: usize,
-    renumbered: usize,
+    stored: usize,
     before: usize,
     failed: usize,
+    /// The local log's known names, and whether they were sent on this link.
+    known: Vec<Rc<str>>,
+    known_sent: bool,
 }
 
 /// A connection waiting for its name's lease before its `welcome`.
@@ -176,10 +185,10 @@ pub enum Event {
     /// A private message (by its tag) was sent to the store and its answer
     /// lost with the link: it may be stored (and delivered) or not.
     Unconfirmed(u64),
-    /// More of a joined user's outbox.
-    Fetched(Rc<str>, Result<Fetched, BadReply>),
+    /// More of a joined user's outbox (the fetch's generation, its answer).
+    Fetched(Rc<str>, u64, Fetched),
     /// The outbox of a user whose lease was granted: it joins now.
-    JoinFetched(WaitingJoin, Result<Fetched, BadReply>),
+    JoinFetched(WaitingJoin, u64, Fetched),
     /// Held messages past their time to live, removed.
     Expired(Vec<Expired>),
     /// The local log is uploaded: these (recipient, local seq) are in the
@@ -199,14 +208,16 @@ enum Expect {
     Renew(Vec<Rc<str>>),
     /// Taking a lost lease back.
     Reclaim(Rc<str>),
+    /// Taking an authenticated user's name over from the node named.
+    TakeOver(Rc<str>, Rc<str>),
     /// A block of message ids from the cluster's counter.
     Ids,
     /// The store's `SEND` for the private message of this tag.
     Send(u64),
-    /// The store's `FETCH` for a joined user.
-    Fetch(Rc<str>),
+    /// The store's `FETCH` for a joined user (and its generation).
+    Fetch(Rc<str>, u64),
     /// The store's `FETCH` for a user whose lease was just granted.
-    JoinFetch(Box<WaitingJoin>),
+    JoinFetch(Box<WaitingJoin>, u64),
     /// The store's `EXPIRE` sweep.
     Expire,
     /// A removal from an outbox: sent again if the link is lost first.
@@ -275,9 +286,11 @@ pub struct Cluster {
     /// link: they may or may not be stored.
     unconfirmed: Vec<u64>,
     migration: Option<Migration>,
-    /// Set when Redis lost the scripts, or refused the setup: the link is
-    /// dropped and made again.
+    /// Set when Redis lost the scripts, refused the setup or a fetch, or
+    /// a fetch could not be sent: the link is dropped and made again.
     broken: Option<String>,
+    /// Leases to take again with the next renewal (a reclaim failed).
+    reclaim_later: Vec<Rc<str>>,
     /// Both channels are subscribed (on the new connection).
     subscribed: bool,
     /// Setup replies the command connection still owes.
@@ -321,6 +334,7 @@ impl Cluster {
             broken: None,
             subscribed: false,
             setup_left: 0,
+            reclaim_later: Vec::new(),
             expire_at: now,
             stats: Stats::default(),
         }
@@ -329,16 +343,21 @@ impl Cluster {
     /// Uploads these local-log messages to the store once the link is up
     /// (and again after a lost link, from the first unanswered: an upload
     /// is idempotent).
-    pub fn migrate(&mut self, entries: Vec<ToMigrate>, now: Instant) {
-        if entries.is_empty() {
+    /// `known`: the names the local log remembers as users, so that they
+    /// may be sent to in the cluster too (`SADD`, idempotent).
+    pub fn migrate(&mut self, entries: Vec<ToMigrate>, known: Vec<Rc<str>>, now: Instant) {
+        if entries.is_empty() && known.is_empty() {
             return;
         }
-        crate::log::info!(
-            "cluster: uploading {} offline messages from the local log to Redis",
-            entries.len()
-        );
+        if !entries.is_empty() {
+            crate::log::info!(
+                "cluster: uploading {} offline messages from the local log to Redis",
+                entries.len()
+            );
+        }
         self.migration = Some(Migration {
             entries,
+            known,
             ..Migration::default()
         });
         self.pump_migration(now);
@@ -352,16 +371,40 @@ impl Cluster {
             return;
         };
         let mut commands = Vec::new();
+        if !m.known_sent {
+            m.known_sent = true;
+            let key = format!("{}:known", self.settings.prefix).into_bytes();
+            for names in m.known.chunks(1000) {
+                let mut args = vec![b"SADD".to_vec(), key.clone()];
+                args.extend(names.iter().map(|n| n.as_bytes().to_vec()));
+                commands.push((args, Expect::Store));
+            }
+        }
+        // Numbered above the clock × 1000, like every message now.
+        let floor = self.now_ms.saturating_mul(1000);
         while m.next < m.entries.len() && m.next - m.answered < MIGRATE_IN_FLIGHT {
             let e = &m.entries[m.next];
-            commands.push((
-                self.store.migrate(&e.to, e.held.seq, &e.held, e.expires_ms),
-                m.next,
-            ));
+            let payload = serde_json::to_string(&remote::Carried {
+                tag: 0,
+                id: e.held.id,
+                ts: e.held.ts,
+                from: e.held.from.clone(),
+                to: e.to.to_string(),
+                body: e.held.body.clone(),
+            })
+            .unwrap_or_default();
+            let args =
+                self.store
+                    .migrate(&e.to, &e.held, e.expires_ms, floor, &self.node, &payload);
+            commands.push((args, Expect::Migrate(m.next)));
             m.next += 1;
         }
-        for (args, i) in commands {
-            self.command_owned(&args, Expect::Migrate(i), now);
+        if m.entries.is_empty() {
+            // Known names only: nothing to wait for or report.
+            self.migration = None;
+        }
+        for (args, expect) in commands {
+            self.command_owned(&args, expect, now);
         }
     }
 
@@ -371,8 +414,7 @@ impl Cluster {
         };
         m.answered = m.answered.max(i + 1);
         match store::migrated(frame) {
-            Ok(Migrated::Kept(_)) => m.kept += 1,
-            Ok(Migrated::Renumbered(_)) => m.renumbered += 1,
+            Ok(Migrated::Stored(_)) => m.stored += 1,
             Ok(Migrated::Duplicate(_)) => m.before += 1,
             Err(e) => {
                 m.failed += 1;
@@ -387,9 +429,8 @@ impl Cluster {
             return;
         };
         crate::log::info!(
-            "cluster: migrated the local log's offline messages to Redis: {} kept their seq, {} renumbered, {} were uploaded before, {} failed",
-            m.kept,
-            m.renumbered,
+            "cluster: migrated the local log's offline messages to Redis: {} stored, {} were uploaded before, {} failed",
+            m.stored,
             m.before,
             m.failed
         );
@@ -404,15 +445,14 @@ impl Cluster {
     pub fn fetch_for_join(
         &mut self,
         join: WaitingJoin,
-        after: u64,
-        ack: bool,
+        (after, ack, generation): (u64, bool, u64),
         now: Instant,
     ) -> Result<(), WaitingJoin> {
         if !self.is_up() {
             return Err(join);
         }
         let args = self.store.fetch(&join.name, after, ack);
-        self.command_owned(&args, Expect::JoinFetch(Box::new(join)), now);
+        self.command_owned(&args, Expect::JoinFetch(Box::new(join), generation), now);
         Ok(())
     }
 
@@ -430,8 +470,11 @@ impl Cluster {
     /// Encodes one of the router's store commands.
     fn store_command(&mut self, op: StoreOp, now: Instant) {
         let (args, expect) = match op {
-            StoreOp::Send { carried, online } => {
-                let payload = serde_json::to_string(&carried).unwrap_or_default();
+            StoreOp::Send {
+                carried,
+                online,
+                payload,
+            } => {
                 let msg = store::Outgoing {
                     from: &carried.from,
                     to: &carried.to,
@@ -453,9 +496,15 @@ impl Cluster {
                     .send(&msg, &quotas, floor, &self.node, self.now_ms);
                 (args, Expect::Send(carried.tag))
             }
-            StoreOp::Fetch { name, after, ack } => {
-                (self.store.fetch(&name, after, ack), Expect::Fetch(name))
-            }
+            StoreOp::Fetch {
+                name,
+                after,
+                ack,
+                generation,
+            } => (
+                self.store.fetch(&name, after, ack),
+                Expect::Fetch(name, generation),
+            ),
             StoreOp::Ack { name, from, to } => {
                 let args = self.store.ack(&name, from, to);
                 (args, Expect::Ack(StoreOp::Ack { name, from, to }))
@@ -620,6 +669,11 @@ impl Cluster {
                         match op {
                             StoreOp::Send { carried, .. } => self.not_sent.push(carried.tag),
                             StoreOp::Ack { .. } => self.keep_ack(op),
+                            // Its user would wait for it for good: the
+                            // link is made again, which fetches again.
+                            StoreOp::Fetch { .. } if self.is_up() => {
+                                self.broken = Some("too many commands in flight".to_owned());
+                            }
                             _ => {}
                         }
                         continue;
@@ -637,7 +691,11 @@ impl Cluster {
             return false;
         }
         self.renew_at = now + self.settings.lease / 3;
+        for name in std::mem::take(&mut self.reclaim_later) {
+            self.reclaim_one(name, now);
+        }
         let lease = self.lease_ms();
+        let node = self.node.clone();
         let mut batch: Vec<Rc<str>> = Vec::with_capacity(RENEW_BATCH);
         let mut names = names.peekable();
         while names.peek().is_some() {
@@ -648,6 +706,7 @@ impl Cluster {
             let mut args: Vec<&[u8]> = vec![b"EVAL", RENEW_SCRIPT, &count];
             args.extend(keys.iter().map(Vec::as_slice));
             args.push(&lease);
+            args.push(node.as_bytes());
             self.command(&args, Expect::Renew(batch.clone()), now);
         }
         true
@@ -672,14 +731,22 @@ impl Cluster {
         );
     }
 
-    /// Takes a name over from `holder` for an authenticated user.
-    fn take_over(&mut self, name: &str, now: Instant) {
+    /// Takes a name over from `holder` for an authenticated user (and from
+    /// whichever node took it in between: its reply says).
+    fn take_over(&mut self, name: &Rc<str>, holder: Rc<str>, now: Instant) {
         let key = self.key(name);
         let lease = self.lease_ms();
         let node = self.node.clone();
         self.command(
-            &[b"SET", &key, node.as_bytes(), b"PX", &lease],
-            Expect::Nothing,
+            &[
+                b"EVAL",
+                TAKE_OVER_SCRIPT,
+                b"1",
+                &key,
+                node.as_bytes(),
+                &lease,
+            ],
+            Expect::TakeOver(name.clone(), holder),
             now,
         );
     }
@@ -789,7 +856,7 @@ impl Cluster {
         self.subscriber.close(registry);
         for (expect, _) in std::mem::take(&mut self.expecting) {
             match expect {
-                Expect::JoinFetch(join) => self.lost_joins.push(*join),
+                Expect::JoinFetch(join, _) => self.lost_joins.push(*join),
                 Expect::Ack(op) => self.keep_ack(op),
                 Expect::Send(tag) => self.unconfirmed.push(tag),
                 _ => {}
@@ -797,6 +864,7 @@ impl Cluster {
         }
         if let Some(m) = &mut self.migration {
             m.next = m.answered;
+            m.known_sent = false;
         }
         self.broken = None;
         self.ids_asked = false;
@@ -959,9 +1027,9 @@ impl Cluster {
                     }
                     Frame::Bulk(Some(holder)) if join.verified => {
                         let name = join.name.clone();
-                        self.take_over(&name, now);
-                        let holder = String::from_utf8_lossy(&holder);
-                        events.push(Event::TookOver(Rc::from(&*holder), name));
+                        let holder: Rc<str> = Rc::from(&*String::from_utf8_lossy(&holder));
+                        self.take_over(&name, holder.clone(), now);
+                        events.push(Event::TookOver(holder, name));
                         events.push(Event::JoinGranted(join));
                     }
                     Frame::Bulk(Some(_)) => events.push(Event::JoinRefused(join)),
@@ -977,12 +1045,16 @@ impl Cluster {
                     return;
                 };
                 for (name, result) in names.into_iter().zip(results) {
-                    if result == Frame::Integer(0) {
+                    match result {
                         // Told before the lease is taken again (both go out
                         // at the end of this turn), so the router holds back
                         // what is published to it from then on.
-                        events.push(Event::LeaseMissing(name.clone()));
-                        self.reclaim_one(name, now);
+                        Frame::Integer(0) => {
+                            events.push(Event::LeaseMissing(name.clone()));
+                            self.reclaim_one(name, now);
+                        }
+                        Frame::Integer(2) => events.push(Event::LeaseLost(name)),
+                        _ => {}
                     }
                 }
             }
@@ -996,14 +1068,30 @@ impl Cluster {
             Expect::Send(tag) => {
                 events.push(Event::Sent(tag, self.store_reply(&frame, store::sent)))
             }
-            Expect::Fetch(name) => events.push(Event::Fetched(
-                name,
-                self.store_reply(&frame, store::fetched),
-            )),
-            Expect::JoinFetch(join) => events.push(Event::JoinFetched(
-                *join,
-                self.store_reply(&frame, store::fetched),
-            )),
+            // A fetch that fails is not taken for an empty outbox (later
+            // acks would drop what it did not deliver): the link is made
+            // again, and every local user's outbox fetched again with it.
+            Expect::Fetch(name, generation) => match self.store_reply(&frame, store::fetched) {
+                Ok(fetched) => events.push(Event::Fetched(name, generation, fetched)),
+                Err(e) => self.broken = Some(format!("a fetch failed: {e}")),
+            },
+            Expect::JoinFetch(join, generation) => match self.store_reply(&frame, store::fetched) {
+                Ok(fetched) => events.push(Event::JoinFetched(*join, generation, fetched)),
+                Err(_) => {
+                    self.stats.joins_timed_out += 1;
+                    events.push(Event::JoinTimedOut(*join));
+                }
+            },
+            Expect::TakeOver(name, holder) => {
+                // Another node took the name between the join's answer and
+                // the takeover: its session ends too.
+                if let Frame::Bulk(Some(old)) = frame {
+                    let old: Rc<str> = Rc::from(&*String::from_utf8_lossy(&old));
+                    if old != holder && *old != *self.node {
+                        events.push(Event::TookOver(old, name));
+                    }
+                }
+            }
             Expect::Expire => {
                 if let Ok(expired) = self.store_reply(&frame, store::expired) {
                     events.push(Event::Expired(expired));
@@ -1036,9 +1124,12 @@ impl Cluster {
                     events.push(Event::Reclaimed(name))
                 }
                 Frame::Bulk(Some(_)) => events.push(Event::LeaseLost(name)),
-                // Not known: the next renewal asks again; meanwhile what is
-                // published to the user stays held back.
-                other => crate::log::warn!("cluster: unexpected reply to a reclaim: {other:?}"),
+                // Not known: asked again with the next renewal; meanwhile
+                // what is published to the user stays held back.
+                other => {
+                    crate::log::warn!("cluster: unexpected reply to a reclaim: {other:?}");
+                    self.reclaim_later.push(name);
+                }
             },
         }
     }
@@ -1079,6 +1170,10 @@ impl Cluster {
             State::Down { .. } => return,
             State::Up => 0,
         };
+        if let Some(why) = self.broken.take() {
+            self.fail(registry, now, attempt, &why);
+            return;
+        }
         let result = self.command.flush().and_then(|()| self.subscriber.flush());
         if let Err(e) = result {
             self.fail(registry, now, attempt, &e.to_string());
@@ -1330,9 +1425,18 @@ mod tests {
                 [Event::TookOver(holder, name), Event::JoinGranted(_)]
                     if &**holder == "another" && &**name == "ann" =>
                 {
-                    // The take-over SET is queued behind.
-                    assert!(matches!(c.expecting.back(), Some((Expect::Nothing, _))));
-                    c.expecting.pop_back();
+                    // The take-over is queued behind; a third node that
+                    // took the name meanwhile is told too.
+                    assert!(matches!(
+                        c.expecting.back(),
+                        Some((Expect::TakeOver(..), _))
+                    ));
+                    let mut more = Vec::new();
+                    c.on_reply(bulk("third"), now, &mut more);
+                    assert!(
+                        matches!(more.as_slice(), [Event::TookOver(n, _)] if &**n == "third"),
+                        "{more:?}"
+                    );
                     "took over"
                 }
                 other => panic!("case {i}: {other:?}"),
@@ -1448,6 +1552,36 @@ mod tests {
         c.on_reply(Frame::Error("LOADING".into()), now, &mut events);
         assert_eq!(c.unsent_acks, vec![ack]);
         assert!(events.is_empty(), "{events:?}");
+        assert_eq!(c.reclaim_later, vec![Rc::from("bob")], "asked again later");
+        // A renewal that finds another node holding a name: that session is over.
+        assert!(c.renew([Rc::from("bob"), Rc::from("cy")].iter(), Instant::now()));
+        c.expecting.retain(|(e, _)| matches!(e, Expect::Renew(_)));
+        c.on_reply(
+            Frame::Array(Some(vec![Frame::Integer(2), Frame::Integer(1)])),
+            now,
+            &mut events,
+        );
+        assert!(matches!(events.as_slice(), [Event::LeaseLost(n)] if &**n == "bob"));
+        // A fetch refused is no empty outbox: the link is made again; a
+        // join's is a join that could not happen (1013).
+        events.clear();
+        let mut c = cluster(15);
+        c.store_command(
+            StoreOp::Fetch {
+                name: Rc::from("bob"),
+                after: 0,
+                ack: false,
+                generation: 1,
+            },
+            now,
+        );
+        c.on_reply(Frame::Error("BUSY".into()), now, &mut events);
+        assert!(events.is_empty());
+        assert!(c.broken.is_some());
+        c.fetch_for_join(join(1, "cy", false), (0, false, 1), now)
+            .unwrap();
+        c.on_reply(Frame::Error("OOM".into()), now, &mut events);
+        assert!(matches!(events.as_slice(), [Event::JoinTimedOut(j)] if &*j.name == "cy"));
     }
 
     #[test]
@@ -1474,6 +1608,7 @@ mod tests {
             StoreOp::Send {
                 carried: carried.clone(),
                 online: true,
+                payload: String::new(),
             },
             now,
         );

@@ -59,13 +59,20 @@ pub enum StoreOp {
     /// message; the reply is matched by the message's tag. `online`: this
     /// node sees the recipient online (so it is a user, even if a Redis that
     /// lost its data no longer remembers the name).
-    Send { carried: Carried, online: bool },
+    /// `payload` is `carried` as JSON, what the store publishes (`spriv`).
+    Send {
+        carried: Carried,
+        online: bool,
+        payload: String,
+    },
     /// What `name` holds above `after` (with `ack`, dropping what is at or
     /// below it first): more of a joined user's outbox.
     Fetch {
         name: Rc<str>,
         after: u64,
         ack: bool,
+        /// Given back with the answer (see `catchup`).
+        generation: u64,
     },
     /// `name` has the messages numbered `from..=to`.
     Ack { name: Rc<str>, from: u64, to: u64 },
@@ -273,6 +280,10 @@ pub struct Remote {
     /// Per local user: what its outbox fetch has given, and the live
     /// messages kept until it answers (with the sender's node).
     pub catchup: Catchup<(Rc<str>, Carried)>,
+    /// Cumulative acknowledgements to send at the end of the turn, by name.
+    acks_due: HashMap<Rc<str>, u64>,
+    /// The last acknowledgement sent, by local name.
+    acked: HashMap<Rc<str>, u64>,
     pub stats: RemoteStats,
 }
 
@@ -292,6 +303,8 @@ impl Remote {
             receipt_timeout_ms: 5_000,
             ids: VecDeque::new(),
             catchup: Catchup::default(),
+            acks_due: HashMap::new(),
+            acked: HashMap::new(),
             stats: RemoteStats::default(),
         }
     }
@@ -365,12 +378,37 @@ impl Remote {
     }
 
     pub fn has_outgoing(&self) -> bool {
-        !self.outgoing.is_empty()
+        !self.outgoing.is_empty() || !self.acks_due.is_empty()
     }
 
     pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
         self.outgoing_bytes = 0;
+        for (name, seq) in self.acks_due.drain() {
+            self.acked.insert(name.clone(), seq);
+            self.outgoing.push(Outgoing::Store(StoreOp::Ack {
+                name,
+                from: 0,
+                to: seq,
+            }));
+        }
         std::mem::take(&mut self.outgoing)
+    }
+
+    /// A reliable client acknowledged everything up to `seq`. `ack` costs a
+    /// client nothing against its rate, so it must cost Redis little: one
+    /// removal per name per turn at most, and none for a number at or below
+    /// one already sent.
+    pub fn ack_through(&mut self, name: &Rc<str>, seq: u64) {
+        if self.acked.get(name).is_some_and(|&sent| seq <= sent) {
+            return;
+        }
+        let due = self.acks_due.entry(name.clone()).or_insert(0);
+        *due = (*due).max(seq);
+    }
+
+    /// `name` left this node: its acknowledgements are forgotten.
+    pub fn forget_acks(&mut self, name: &str) {
+        self.acked.remove(name);
     }
 
     /// Whether a message of `len` bytes may go to Redis now.
@@ -462,14 +500,19 @@ impl Remote {
         reference: Option<&str>,
         now_ms: u64,
     ) -> bool {
-        let size = carried.body.len() + carried.from.len() + carried.to.len() + 128;
-        if self.pending.len() >= MAX_PENDING || size > MAX_PAYLOAD || !self.can_send(size) {
+        if self.pending.len() >= MAX_PENDING {
             return false;
         }
         carried.tag = self.next_tag;
+        let payload = serde_json::to_string(&carried).unwrap_or_default();
+        // The body goes to Redis twice: stored, and in the JSON published.
+        let size = payload.len() + carried.body.len();
+        if payload.len() > MAX_PAYLOAD || !self.can_send(size) {
+            return false;
+        }
         self.next_tag += 1;
         self.stats.messages_out += 1;
-        self.outgoing_bytes += 2 * size;
+        self.outgoing_bytes += size;
         self.pending_order.push_back(carried.tag);
         self.pending.insert(
             carried.tag,
@@ -480,8 +523,11 @@ impl Remote {
                 stored: false,
             },
         );
-        self.outgoing
-            .push(Outgoing::Store(StoreOp::Send { carried, online }));
+        self.outgoing.push(Outgoing::Store(StoreOp::Send {
+            carried,
+            online,
+            payload,
+        }));
         true
     }
 

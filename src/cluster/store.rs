@@ -83,8 +83,8 @@ local after = tonumber(ARGV[1])
 if after > tonumber(redis.call('GET', KEYS[2]) or '0') then after = 0 end
 if ARGV[3] == '1' and after > 0 then
   for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', string.format('%.0f-0', after))) do
-    forget(KEYS[3], KEYS[4], ARGV[4], e)
     redis.call('XDEL', KEYS[1], e[1])
+    forget(KEYS[3], KEYS[4], ARGV[4], e)
   end
   if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
 end
@@ -93,7 +93,10 @@ return {after,
 "#;
 
 /// Takes one held entry (`e` as `XRANGE` gives it) off the quotas and the
-/// expiry set; the caller deletes it from the box.
+/// expiry set. The caller deletes it from the box first: a delete is let
+/// through when Redis is out of memory (`maxmemory`, `noeviction`), and once
+/// a script has written Redis lets the rest of it run, so a full store can
+/// still be drained (an `HINCRBY` first would be refused with `OOM`).
 const FORGET_ENTRY: &str = r#"
 local function forget(held, due, name, e)
   local f = {}
@@ -119,8 +122,8 @@ end
 const ACK_BODY: &str = r#"
 local es = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-0', ARGV[2] .. '-0')
 for _, e in ipairs(es) do
-  forget(KEYS[2], KEYS[3], ARGV[3], e)
   redis.call('XDEL', KEYS[1], e[1])
+  forget(KEYS[2], KEYS[3], ARGV[3], e)
 end
 if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
 return #es
@@ -137,8 +140,8 @@ for _, m in ipairs(due) do
   local box = ARGV[3] .. name
   local es = redis.call('XRANGE', box, seq .. '-0', seq .. '-0')
   if #es == 1 then
-    local _, f = forget(KEYS[1], KEYS[2], name, es[1])
     redis.call('XDEL', box, es[1][1])
+    local _, f = forget(KEYS[1], KEYS[2], name, es[1])
     if redis.call('XLEN', box) == 0 then redis.call('DEL', box) end
     table.insert(out, {name, seq, f['id'], f['from']})
   else
@@ -148,45 +151,50 @@ end
 return out
 "#;
 
-/// KEYS: box, seq counter, held, due, migrated. ARGV: to, seq, id, ts,
-/// from, body, expires at (ms, 0 never).
+/// KEYS: box, seq counter, held, due, migrated, recipient's lease, known
+/// names. ARGV: to, id, ts, from, body, expires at (ms, 0 never), seq
+/// floor, channel prefix, node, payload (the `spriv` JSON).
 ///
 /// Uploads one message of a local log (migration to the cluster). Once per
 /// message: `P:migrated` remembers what was uploaded (by recipient, id,
-/// sender and time), so a second upload of the same log adds nothing. The
-/// message keeps its `seq` when its box has handed out nothing above it;
-/// otherwise it is numbered anew (after what the cluster holds for that
-/// recipient). The counter is raised above the log's numbers. No quota
-/// refuses it: mail that was accepted is not dropped on the way. Answers
-/// `{'kept'|'renumbered'|'dup', SEQ}`.
+/// sender and time), so a second upload of the same log adds nothing; the
+/// mark is written last, so a message is never marked and not stored. The
+/// message is numbered anew from the cluster's counter (above the floor):
+/// every number the old server gave is below the node's clock × 1000, so a
+/// client's old cursor skips nothing, and a box emptied (and deleted) in
+/// Redis cannot take a number below what its user was given. If a node
+/// holds the recipient's lease, the message is published to it, as `SEND`
+/// does, or a live user would not get it before acknowledging later ones.
+/// The recipient becomes a known name. No quota refuses it: mail that was
+/// accepted is not dropped on the way. Answers `{'stored'|'dup', SEQ}`.
 const MIGRATE_SCRIPT: &str = r#"
-local to, from = ARGV[1], ARGV[5]
-local mark = to .. ' ' .. ARGV[3] .. ' ' .. from .. ' ' .. ARGV[4]
-if redis.call('HSETNX', KEYS[5], mark, ARGV[2]) == 0 then
-  return {'dup', tonumber(redis.call('HGET', KEYS[5], mark))}
-end
-local seq = tonumber(ARGV[2])
-if tonumber(redis.call('GET', KEYS[2]) or '0') < seq then
+local to, from = ARGV[1], ARGV[4]
+local mark = to .. ' ' .. ARGV[2] .. ' ' .. from .. ' ' .. ARGV[3]
+local before = redis.call('HGET', KEYS[5], mark)
+if before then return {'dup', tonumber(before)} end
+local seq = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[7])
+if seq <= floor then
+  seq = floor + 1
   redis.call('SET', KEYS[2], string.format('%.0f', seq))
 end
-local how = 'kept'
-local fields = {'id', ARGV[3], 'ts', ARGV[4], 'from', from, 'body', ARGV[6], 'exp', ARGV[7]}
-local r = redis.pcall('XADD', KEYS[1], string.format('%.0f-0', seq), unpack(fields))
-if type(r) == 'table' and r.err then
-  seq = redis.call('INCR', KEYS[2])
-  redis.call('XADD', KEYS[1], string.format('%.0f-0', seq), unpack(fields))
-  redis.call('HSET', KEYS[5], mark, string.format('%.0f', seq))
-  how = 'renumbered'
-end
-local cost = #ARGV[6] + #from + 64
+local digits = string.format('%.0f', seq)
+redis.call('XADD', KEYS[1], digits .. '-0', 'id', ARGV[2], 'ts', ARGV[3], 'from', from,
+  'body', ARGV[5], 'exp', ARGV[6])
+local cost = #ARGV[5] + #from + 64
 redis.call('HINCRBY', KEYS[3], 'bytes', cost)
 redis.call('HINCRBY', KEYS[3], 'count', 1)
 redis.call('HINCRBY', KEYS[3], 's:' .. from, 1)
 redis.call('HINCRBY', KEYS[3], 'b:' .. from, cost)
-if ARGV[7] ~= '0' then
-  redis.call('ZADD', KEYS[4], ARGV[7], string.format('%.0f', seq) .. ' ' .. to)
+if ARGV[6] ~= '0' then redis.call('ZADD', KEYS[4], ARGV[6], digits .. ' ' .. to) end
+redis.call('SADD', KEYS[7], to)
+local node = redis.call('GET', KEYS[6])
+if node then
+  redis.call('PUBLISH', ARGV[8] .. ':node:' .. node,
+    ARGV[9] .. ' spriv ' .. digits .. ' 0 ' .. ARGV[10])
 end
-return {how, seq}
+redis.call('HSET', KEYS[5], mark, digits)
+return {'stored', seq}
 "#;
 
 /// KEYS: known names. ARGV: name, at most.
@@ -257,10 +265,8 @@ pub struct Held {
 /// What `MIGRATE` did with one message of a local log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Migrated {
-    /// Uploaded under its own `seq`.
-    Kept(u64),
-    /// Uploaded under a new `seq` (its box had handed out higher ones).
-    Renumbered(u64),
+    /// Uploaded, under this `seq` of the cluster's.
+    Stored(u64),
     /// Uploaded before (under this `seq`).
     Duplicate(u64),
 }
@@ -469,24 +475,38 @@ impl Store {
         )
     }
 
-    /// `MIGRATE`: upload one held message of a local log, held for `to`
-    /// under `seq`, expiring at `expires_ms` (0 never).
-    pub fn migrate(&self, to: &str, seq: u64, held: &Held, expires_ms: u64) -> Args {
+    /// `MIGRATE`: upload one held message of a local log, held for `to`,
+    /// expiring at `expires_ms` (0 never), numbered above `seq_floor`, and
+    /// published to the recipient's node (in `node`'s name) if one holds it.
+    pub fn migrate(
+        &self,
+        to: &str,
+        held: &Held,
+        expires_ms: u64,
+        seq_floor: u64,
+        node: &str,
+        payload: &str,
+    ) -> Args {
         let keys = vec![
             self.outbox(to),
             self.key("seq"),
             self.key("held"),
             self.key("due"),
             self.key("migrated"),
+            self.key(&format!("name:{to}")),
+            self.key("known"),
         ];
         let argv = vec![
             to.as_bytes().to_vec(),
-            num(seq),
             num(held.id),
             num(held.ts),
             held.from.as_bytes().to_vec(),
             held.body.as_bytes().to_vec(),
             num(expires_ms),
+            num(seq_floor),
+            self.prefix.as_bytes().to_vec(),
+            node.as_bytes().to_vec(),
+            payload.as_bytes().to_vec(),
         ];
         self.eval(&self.migrate, keys, argv)
     }
@@ -616,8 +636,7 @@ pub fn migrated(frame: &Frame) -> Result<Migrated, BadReply> {
     };
     match items.as_slice() {
         [how, seq] => match (text(how), number(seq)) {
-            (Some("kept"), Some(seq)) => Some(Migrated::Kept(seq)),
-            (Some("renumbered"), Some(seq)) => Some(Migrated::Renumbered(seq)),
+            (Some("stored"), Some(seq)) => Some(Migrated::Stored(seq)),
             (Some("dup"), Some(seq)) => Some(Migrated::Duplicate(seq)),
             _ => None,
         },
@@ -721,14 +740,10 @@ mod tests {
     #[test]
     fn migrate_replies_decode_as_a_table() {
         let reply = |how: &str, seq: i64| array(vec![bulk(how), Frame::Integer(seq)]);
-        assert_eq!(migrated(&reply("kept", 5)), Ok(Migrated::Kept(5)));
-        assert_eq!(
-            migrated(&reply("renumbered", 9)),
-            Ok(Migrated::Renumbered(9))
-        );
+        assert_eq!(migrated(&reply("stored", 9)), Ok(Migrated::Stored(9)));
         assert_eq!(migrated(&reply("dup", 5)), Ok(Migrated::Duplicate(5)));
         assert!(migrated(&reply("lost", 5)).is_err());
-        assert!(migrated(&reply("kept", -1)).is_err());
+        assert!(migrated(&reply("stored", -1)).is_err());
         assert!(migrated(&Frame::Error("ERR".into())).is_err());
     }
 

@@ -10,7 +10,7 @@ use slab::Slab;
 use super::{App, Core};
 use crate::chat::ConnId;
 use crate::cluster::remote::{self, Remote};
-use crate::cluster::store::{BadReply, Fetched};
+use crate::cluster::store::Fetched;
 use crate::cluster::{Cluster, Event, WaitingJoin};
 use crate::conn::{CloseReason, Connection};
 use crate::delivery::Mailer;
@@ -26,7 +26,11 @@ impl Core {
         let mut cluster = cluster;
         if let App::Chat(router) = &mut self.app {
             router.set_remote(Remote::new(cluster.node()));
-            cluster.migrate(router.held_to_migrate(), Instant::now());
+            cluster.migrate(
+                router.held_to_migrate(),
+                router.known_to_migrate(),
+                Instant::now(),
+            );
         }
         self.cluster = Some(cluster);
     }
@@ -200,11 +204,15 @@ impl Core {
                     router.kicked(&name, &mut mailer);
                 }
                 Event::JoinGranted(join) => self.fetch_then_join(conns, join, now),
-                Event::JoinFetched(join, fetched) => self.joined(conns, join, fetched, now),
+                Event::JoinFetched(join, generation, fetched) => {
+                    self.joined(conns, join, (generation, fetched), now)
+                }
                 Event::Sent(tag, sent) => router.on_sent(tag, sent, &mut mailer),
                 Event::NotSent(tag) => router.on_unsent(tag, true, &mut mailer),
                 Event::Unconfirmed(tag) => router.on_unsent(tag, false, &mut mailer),
-                Event::Fetched(name, fetched) => router.on_fetched(&name, fetched, &mut mailer),
+                Event::Fetched(name, generation, fetched) => {
+                    router.on_fetched(&name, generation, fetched, &mut mailer)
+                }
                 Event::Expired(expired) => router.on_store_expired(expired, &mut mailer),
                 Event::Migrated(done) => router.migrated(done),
                 Event::LeaseMissing(name) => router.cluster_hold(&name),
@@ -243,8 +251,8 @@ impl Core {
             cluster.release(&join.name, now);
             return;
         }
-        let (after, ack) = router.cluster_begin_join(&join.name, &join.query);
-        if let Err(join) = cluster.fetch_for_join(join, after, ack, now) {
+        let fetch = router.cluster_begin_join(&join.name, &join.query);
+        if let Err(join) = cluster.fetch_for_join(join, fetch, now) {
             let mut mailer = Mailer {
                 conns,
                 post: &mut self.post,
@@ -270,7 +278,7 @@ impl Core {
         &mut self,
         conns: &mut Slab<Connection>,
         join: WaitingJoin,
-        fetched: Result<Fetched, BadReply>,
+        (generation, fetched): (u64, Fetched),
         now: Instant,
     ) {
         let App::Chat(router) = &mut self.app else {
@@ -301,10 +309,18 @@ impl Core {
             .is_none()
         {
             router.cluster_join_abandoned(&join.name, &mut mailer);
+            // Refused (a lookalike, say): the lease it was granted goes back
+            // now rather than keep the name taken for a lease. (One online
+            // here keeps it: it is that session's.)
+            if !router.is_online_here(&join.name) {
+                if let Some(cluster) = &mut self.cluster {
+                    cluster.release(&join.name, now);
+                }
+            }
             return;
         }
         if fresh {
-            router.on_fetched(&join.name, fetched, &mut mailer);
+            router.on_fetched(&join.name, generation, fetched, &mut mailer);
         }
         if !join.early.is_empty() {
             let mut early = join.early;

@@ -202,9 +202,10 @@ impl Router {
                     Heard::Given((node, carried)) => {
                         self.answer_stored(node, carried.tag, Outcome::Delivered, out)
                     }
-                    Heard::KeptDropping((node, carried))
-                    | Heard::NotHere((node, carried))
-                    | Heard::Full((node, carried)) => {
+                    // Held in the outbox: its sender is told `queued` (the
+                    // user, left out of a full catch-up, gets it from the
+                    // next fetch).
+                    Heard::NotHere((node, carried)) | Heard::Full((node, carried)) => {
                         self.answer_stored(node, carried.tag, Outcome::Absent, out)
                     }
                 }
@@ -408,21 +409,38 @@ impl Router {
         self.send_error(sender, "unconfirmed", message, reference, out);
     }
 
-    /// Whether `name`'s outbox is being fetched already (its join waits for it).
-    pub(super) fn cluster_replay(&mut self, name: &Rc<str>, resume: Option<u64>) -> bool {
+    /// Under `--cluster`, the outbox of a user who joined (its fetch was
+    /// asked for with its lease, and answers next) or whose session a new
+    /// connection replaced (fetched now from the new connection's resume
+    /// point; an answer to a fetch of the old session is ignored). False
+    /// without a cluster.
+    pub(super) fn cluster_replay(
+        &mut self,
+        name: &Rc<str>,
+        resume: Option<u64>,
+        replacing: bool,
+        out: &mut impl Outbox,
+    ) -> bool {
+        if self.remote.is_none() {
+            return false;
+        }
+        if replacing {
+            self.end_catchup(name, out);
+        }
         let Some(remote) = &mut self.remote else {
             return false;
         };
         remote.store(StoreOp::Remember(name.clone()));
-        if remote.catchup.fetching().any(|(n, _)| n == name) {
+        if !replacing && remote.catchup.fetch_point(name).is_some() {
             return true;
         }
         let after = resume.unwrap_or(0);
-        remote.catchup.begin(name.clone(), after);
+        let generation = remote.catchup.begin(name.clone(), after);
         remote.store(StoreOp::Fetch {
             name: name.clone(),
             after,
             ack: resume.is_some(),
+            generation,
         });
         true
     }
@@ -431,13 +449,16 @@ impl Router {
     /// joins, and live messages for it are kept until then.
     /// (A name online here already is left alone: the router refuses the
     /// join, or a token's replacement fetches for itself.)
-    pub fn cluster_begin_join(&mut self, name: &Rc<str>, query: &str) -> (u64, bool) {
+    /// Returns where the fetch starts, whether it acknowledges up to there,
+    /// and its generation.
+    pub fn cluster_begin_join(&mut self, name: &Rc<str>, query: &str) -> (u64, bool, u64) {
         let resume = super::resume_point(query);
         let after = resume.unwrap_or(0);
-        if let (Some(remote), false) = (&mut self.remote, self.index.contains_key(&**name)) {
-            remote.catchup.begin(name.clone(), after);
-        }
-        (after, resume.is_some())
+        let generation = match (&mut self.remote, self.index.contains_key(&**name)) {
+            (Some(remote), false) => remote.catchup.begin(name.clone(), after),
+            _ => 0,
+        };
+        (after, resume.is_some(), generation)
     }
 
     /// A join that waited for its outbox will not happen (refused, gone, or
@@ -453,6 +474,7 @@ impl Router {
         let Some(remote) = &mut self.remote else {
             return;
         };
+        remote.forget_acks(name);
         for (node, carried) in remote.catchup.end(name) {
             self.answer_stored(node, carried.tag, Outcome::Absent, out);
         }
@@ -465,23 +487,23 @@ impl Router {
     pub fn on_fetched(
         &mut self,
         name: &Rc<str>,
-        fetched: Result<Fetched, BadReply>,
+        generation: u64,
+        fetched: Fetched,
         out: &mut impl Outbox,
     ) {
         let Some(remote) = &mut self.remote else {
             return;
         };
-        // A failed fetch gives nothing now: what is held comes next session.
-        let (after, held) = match fetched {
-            Ok(f) => (f.after, f.held),
-            Err(_) => (u64::MAX, Vec::new()),
-        };
-        let (deliveries, again) = remote.catchup.fetched(name, after, held);
+        let (deliveries, again) =
+            remote
+                .catchup
+                .fetched(name, generation, fetched.after, fetched.held);
         if let Some(after) = again {
             remote.store(StoreOp::Fetch {
                 name: name.clone(),
                 after,
                 ack: false,
+                generation,
             });
         }
         let member = self
@@ -595,15 +617,16 @@ impl Router {
         if !self.index.contains_key(&**name) {
             return;
         }
-        let after = remote
+        let point = remote
             .catchup
             .fetch_point(name)
             .or_else(|| remote.catchup.again(name));
-        if let Some(after) = after {
+        if let Some((after, generation)) = point {
             remote.store(StoreOp::Fetch {
                 name: name.clone(),
                 after,
                 ack: false,
+                generation,
             });
         }
     }
@@ -613,11 +636,7 @@ impl Router {
         let Some(remote) = &mut self.remote else {
             return false;
         };
-        remote.store(StoreOp::Ack {
-            name: name.clone(),
-            from: 0,
-            to: seq,
-        });
+        remote.ack_through(name, seq);
         true
     }
 
@@ -663,6 +682,11 @@ impl Router {
                 expires_ms: self.outboxes.expiry_of(e.ts),
             })
             .collect()
+    }
+
+    /// The names the local log remembers as users.
+    pub fn known_to_migrate(&self) -> Vec<Rc<str>> {
+        self.outboxes.known_names().map(Rc::from).collect()
     }
 
     /// The store holds these local-log messages now: the local log lets
