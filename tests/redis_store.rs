@@ -458,3 +458,38 @@ fn the_redis_store_keeps_the_mailbox_contract() {
         RedisMailbox::new(redis.client(), &format!("contract{case}"), setup)
     });
 }
+
+#[test]
+fn a_full_redis_still_drains_by_acks_and_expiry() {
+    let Some(redis) = Redis::start(
+        "a_full_redis_still_drains_by_acks_and_expiry",
+        &["--maxmemory-policy", "noeviction"],
+    ) else {
+        return;
+    };
+    let s = Store::new("wx");
+    let mut c = redis.client();
+    let body = "x".repeat(64 * 1024);
+    let quotas = Quotas {
+        max_bytes: usize::MAX,
+        max_bytes_per_sender: usize::MAX,
+        ttl_ms: 1000,
+        ..OPEN
+    };
+    let held: Vec<u64> = (0..20)
+        .map(|i| queued(send(&mut c, &s, &msg("ann", "bob", i, &body), &quotas, 0)))
+        .collect();
+    // Redis is now well over its memory limit: it refuses every write...
+    c.call(&["CONFIG", "SET", "maxmemory", "1mb"]);
+    let refusal = c.call(&s.send(&msg("ann", "bob", 99, "small"), &quotas, 0, "n", 0));
+    assert!(
+        matches!(&refusal, Frame::Error(e) if e.starts_with("OOM")),
+        "{refusal:?}"
+    );
+    // ... but an ack still runs (its delete comes before its counters), and
+    // so does expiry (everything is due at 1000 + 1000 ms).
+    assert_eq!(store::acked(&c.call(&s.ack("bob", 0, held[9]))), Ok(10));
+    let expired = store::expired(&c.call(&s.expire(5000))).expect("EXPIRE under OOM");
+    assert_eq!(expired.len(), 10);
+    assert_eq!(fetch(&mut c, &s, "bob", 0), vec![]);
+}
