@@ -19,7 +19,7 @@ its seqs went backwards; a private reached someone else. Not failures, only coun
 private twice (the at-least-once windows of docs/CLUSTER.md "Known gaps"). Exit status 2:
 the run could not be carried out (no binary, no redis-server, a node that would not start).
 
-Run from the repository root (about 85 s; `--hard` about 95 s):
+Run from the repository root (about 70 s a run; `--hard` about 85 s):
 
     cargo build --release
     python3 tests/chaos/chaos.py --seed 1
