@@ -39,8 +39,11 @@ node() { # name -> starts a node, prints "pid port"
   done
   echo "node $1 did not start" >&2; cat "$tmp/$1.log" >&2; exit 2
 }
+# (`node` runs in a subshell here: the parent records the pids for cleanup.)
 read -r a_pid a_port < <(node a)
+pids+=("$a_pid")
 read -r b_pid b_port < <(node b)
+pids+=("$b_pid")
 sleep 1 # the nodes find each other (hello, rosters)
 
 echo "redis-server $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/'), $(nproc) cores, $pairs pairs, ${duration}s windows"
