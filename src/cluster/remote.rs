@@ -267,6 +267,9 @@ pub struct Remote {
     outgoing: Vec<Outgoing>,
     outgoing_bytes: usize,
     pending: HashMap<u64, Pending>,
+    /// Message id to tag, for what is pending: a message its recipient read
+    /// from its outbox on another node is answered by id (`note`).
+    pending_ids: HashMap<u64, u64>,
     /// Tags in the order sent, for the timeout.
     pending_order: VecDeque<u64>,
     next_tag: u64,
@@ -297,6 +300,7 @@ impl Remote {
             outgoing: Vec::new(),
             outgoing_bytes: 0,
             pending: HashMap::new(),
+            pending_ids: HashMap::new(),
             pending_order: VecDeque::new(),
             next_tag: 1,
             up: false,
@@ -514,6 +518,7 @@ impl Remote {
         self.stats.messages_out += 1;
         self.outgoing_bytes += size;
         self.pending_order.push_back(carried.tag);
+        self.pending_ids.insert(carried.id, carried.tag);
         self.pending.insert(
             carried.tag,
             Pending {
@@ -563,7 +568,15 @@ impl Remote {
 
     /// The pending message a receipt answers.
     pub fn answered(&mut self, tag: u64) -> Option<Pending> {
-        self.pending.remove(&tag)
+        let pending = self.pending.remove(&tag)?;
+        self.pending_ids.remove(&pending.carried.id);
+        Some(pending)
+    }
+
+    /// The pending message of id `id`, answered otherwise than by its tag.
+    pub fn answered_by_id(&mut self, id: u64) -> Option<Pending> {
+        let tag = self.pending_ids.get(&id).copied()?;
+        self.answered(tag)
     }
 
     /// Pending messages whose receipt is overdue.
@@ -576,7 +589,7 @@ impl Remote {
                 }
                 Some(p) if p.deadline_ms <= now_ms => {
                     self.pending_order.pop_front();
-                    late.extend(self.pending.remove(&tag));
+                    late.extend(self.answered(tag));
                 }
                 Some(_) => break,
             }

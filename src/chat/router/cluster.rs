@@ -9,7 +9,7 @@ use super::{encode, full_store_error, Class, ConnId, Delivery, Outbox, Router, L
 use crate::chat::protocol::PrivateMessage;
 use crate::chat::username;
 use crate::cluster::catchup::{Deliver, Heard};
-use crate::cluster::remote::{Carried, Inbound, Outcome, Remote, Status, StoreOp, To};
+use crate::cluster::remote::{Carried, Inbound, Outcome, Pending, Remote, Status, StoreOp, To};
 use crate::cluster::store::{BadReply, Expired, Fetched, Held, Sent};
 use crate::cluster::ToMigrate;
 use crate::ws::CloseCode;
@@ -211,7 +211,7 @@ impl Router {
                 }
             }
             Inbound::Receipt(tag, outcome) => self.on_receipt(tag, outcome, out),
-            Inbound::Note(note) => self.notify_sender(&note.to, note.id, note.status.word(), out),
+            Inbound::Note(note) => self.sender_told(&note.to, note.id, note.status, out),
             Inbound::Kick(name) => {
                 self.kicked(&name, out);
                 // The user is now on the node that kicked: its coming `join`
@@ -299,9 +299,13 @@ impl Router {
 
     /// The recipient's node answered for a private message sent from here.
     fn on_receipt(&mut self, tag: u64, outcome: Outcome, out: &mut impl Outbox) {
-        let Some(pending) = self.remote.as_mut().and_then(|r| r.answered(tag)) else {
-            return;
-        };
+        if let Some(pending) = self.remote.as_mut().and_then(|r| r.answered(tag)) {
+            self.on_answer(pending, outcome, out);
+        }
+    }
+
+    /// What became of a private message sent from here, told to its sender.
+    fn on_answer(&mut self, pending: Pending, outcome: Outcome, out: &mut impl Outbox) {
         let reference = pending.reference.as_deref();
         let carried = &pending.carried;
         let sender = self
@@ -566,11 +570,26 @@ impl Router {
     /// Tells the sender of message `id`, wherever it is online, what became of it.
     fn tell_sender(&mut self, sender: &str, id: u64, status: Status, out: &mut impl Outbox) {
         if self.index.contains_key(sender) {
-            self.notify_sender(sender, id, status.word(), out);
+            self.sender_told(sender, id, status, out);
         } else if let Some(remote) = &mut self.remote {
             if let Some(node) = remote.node_of(sender).cloned() {
                 remote.note(node, sender, id, status);
             }
+        }
+    }
+
+    /// A sender here hears what became of its message `id`. One still waiting
+    /// for its recipient's node (a node that died with it, say) while the
+    /// recipient read it from its outbox elsewhere is answered now, with its
+    /// `ref`, and not later with `queued`.
+    fn sender_told(&mut self, sender: &str, id: u64, status: Status, out: &mut impl Outbox) {
+        let pending = match status {
+            Status::Delivered => self.remote.as_mut().and_then(|r| r.answered_by_id(id)),
+            Status::Expired => None,
+        };
+        match pending {
+            Some(pending) => self.on_answer(pending, Outcome::Delivered, out),
+            None => self.notify_sender(sender, id, status.word(), out),
         }
     }
 

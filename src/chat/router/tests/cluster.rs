@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use super::{router, Recorder};
 use crate::chat::router::{ConnId, Router};
-use crate::cluster::remote::{self, Carried, Inbound, Outcome, Outgoing, Remote, StoreOp, To};
+use crate::cluster::remote::{
+    self, Carried, Inbound, Note, Outcome, Outgoing, Remote, Status, StoreOp, To,
+};
 use crate::cluster::store::{BadReply, Fetched, Held, Sent};
 use crate::store::outbox::Full;
 
@@ -472,4 +474,45 @@ fn with_offline_to_unknown_a_lookalike_of_a_user_is_still_refused_in_a_cluster()
         store_ops(&mut r).as_slice(),
         [StoreOp::Send { carried, online: false, .. }] if carried.to == "carol"
     ));
+}
+
+#[test]
+fn a_message_read_from_its_outbox_elsewhere_answers_its_waiting_sender_with_its_ref() {
+    let (mut r, mut out) = node();
+    r.join(ConnId(1), "username=ann", &mut out);
+    out.take();
+    store_ops(&mut r);
+    let sent = send_from_ann(
+        &mut r,
+        &mut out,
+        r#"{"type":"private","to":"bob","body":"hi","ref":"r"}"#,
+    );
+    // Published to bob's node, which died with it: no receipt comes. Bob
+    // reads it from his outbox on a third node, which tells ann's node.
+    let live = Sent::Live {
+        node: "peer".into(),
+        seq: 9,
+    };
+    r.on_sent(sent.tag, Ok(live), &mut out);
+    let note = Note {
+        to: "ann".into(),
+        id: sent.id,
+        status: Status::Delivered,
+    };
+    r.on_cluster("third", Inbound::Note(note), 1, &mut out);
+    let got = out.take();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].1["status"].clone(), got[0].1["ref"].clone()),
+        ("delivered".into(), "r".into())
+    );
+    // Nothing more for it: not `queued` at the timeout, not a second receipt.
+    r.on_cluster(
+        "peer",
+        Inbound::Receipt(sent.tag, Outcome::Absent),
+        2,
+        &mut out,
+    );
+    r.cluster_overdue(u64::MAX, &mut out);
+    assert!(out.take().is_empty());
 }
