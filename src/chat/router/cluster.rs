@@ -1,7 +1,11 @@
 //! The router under `--cluster`: users on other nodes count as online, are
-//! listed, and are reached through [`Remote`]; messages from other nodes are
-//! delivered here as if their senders were local. Without `--cluster` every
-//! function here is a no-op behind `self.remote == None`.
+//! listed, and are reached through [`Remote`]; publics from other nodes are
+//! delivered here as if their senders were local. Every private goes
+//! through the offline store in Redis (`StoreOp`s, answered later as
+//! events): stored, numbered and published to its recipient's node, which
+//! delivers it, fetches a joining user's outbox, and removes what its
+//! users have (see docs/CLUSTER.md). Without `--cluster` every function
+//! here is a no-op behind `self.remote == None`.
 
 use std::rc::Rc;
 
