@@ -301,6 +301,19 @@ fn messages_held_for_an_offline_user_are_delivered_once_in_order_on_another_node
         sent.push((name, body, id));
     }
     wait_box_len(&redis, "bob", 6, "six queued");
+    // Every node shows the store's size, cluster-wide (read once a second).
+    for n in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = http::get(n.addr, "/metrics");
+            if metric(&m, "wschat_cluster_store_messages") == Some(6.0) {
+                assert!(metric(&m, "wschat_cluster_store_bytes").unwrap_or(0.0) > 6.0 * 64.0);
+                break;
+            }
+            assert!(Instant::now() < deadline, "store size not shown:\n{m}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     let mut bob = Chat::joined(b.addr, "bob");
     let got = privates(&mut bob, 6, "held messages after the welcome");

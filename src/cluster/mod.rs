@@ -227,6 +227,8 @@ enum Expect {
     /// `REMEMBER`: an error is logged (a lost script drops the link, which
     /// loads them again).
     Store,
+    /// The store's message count and bytes, cluster-wide (for /metrics).
+    Size,
     /// `AUTH`, `SELECT` and `SCRIPT LOAD` on a new connection: the link is up
     /// only once all are answered without error (a Redis still loading its
     /// data accepts connections and subscriptions, and answers `LOADING`).
@@ -291,6 +293,8 @@ pub struct Cluster {
     broken: Option<String>,
     /// Leases to take again with the next renewal (a reclaim failed).
     reclaim_later: Vec<Rc<str>>,
+    /// Messages and bytes held in the store, cluster-wide, as last read.
+    store_size: Option<(u64, u64)>,
     /// Both channels are subscribed (on the new connection).
     subscribed: bool,
     /// Setup replies the command connection still owes.
@@ -335,6 +339,7 @@ impl Cluster {
             subscribed: false,
             setup_left: 0,
             reclaim_later: Vec::new(),
+            store_size: None,
             expire_at: now,
             stats: Stats::default(),
         }
@@ -558,10 +563,7 @@ impl Cluster {
         let link = match self.state {
             State::Down { retry_at, .. } => retry_at,
             State::Connecting { since, .. } => since + LINK_TIMEOUT,
-            State::Up if self.settings.quotas.ttl_ms != u64::MAX => {
-                self.renew_at.min(self.expire_at)
-            }
-            State::Up => self.renew_at,
+            State::Up => self.renew_at.min(self.expire_at),
         };
         let join = self.waiting.front().map(|j| j.deadline);
         let reply = self.expecting.front().map(|(_, at)| *at + LINK_TIMEOUT);
@@ -770,11 +772,15 @@ impl Cluster {
             }
             _ => {}
         }
-        let expires = self.settings.quotas.ttl_ms != u64::MAX;
-        if self.is_up() && expires && now >= self.expire_at {
+        // Once a second: the expiry sweep, and the store's size for /metrics.
+        if self.is_up() && now >= self.expire_at {
             self.expire_at = now + EXPIRE_EVERY;
             if self.expecting.len() < MAX_IN_FLIGHT {
-                self.store_command(StoreOp::Expire, now);
+                if self.settings.quotas.ttl_ms != u64::MAX {
+                    self.store_command(StoreOp::Expire, now);
+                }
+                let held = format!("{}:held", self.settings.prefix).into_bytes();
+                self.command(&[b"HMGET", &held, b"count", b"bytes"], Expect::Size, now);
             }
         }
         for tag in self.not_sent.drain(..) {
@@ -1109,6 +1115,19 @@ impl Cluster {
             Expect::Store => {
                 let _ = self.store_reply(&frame, not_an_error);
             }
+            Expect::Size => {
+                if let Frame::Array(Some(items)) = &frame {
+                    let figure = |i: usize| {
+                        items
+                            .get(i)
+                            .and_then(Frame::as_bytes)
+                            .and_then(|b| std::str::from_utf8(b).ok())
+                            .and_then(|t| t.parse::<i64>().ok())
+                            .map_or(0, |n| n.max(0) as u64)
+                    };
+                    self.store_size = Some((figure(0), figure(1)));
+                }
+            }
             // Kept on an error too (it is sent again with the next link): a
             // removal that never happens is a message given twice.
             Expect::Ack(op) => {
@@ -1284,9 +1303,23 @@ impl Cluster {
             counter(
                 out,
                 "wschat_cluster_catchup_dropped_total",
-                "Live privates not kept for a joining user (too many kept); they wait in its outbox.",
+                "Live privates not kept for a joining user (too many kept); fetched again from its outbox.",
                 remote.catchup.dropped,
             );
+            if let Some((messages, bytes)) = self.store_size {
+                gauge(
+                    out,
+                    "wschat_cluster_store_messages",
+                    "Private messages held in the store in Redis, cluster-wide (read once a second).",
+                    messages,
+                );
+                gauge(
+                    out,
+                    "wschat_cluster_store_bytes",
+                    "Bytes the store's quota counts, cluster-wide (read once a second).",
+                    bytes,
+                );
+            }
             if let Some(m) = &self.migration {
                 gauge(
                     out,
