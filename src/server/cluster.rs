@@ -96,8 +96,8 @@ impl Core {
         true
     }
 
-    /// Once per turn: deadlines, lease renewal, and the router's messages
-    /// for other nodes, written to Redis in one go.
+    /// Once per turn: deadlines and lease renewal. What they owe Redis is
+    /// written with the rest at the end of the turn ([`cluster_send`](Self::cluster_send)).
     pub(super) fn cluster_turn(&mut self, conns: &mut Slab<Connection>, now: Instant) {
         let Some(cluster) = &mut self.cluster else {
             return;
@@ -136,23 +136,21 @@ impl Core {
             let silent_ms = self.config.cluster_lease.as_millis() as u64 * 2 / 3;
             router.cluster_forget_silent(self.now_ms.saturating_sub(silent_ms), &mut mailer);
         }
-        if let Some(remote) = router.remote_mut() {
-            cluster.send_outgoing(remote, now);
-        }
-        cluster.flush(&self.registry, now);
     }
 
-    /// What the router queued for other nodes since `cluster_turn`.
+    /// Everything the turn owes Redis, in one write per connection, after
+    /// the clients' flush: a simple client's copy is removed from the store
+    /// (and its sender told `delivered`) only once it was written to the
+    /// client's socket, so a node killed in between gives it again rather
+    /// than lose it.
     pub(super) fn cluster_send(&mut self, now: Instant) {
         let (Some(cluster), App::Chat(router)) = (&mut self.cluster, &mut self.app) else {
             return;
         };
         if let Some(remote) = router.remote_mut() {
-            if remote.has_outgoing() {
-                cluster.send_outgoing(remote, now);
-                cluster.flush(&self.registry, now);
-            }
+            cluster.send_outgoing(remote, now);
         }
+        cluster.flush(&self.registry, now);
     }
 
     fn on_cluster_events(
