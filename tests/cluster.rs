@@ -4,6 +4,7 @@
 //! under `CI=true`, where they fail.
 
 mod chat_support;
+mod cluster_support;
 mod support;
 
 use std::collections::HashMap;
@@ -12,48 +13,15 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use chat_support::{ws_path, Chat, ChatServer, Event};
+use cluster_support::{metric, node, wait_for_cluster, NO_CLIENT_LIMITS};
 use serde_json::{json, Value};
 use support::http;
 use support::redis::Redis;
 use support::token;
 
-/// The per-client limits these tests would hit, off: every client and every
-/// `/metrics` poll comes from 127.0.0.1, and senders send as fast as they can.
-const NO_CLIENT_LIMITS: [&str; 4] = ["--rate-limit", "0", "--max-handshakes-per-ip", "0"];
-
-/// A node of the cluster on `redis`.
-fn node(redis: &Redis, extra: &[&str]) -> ChatServer {
-    let url = redis.url();
-    let mut args = vec!["--cluster", url.as_str(), "--cluster-lease", "2s"];
-    args.extend_from_slice(&NO_CLIENT_LIMITS);
-    args.extend_from_slice(extra);
-    ChatServer::start(&args)
-}
-
 /// The node's `/metrics` text.
 fn metrics(addr: SocketAddr) -> String {
     http::get(addr, "/metrics")
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    http::metric_value(text, name)
-}
-
-/// Waits until every node is up on Redis and has heard from all the others.
-fn wait_for_cluster(nodes: &[&ChatServer]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for n in nodes {
-        loop {
-            let m = metrics(n.addr);
-            let up = metric(&m, "wschat_cluster_redis_state") == Some(2.0);
-            let peers = metric(&m, "wschat_cluster_peers").unwrap_or(0.0) as usize;
-            if up && peers + 1 >= nodes.len() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cluster did not form:\n{m}");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
 }
 
 /// Reads until an event of `kind` (skipping others such as presence).

@@ -7,6 +7,7 @@
 //! fail.
 
 mod chat_support;
+mod cluster_support;
 mod offline_support;
 mod support;
 
@@ -18,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use chat_support::{now_ms, ws_path, Chat, ChatServer, Event};
+use cluster_support::{metric, node, wait_for_cluster, NO_CLIENT_LIMITS};
 use offline_support::{
     assert_private, drain, drop_abruptly, next, next_where, resume_path, send_and_wait, stop,
     TempDir,
@@ -27,42 +29,8 @@ use support::http;
 use support::redis::Redis;
 use wschat::cluster::resp::Frame;
 
-/// The per-client limits these tests would hit, off: every client and every
-/// `/metrics` poll comes from 127.0.0.1, and senders send as fast as they can.
-const NO_CLIENT_LIMITS: [&str; 4] = ["--rate-limit", "0", "--max-handshakes-per-ip", "0"];
-
 /// The default `--cluster-prefix`: the keys checked below are `wschat:...`.
 const PREFIX: &str = "wschat";
-
-/// A node of the cluster on `redis`.
-fn node(redis: &Redis, extra: &[&str]) -> ChatServer {
-    let url = redis.url();
-    let mut args = vec!["--cluster", url.as_str(), "--cluster-lease", "2s"];
-    args.extend_from_slice(&NO_CLIENT_LIMITS);
-    args.extend_from_slice(extra);
-    ChatServer::start(&args)
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    http::metric_value(text, name)
-}
-
-/// Waits until every node is up on Redis and has heard from all the others.
-fn wait_for_cluster(nodes: &[&ChatServer]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for n in nodes {
-        loop {
-            let m = http::get(n.addr, "/metrics");
-            let up = metric(&m, "wschat_cluster_redis_state") == Some(2.0);
-            let peers = metric(&m, "wschat_cluster_peers").unwrap_or(0.0) as usize;
-            if up && peers + 1 >= nodes.len() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cluster did not form:\n{m}");
-            thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
 
 /// Asks for `users` until `name` is listed (presence crosses nodes asynchronously).
 fn wait_listed(c: &mut Chat, name: &str) {

@@ -734,14 +734,14 @@ impl Router {
             return;
         }
         let id = self.next_id();
+        let mail = Mail {
+            from,
+            to,
+            id,
+            ts: now_ms,
+            body,
+        };
         let Some((target_slot, _)) = target else {
-            let mail = Mail {
-                from,
-                to,
-                id,
-                ts: now_ms,
-                body,
-            };
             self.hold_offline(slot, &mail, reference, json, out);
             return;
         };
@@ -784,13 +784,6 @@ impl Router {
                 // under a number of its own (this one was shown to nobody).
                 self.outboxes.take_back_seq(seq);
                 if self.may_hold(slot, to, from, body.len(), true, reference, out) {
-                    let mail = Mail {
-                        from,
-                        to,
-                        id,
-                        ts: now_ms,
-                        body,
-                    };
                     self.hold_offline(slot, &mail, reference, json, out);
                 }
             }

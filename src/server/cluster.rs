@@ -221,19 +221,7 @@ impl Core {
                         router.refuse_taken(ConnId(slot), &mut mailer);
                     }
                 }
-                Event::JoinTimedOut(join) => {
-                    router.cluster_join_abandoned(&join.name, &mut mailer);
-                    if let Some(slot) = waiting_slot(conns, &join) {
-                        conns[slot].held = false;
-                        self.post.close(
-                            conns,
-                            slot,
-                            TRY_AGAIN_LATER,
-                            "chat cluster unavailable",
-                            CloseReason::Refused(TRY_AGAIN_LATER),
-                        );
-                    }
-                }
+                Event::JoinTimedOut(join) => self.join_unavailable(conns, &join),
             }
         }
     }
@@ -251,21 +239,29 @@ impl Core {
         }
         let fetch = router.cluster_begin_join(&join.name, &join.query);
         if let Err(join) = cluster.fetch_for_join(join, fetch, now) {
+            self.join_unavailable(conns, &join);
+        }
+    }
+
+    /// A join Redis could not complete (its lease or its outbox did not
+    /// come): what was kept for it is let go, and it is closed with 1013.
+    fn join_unavailable(&mut self, conns: &mut Slab<Connection>, join: &WaitingJoin) {
+        if let App::Chat(router) = &mut self.app {
             let mut mailer = Mailer {
                 conns,
                 post: &mut self.post,
             };
             router.cluster_join_abandoned(&join.name, &mut mailer);
-            if let Some(slot) = waiting_slot(conns, &join) {
-                conns[slot].held = false;
-                self.post.close(
-                    conns,
-                    slot,
-                    TRY_AGAIN_LATER,
-                    "chat cluster unavailable",
-                    CloseReason::Refused(TRY_AGAIN_LATER),
-                );
-            }
+        }
+        if let Some(slot) = waiting_slot(conns, join) {
+            conns[slot].held = false;
+            self.post.close(
+                conns,
+                slot,
+                TRY_AGAIN_LATER,
+                "chat cluster unavailable",
+                CloseReason::Refused(TRY_AGAIN_LATER),
+            );
         }
     }
 

@@ -75,6 +75,19 @@ pub trait Mailbox {
     fn remember(&mut self, name: &str) -> Remembered;
 }
 
+impl From<&Entry> for Held {
+    fn from(e: &Entry) -> Held {
+        Held {
+            seq: e.seq,
+            id: e.id,
+            ts: e.ts,
+            from: e.from.to_string(),
+            body: e.body.clone(),
+            notified: e.notified,
+        }
+    }
+}
+
 /// The local store, in terms of the methods the router calls today.
 impl Mailbox for Outboxes {
     fn send(&mut self, mail: &Mail<'_>, known_only: bool, _now_ms: u64) -> Result<u64, Refusal> {
@@ -102,17 +115,7 @@ impl Mailbox for Outboxes {
         if ack {
             Outboxes::ack(self, name, after);
         }
-        let held = self
-            .held_after(name, after)
-            .map(|e| Held {
-                seq: e.seq,
-                id: e.id,
-                ts: e.ts,
-                from: e.from.to_string(),
-                body: e.body.clone(),
-                notified: e.notified,
-            })
-            .collect();
+        let held = self.held_after(name, after).map(Held::from).collect();
         Fetched { after, held }
     }
 

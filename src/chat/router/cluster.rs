@@ -694,14 +694,7 @@ impl Router {
             .all_held()
             .map(|(to, e)| ToMigrate {
                 to: to.clone(),
-                held: Held {
-                    seq: e.seq,
-                    id: e.id,
-                    ts: e.ts,
-                    from: e.from.to_string(),
-                    body: e.body.clone(),
-                    notified: e.notified,
-                },
+                held: Held::from(e),
                 expires_ms: self.outboxes.expiry_of(e.ts),
             })
             .collect()
