@@ -101,15 +101,17 @@ fn spawn(port: u16, dir: &Path, extra: &[String]) -> Child {
 }
 
 /// Whether a server answers a PING on `port`: `+PONG`, or `-NOAUTH` when it
-/// wants a password.
+/// wants a password. (`-LOADING`: it is still reading its append-only file
+/// after a restart, and answers nothing else yet.)
 fn answers(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
-    let mut first = [0u8; 1];
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut head = [0u8; 7];
     s.write_all(b"PING\r\n").is_ok()
-        && s.read_exact(&mut first).is_ok()
-        && matches!(first[0], b'+' | b'-')
+        && s.read_exact(&mut head).is_ok()
+        && (head[0] == b'+' || &head == b"-NOAUTH")
 }
 
 pub struct Client {
